@@ -1,0 +1,579 @@
+//! The compressed tensor: building it from a threshold, decoding it, and converting between the
+//! golomb and bitmask encodings without a dense pass.
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use crate::dtype::{half_bits, DType, Elem, Tensor, TensorMut};
+use crate::error::{malformed, try_zeroed, Error, Result};
+use crate::golomb::{decode_block, rice_parameter, stitch, BlockStart, ChunkEncoder, EncodedChunk};
+use crate::selection::{group_masks, take_ties, visit_keys, KeyVisitor, Threshold, PASS_CHUNK};
+
+/// Nonzeros per block of the golomb index, as log2: a block is the unit of parallel decoding.
+pub const DEFAULT_BLOCK_LOG2: u8 = 12;
+/// Largest accepted number of entries in one tensor (2^48): far above any real weight matrix, and
+/// low enough that every size computed from it fits in 64 bits.
+pub const MAX_NUMEL: u64 = 1 << 48;
+/// Largest accepted number of dimensions.
+pub const MAX_NDIM: usize = 64;
+
+/// Which of the two encodings a stream uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Encoding {
+    /// Rice-coded gaps between nonzeros plus one sign bit each (storage, transfer).
+    Golomb = 0,
+    /// Two packed bit vectors of d bits, positive and negative (popcount arithmetic).
+    Bitmask = 1,
+}
+
+impl Encoding {
+    pub fn from_code(c: u8) -> Result<Encoding> {
+        match c {
+            0 => Ok(Encoding::Golomb),
+            1 => Ok(Encoding::Bitmask),
+            _ => malformed(format!("unknown encoding code {c}")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::Golomb => "golomb",
+            Encoding::Bitmask => "bitmask",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Result<Encoding> {
+        match s {
+            "golomb" => Ok(Encoding::Golomb),
+            "bitmask" => Ok(Encoding::Bitmask),
+            _ => Err(Error::InvalidArgument(format!("unknown encoding {s:?}; use \"golomb\" or \"bitmask\""))),
+        }
+    }
+}
+
+/// Golomb payload: Rice-coded gaps, sign bits (1 = negative), and the block index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GolombBody {
+    pub rice_b: u8,
+    pub block_log2: u8,
+    pub gaps: Vec<u64>,
+    pub gap_bits: u64,
+    pub signs: Vec<u64>,
+    /// Starts of blocks 1.. (block 0 starts at bit 0, position 0).
+    pub index: Vec<BlockStart>,
+}
+
+/// Bitmask payload: bit i of `pos` (`neg`) is set when entry i is kept positive (negative).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BitmaskBody {
+    pub pos: Vec<u64>,
+    pub neg: Vec<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Body {
+    Golomb(GolombBody),
+    Bitmask(BitmaskBody),
+}
+
+/// One compressed tensor: the ternary pattern and the single scale.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compressed {
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub numel: u64,
+    pub nnz: u64,
+    /// alpha * sigma: every kept entry decodes to +scale or -scale.
+    pub scale: f64,
+    pub body: Body,
+}
+
+/// Checks a shape against the number of elements it describes.
+pub fn check_shape(shape: &[u64], numel: u64) -> Result<()> {
+    if shape.len() > MAX_NDIM {
+        return Err(Error::TooLarge { what: "number of dimensions", value: shape.len() as u64, limit: MAX_NDIM as u64 });
+    }
+    let prod = shape.iter().try_fold(1u64, |a, &s| a.checked_mul(s));
+    match prod {
+        Some(p) if p == numel => Ok(()),
+        Some(p) => Err(Error::InvalidArgument(format!("shape {shape:?} holds {p} entries but the data has {numel}"))),
+        None => Err(Error::TooLarge { what: "number of entries", value: u64::MAX, limit: MAX_NUMEL }),
+    }
+}
+
+fn words_for(bits: u64) -> usize {
+    bits.div_ceil(64) as usize
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding from a threshold
+
+struct CountPass {
+    t: u64,
+}
+
+impl KeyVisitor for &CountPass {
+    type Out = Vec<(u64, u64)>;
+    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out {
+        let t = self.t;
+        data.par_chunks(PASS_CHUNK)
+            .map(|c| {
+                let (mut gt, mut eq) = (0u64, 0u64);
+                for g in c.chunks(64) {
+                    let (a, b, _) = group_masks(g, key, t);
+                    gt += a.count_ones() as u64;
+                    eq += b.count_ones() as u64;
+                }
+                (gt, eq)
+            })
+            .collect()
+    }
+}
+
+struct MaskPass<'a> {
+    t: u64,
+    budgets: &'a [u64],
+    pos: &'a mut [u64],
+    neg: &'a mut [u64],
+}
+
+impl KeyVisitor for MaskPass<'_> {
+    type Out = ();
+    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) {
+        let t = self.t;
+        let wpc = PASS_CHUNK / 64;
+        data.par_chunks(PASS_CHUNK)
+            .zip(self.pos.par_chunks_mut(wpc))
+            .zip(self.neg.par_chunks_mut(wpc))
+            .zip(self.budgets.par_iter())
+            .for_each(|(((c, p), n), &budget)| {
+                let mut budget = budget;
+                for ((g, pw), nw) in c.chunks(64).zip(p.iter_mut()).zip(n.iter_mut()) {
+                    let (gt, eq, ng) = group_masks(g, key, t);
+                    let keep = gt | take_ties(eq, &mut budget);
+                    *pw = keep & !ng;
+                    *nw = keep & ng;
+                }
+            });
+    }
+}
+
+struct GolombPass<'a> {
+    t: u64,
+    b: u8,
+    block_log2: u8,
+    budgets: &'a [u64],
+    starts: &'a [u64],
+    counts: &'a [u64],
+}
+
+impl KeyVisitor for &GolombPass<'_> {
+    type Out = Vec<EncodedChunk>;
+    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out {
+        let t = self.t;
+        data.par_chunks(PASS_CHUNK)
+            .enumerate()
+            .map(|(ci, c)| {
+                let mut budget = self.budgets[ci];
+                let mut enc = ChunkEncoder::new(self.b, self.block_log2, self.starts[ci], self.counts[ci]);
+                let base0 = (ci * PASS_CHUNK) as u64;
+                for (gi, g) in c.chunks(64).enumerate() {
+                    let (gt, eq, ng) = group_masks(g, key, t);
+                    let keep = gt | take_ties(eq, &mut budget);
+                    if keep != 0 {
+                        enc.push_word(base0 + (gi * 64) as u64, keep & !ng, keep & ng);
+                    }
+                }
+                enc.finish()
+            })
+            .collect()
+    }
+}
+
+/// Compresses one tensor given a threshold from [`crate::selection`].
+///
+/// `ties_left` is the number of entries equal to the threshold that may still be kept; it is
+/// shared across the tensors of one global selection (pass them in selection order) and
+/// decremented by the ties this tensor keeps.
+pub fn compress_with_threshold(
+    t: Tensor<'_>,
+    shape: &[u64],
+    thr: &Threshold,
+    ties_left: &mut u64,
+    scale: f64,
+    encoding: Encoding,
+) -> Result<Compressed> {
+    let numel = t.len() as u64;
+    if numel > MAX_NUMEL {
+        return Err(Error::TooLarge { what: "number of entries", value: numel, limit: MAX_NUMEL });
+    }
+    check_shape(shape, numel)?;
+    if !(scale.is_finite() && scale >= 0.0) {
+        return Err(Error::InvalidArgument(format!("scale must be finite and >= 0, got {scale}")));
+    }
+    let counts = visit_keys(t, thr.space, &CountPass { t: thr.key })?;
+    let mut budgets = Vec::with_capacity(counts.len());
+    let mut kept = Vec::with_capacity(counts.len());
+    for &(gt, eq) in &counts {
+        let take = if thr.key == 0 || thr.key == u64::MAX { 0 } else { eq.min(*ties_left) };
+        *ties_left -= take;
+        budgets.push(take);
+        kept.push(if thr.key == u64::MAX { 0 } else { gt + take });
+    }
+    let nnz: u64 = kept.iter().sum();
+    let body = match encoding {
+        Encoding::Bitmask => {
+            let words = words_for(numel);
+            let mut pos = try_zeroed::<u64>(words)?;
+            let mut neg = try_zeroed::<u64>(words)?;
+            visit_keys(t, thr.space, MaskPass { t: thr.key, budgets: &budgets, pos: &mut pos, neg: &mut neg })?;
+            Body::Bitmask(BitmaskBody { pos, neg })
+        }
+        Encoding::Golomb => {
+            let b = rice_parameter(nnz, numel);
+            let mut starts = Vec::with_capacity(kept.len());
+            let mut acc = 0u64;
+            for &c in &kept {
+                starts.push(acc);
+                acc += c;
+            }
+            let pass = GolombPass {
+                t: thr.key,
+                b,
+                block_log2: DEFAULT_BLOCK_LOG2,
+                budgets: &budgets,
+                starts: &starts,
+                counts: &kept,
+            };
+            let chunks = visit_keys(t, thr.space, &pass)?;
+            let s = stitch(chunks, b);
+            debug_assert_eq!(s.nnz, nnz);
+            Body::Golomb(GolombBody {
+                rice_b: b,
+                block_log2: DEFAULT_BLOCK_LOG2,
+                gaps: s.gaps,
+                gap_bits: s.gap_bits,
+                signs: s.signs,
+                index: s.index,
+            })
+        }
+    };
+    Ok(Compressed { dtype: t.dtype(), shape: shape.to_vec(), numel, nnz, scale, body })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding
+
+impl GolombBody {
+    fn block_count(&self, nnz: u64) -> u64 {
+        nnz.div_ceil(1u64 << self.block_log2)
+    }
+
+    fn block_start(&self, j: usize) -> BlockStart {
+        if j == 0 {
+            BlockStart { bit: 0, next: 0 }
+        } else {
+            self.index[j - 1]
+        }
+    }
+
+    /// Structural checks that need no decoding: index length, monotone offsets, sizes of buffers.
+    pub(crate) fn check(&self, numel: u64, nnz: u64) -> Result<()> {
+        if !(6..=24).contains(&self.block_log2) {
+            return malformed(format!("block size 2^{} is outside 2^6..2^24", self.block_log2));
+        }
+        if self.rice_b > 63 {
+            return malformed(format!("Rice parameter {} is above 63", self.rice_b));
+        }
+        let nb = self.block_count(nnz);
+        if self.index.len() as u64 != nb.saturating_sub(1) {
+            return malformed(format!("block index has {} entries, expected {}", self.index.len(), nb.saturating_sub(1)));
+        }
+        if self.gaps.len() != words_for(self.gap_bits) || self.signs.len() != words_for(nnz) {
+            return malformed("payload sizes disagree with the header");
+        }
+        // Each block holds 2^block_log2 nonzeros at distinct positions and at least one bit each.
+        let bsz = 1u64 << self.block_log2;
+        let mut prev = BlockStart { bit: 0, next: 0 };
+        for s in &self.index {
+            if s.bit < prev.bit + bsz || s.next < prev.next + bsz || s.bit > self.gap_bits || s.next > numel {
+                return malformed("block index is not increasing or points past the data");
+            }
+            prev = *s;
+        }
+        if nnz > 0 && self.gap_bits < prev.bit + (nnz - (nb - 1) * bsz) {
+            return malformed("gap stream is shorter than its last block");
+        }
+        Ok(())
+    }
+
+    /// Decodes blocks `[b0, b1)`, checking that each ends exactly where the next begins.
+    fn decode_blocks(
+        &self,
+        numel: u64,
+        nnz: u64,
+        b0: usize,
+        b1: usize,
+        mut emit: impl FnMut(u64, bool),
+    ) -> Result<()> {
+        let bsz = 1u64 << self.block_log2;
+        let nb = self.block_count(nnz) as usize;
+        for j in b0..b1 {
+            let start = self.block_start(j);
+            let first_nz = j as u64 * bsz;
+            let count = bsz.min(nnz - first_nz);
+            let (limit, end_bit) = if j + 1 < nb {
+                let s = self.index[j];
+                (s.next, s.bit)
+            } else {
+                (numel, self.gap_bits)
+            };
+            let (next, bit) =
+                decode_block(&self.gaps, self.gap_bits, &self.signs, self.rice_b, start, first_nz, count, limit, &mut emit)?;
+            if bit != end_bit || (j + 1 < nb && next != limit) {
+                return malformed(format!("block {j} does not end where the next block starts"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BitmaskBody {
+    pub(crate) fn check(&self, numel: u64, nnz: u64) -> Result<()> {
+        let words = words_for(numel);
+        if self.pos.len() != words || self.neg.len() != words {
+            return malformed("bitmask sizes disagree with the number of entries");
+        }
+        let tail = numel % 64;
+        if tail != 0 && words > 0 {
+            let pad = !((1u64 << tail) - 1);
+            if (self.pos[words - 1] | self.neg[words - 1]) & pad != 0 {
+                return malformed("bits are set past the last entry");
+            }
+        }
+        let (both, count) = self
+            .pos
+            .par_iter()
+            .zip(self.neg.par_iter())
+            .map(|(&p, &n)| ((p & n != 0) as u64, (p | n).count_ones() as u64))
+            .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        if both > 0 {
+            return malformed("an entry is marked both positive and negative");
+        }
+        if count != nnz {
+            return malformed(format!("bitmasks hold {count} nonzeros, header says {nnz}"));
+        }
+        Ok(())
+    }
+}
+
+fn decode_bitmask<T: Copy + Send + Sync>(m: &BitmaskBody, out: &mut [T], zero: T, pv: T, nv: T) {
+    let table = [zero, pv, nv, zero];
+    out.par_chunks_mut(PASS_CHUNK).enumerate().for_each(|(ci, oc)| {
+        let w0 = ci * PASS_CHUNK / 64;
+        for (k, o) in oc.chunks_mut(64).enumerate() {
+            let (p, n) = (m.pos[w0 + k], m.neg[w0 + k]);
+            for (j, x) in o.iter_mut().enumerate() {
+                *x = table[(((p >> j) & 1) | (((n >> j) & 1) << 1)) as usize];
+            }
+        }
+    });
+}
+
+impl Compressed {
+    /// Checks the body against the header (used after parsing and before every decode).
+    pub fn check(&self) -> Result<()> {
+        check_shape(&self.shape, self.numel)?;
+        if self.numel > MAX_NUMEL {
+            return Err(Error::TooLarge { what: "number of entries", value: self.numel, limit: MAX_NUMEL });
+        }
+        if self.nnz > self.numel {
+            return malformed(format!("{} nonzeros in {} entries", self.nnz, self.numel));
+        }
+        if !(self.scale.is_finite() && self.scale >= 0.0) {
+            return malformed(format!("scale {} is not finite and >= 0", self.scale));
+        }
+        match &self.body {
+            Body::Golomb(g) => g.check(self.numel, self.nnz),
+            Body::Bitmask(m) => m.check(self.numel, self.nnz),
+        }
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        match self.body {
+            Body::Golomb(_) => Encoding::Golomb,
+            Body::Bitmask(_) => Encoding::Bitmask,
+        }
+    }
+
+    /// Decodes into `out` (numel entries, any supported dtype): sign * scale, rounded to out's type.
+    pub fn decode_into(&self, out: TensorMut<'_>) -> Result<()> {
+        if out.len() as u64 != self.numel {
+            return Err(Error::InvalidArgument(format!(
+                "output holds {} entries, the stream {}",
+                out.len(),
+                self.numel
+            )));
+        }
+        match out {
+            TensorMut::F16(o) => {
+                let p = half_bits(DType::F16, self.scale);
+                self.decode_generic(o, 0u16, p, p | 0x8000)
+            }
+            TensorMut::BF16(o) => {
+                let p = half_bits(DType::BF16, self.scale);
+                self.decode_generic(o, 0u16, p, p | 0x8000)
+            }
+            TensorMut::F32(o) => {
+                let p = self.scale as f32;
+                self.decode_generic(o, 0.0f32, p, -p)
+            }
+            TensorMut::F64(o) => self.decode_generic(o, 0.0f64, self.scale, -self.scale),
+        }
+    }
+
+    fn decode_generic<T: Copy + Send + Sync>(&self, out: &mut [T], zero: T, pv: T, nv: T) -> Result<()> {
+        self.check()?;
+        match &self.body {
+            Body::Bitmask(m) => {
+                decode_bitmask(m, out, zero, pv, nv);
+                Ok(())
+            }
+            Body::Golomb(g) => {
+                let nb = g.block_count(self.nnz) as usize;
+                if nb == 0 {
+                    out.par_iter_mut().for_each(|x| *x = zero);
+                    return Ok(());
+                }
+                // Groups of consecutive blocks, each owning the output range up to the next group's
+                // first position, so that every thread writes zeros and values in one stream.
+                let groups = nb.min(rayon::current_num_threads() * 4).max(1);
+                let mut tasks = Vec::with_capacity(groups);
+                let mut rest = out;
+                let mut consumed = 0u64;
+                for gi in 0..groups {
+                    let (b0, b1) = (gi * nb / groups, (gi + 1) * nb / groups);
+                    let end = if b1 < nb { g.block_start(b1).next } else { self.numel };
+                    let start = g.block_start(b0).next;
+                    if start != consumed || end < start {
+                        return malformed("block index is not increasing");
+                    }
+                    let (head, tail) = rest.split_at_mut((end - start) as usize);
+                    rest = tail;
+                    consumed = end;
+                    tasks.push((b0, b1, start, head));
+                }
+                tasks.into_par_iter().try_for_each(|(b0, b1, start, o)| {
+                    let mut cur = 0usize;
+                    g.decode_blocks(self.numel, self.nnz, b0, b1, |pos, neg| {
+                        let i = (pos - start) as usize;
+                        o[cur..i].fill(zero);
+                        o[i] = if neg { nv } else { pv };
+                        cur = i + 1;
+                    })?;
+                    o[cur..].fill(zero);
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    /// Decodes to a new vector of `dtype` (or the stream's dtype).
+    pub fn decode_f32(&self) -> Result<Vec<f32>> {
+        let mut v = try_zeroed::<f32>(self.numel as usize)?;
+        self.decode_into(TensorMut::F32(&mut v))?;
+        Ok(v)
+    }
+
+    /// The ternary pattern as bitmasks; borrowed if this stream is already a bitmask.
+    pub fn masks(&self) -> Result<Cow<'_, BitmaskBody>> {
+        match &self.body {
+            Body::Bitmask(m) => Ok(Cow::Borrowed(m)),
+            Body::Golomb(g) => {
+                self.check()?;
+                let words = words_for(self.numel);
+                let mut pos = try_zeroed::<u64>(words)?;
+                let mut neg = try_zeroed::<u64>(words)?;
+                let nb = g.block_count(self.nnz) as usize;
+                g.decode_blocks(self.numel, self.nnz, 0, nb, |p, n| {
+                    let (w, bit) = ((p / 64) as usize, 1u64 << (p % 64));
+                    if n {
+                        neg[w] |= bit;
+                    } else {
+                        pos[w] |= bit;
+                    }
+                })?;
+                Ok(Cow::Owned(BitmaskBody { pos, neg }))
+            }
+        }
+    }
+
+    /// The same ternary vector in the bitmask encoding.
+    pub fn to_bitmask(&self) -> Result<Compressed> {
+        let m = self.masks()?.into_owned();
+        Ok(Compressed { body: Body::Bitmask(m), ..self.header_clone() })
+    }
+
+    /// The same ternary vector in the golomb encoding.
+    pub fn to_golomb(&self) -> Result<Compressed> {
+        let m = match &self.body {
+            Body::Golomb(_) => return Ok(self.clone()),
+            Body::Bitmask(m) => m,
+        };
+        self.check()?;
+        let b = rice_parameter(self.nnz, self.numel);
+        let wpc = PASS_CHUNK / 64;
+        let counts: Vec<u64> = m
+            .pos
+            .par_chunks(wpc)
+            .zip(m.neg.par_chunks(wpc))
+            .map(|(p, n)| p.iter().zip(n).map(|(a, b)| (a | b).count_ones() as u64).sum())
+            .collect();
+        let mut starts = Vec::with_capacity(counts.len());
+        let mut acc = 0;
+        for &c in &counts {
+            starts.push(acc);
+            acc += c;
+        }
+        let chunks: Vec<EncodedChunk> = m
+            .pos
+            .par_chunks(wpc)
+            .zip(m.neg.par_chunks(wpc))
+            .enumerate()
+            .map(|(ci, (p, n))| {
+                let mut enc = ChunkEncoder::new(b, DEFAULT_BLOCK_LOG2, starts[ci], counts[ci]);
+                for (k, (&pw, &nw)) in p.iter().zip(n).enumerate() {
+                    if pw | nw != 0 {
+                        enc.push_word(((ci * wpc + k) * 64) as u64, pw, nw);
+                    }
+                }
+                enc.finish()
+            })
+            .collect();
+        let s = stitch(chunks, b);
+        Ok(Compressed {
+            body: Body::Golomb(GolombBody {
+                rice_b: b,
+                block_log2: DEFAULT_BLOCK_LOG2,
+                gaps: s.gaps,
+                gap_bits: s.gap_bits,
+                signs: s.signs,
+                index: s.index,
+            }),
+            ..self.header_clone()
+        })
+    }
+
+    fn header_clone(&self) -> Compressed {
+        Compressed {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            numel: self.numel,
+            nnz: self.nnz,
+            scale: self.scale,
+            body: Body::Bitmask(BitmaskBody { pos: Vec::new(), neg: Vec::new() }),
+        }
+    }
+}

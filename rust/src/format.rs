@@ -1,0 +1,265 @@
+//! The byte layout of one compressed tensor (format version 1). docs/FORMAT.md is the spec; the
+//! golden files under tests/golden pin it.
+//!
+//! Parsing trusts nothing: the checksum is verified first, every length is compared with the bytes
+//! that remain before anything is sliced or allocated, and the body is checked against the header.
+
+use crate::codec::{check_shape, BitmaskBody, Body, Compressed, Encoding, GolombBody, MAX_NDIM, MAX_NUMEL};
+use crate::dtype::DType;
+use crate::error::{malformed, Error, Result};
+use crate::golomb::BlockStart;
+
+pub const MAGIC: &[u8; 4] = b"CPFT";
+pub const VERSION: u8 = 1;
+/// Smallest possible stream: magic, version, encoding, dtype, ndim, numel, nnz, scale, crc.
+const MIN_LEN: usize = 4 + 4 + 1 + 1 + 8 + 4;
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Little-endian bytes of the first `nbits` bits of `words`.
+fn put_bits(out: &mut Vec<u8>, words: &[u64], nbits: u64) {
+    let nbytes = nbits.div_ceil(8) as usize;
+    let full = nbytes / 8;
+    for w in &words[..full] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    if nbytes % 8 != 0 {
+        out.extend_from_slice(&words[full].to_le_bytes()[..nbytes % 8]);
+    }
+}
+
+impl Compressed {
+    /// Size of [`Compressed::to_bytes`] without building it.
+    pub fn nbytes(&self) -> usize {
+        let mut n = 8 + self.shape.iter().map(|&s| varint_len(s)).sum::<usize>();
+        n += varint_len(self.numel) + varint_len(self.nnz) + 8;
+        n += match &self.body {
+            Body::Golomb(g) => {
+                let mut m = 2 + varint_len(g.gap_bits) + varint_len(g.index.len() as u64);
+                let mut prev = BlockStart { bit: 0, next: 0 };
+                for s in &g.index {
+                    m += varint_len(s.bit - prev.bit) + varint_len(s.next - prev.next);
+                    prev = *s;
+                }
+                m + g.gap_bits.div_ceil(8) as usize + self.nnz.div_ceil(8) as usize
+            }
+            Body::Bitmask(_) => 2 * self.numel.div_ceil(8) as usize,
+        };
+        n + 4
+    }
+
+    /// The self-describing byte string (docs/FORMAT.md).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.nbytes());
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.push(self.encoding() as u8);
+        out.push(self.dtype as u8);
+        out.push(self.shape.len() as u8);
+        for &s in &self.shape {
+            put_varint(&mut out, s);
+        }
+        put_varint(&mut out, self.numel);
+        put_varint(&mut out, self.nnz);
+        out.extend_from_slice(&self.scale.to_le_bytes());
+        match &self.body {
+            Body::Golomb(g) => {
+                out.push(g.rice_b);
+                out.push(g.block_log2);
+                put_varint(&mut out, g.gap_bits);
+                put_varint(&mut out, g.index.len() as u64);
+                let mut prev = BlockStart { bit: 0, next: 0 };
+                for s in &g.index {
+                    put_varint(&mut out, s.bit - prev.bit);
+                    put_varint(&mut out, s.next - prev.next);
+                    prev = *s;
+                }
+                put_bits(&mut out, &g.gaps, g.gap_bits);
+                put_bits(&mut out, &g.signs, self.nnz);
+            }
+            Body::Bitmask(m) => {
+                put_bits(&mut out, &m.pos, self.numel);
+                put_bits(&mut out, &m.neg, self.numel);
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        debug_assert_eq!(out.len(), self.nbytes());
+        out
+    }
+
+    /// Parses and fully checks a byte string written by [`Compressed::to_bytes`].
+    pub fn from_bytes(data: &[u8]) -> Result<Compressed> {
+        if data.len() < 4 || &data[..4] != MAGIC {
+            return Err(if data.len() < 4 { Error::Truncated { what: "magic" } } else { Error::BadMagic });
+        }
+        if data.len() < 5 {
+            return Err(Error::Truncated { what: "version" });
+        }
+        if data[4] != VERSION {
+            return Err(Error::UnsupportedVersion(data[4]));
+        }
+        if data.len() < MIN_LEN {
+            return Err(Error::Truncated { what: "header" });
+        }
+        let (body, crc_bytes) = data.split_at(data.len() - 4);
+        let stored = u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes"));
+        let computed = crc32fast::hash(body);
+        if stored != computed {
+            return Err(Error::ChecksumMismatch { stored, computed });
+        }
+        let mut r = Reader { data: body, pos: 5 };
+        let encoding = Encoding::from_code(r.u8("encoding")?)?;
+        let dtype = DType::from_code(r.u8("dtype")?)?;
+        let ndim = r.u8("ndim")? as usize;
+        if ndim > MAX_NDIM {
+            return Err(Error::TooLarge { what: "number of dimensions", value: ndim as u64, limit: MAX_NDIM as u64 });
+        }
+        let mut shape = Vec::with_capacity(ndim);
+        for _ in 0..ndim {
+            shape.push(r.varint("shape")?);
+        }
+        let numel = r.varint("numel")?;
+        if numel > MAX_NUMEL {
+            return Err(Error::TooLarge { what: "number of entries", value: numel, limit: MAX_NUMEL });
+        }
+        check_shape(&shape, numel).map_err(|e| Error::Malformed(e.to_string()))?;
+        let nnz = r.varint("nnz")?;
+        if nnz > numel {
+            return malformed(format!("{nnz} nonzeros in {numel} entries"));
+        }
+        let scale = f64::from_le_bytes(r.take(8, "scale")?.try_into().expect("8 bytes"));
+        let body = match encoding {
+            Encoding::Golomb => {
+                let rice_b = r.u8("Rice parameter")?;
+                let block_log2 = r.u8("block size")?;
+                if !(6..=24).contains(&block_log2) {
+                    return malformed(format!("block size 2^{block_log2} is outside 2^6..2^24"));
+                }
+                let gap_bits = r.varint("gap stream length")?;
+                let nidx = r.varint("block index length")?;
+                let expected = nnz.div_ceil(1 << block_log2).saturating_sub(1);
+                // Each entry takes at least two bytes, so a valid count is bounded by what remains.
+                if nidx != expected || nidx > (r.remaining() / 2) as u64 {
+                    return malformed(format!("block index has {nidx} entries, expected {expected}"));
+                }
+                let mut index = Vec::with_capacity(nidx as usize);
+                let mut prev = BlockStart { bit: 0, next: 0 };
+                for _ in 0..nidx {
+                    let bit = prev.bit.checked_add(r.varint("block index")?);
+                    let next = prev.next.checked_add(r.varint("block index")?);
+                    let (Some(bit), Some(next)) = (bit, next) else {
+                        return malformed("block index overflows");
+                    };
+                    prev = BlockStart { bit, next };
+                    index.push(prev);
+                }
+                let gap_bytes = gap_bits.div_ceil(8);
+                if gap_bytes > r.remaining() as u64 {
+                    return Err(Error::Truncated { what: "gap codes" });
+                }
+                let gaps = r.bits(gap_bits, "gap codes")?;
+                let signs = r.bits(nnz, "sign bits")?;
+                Body::Golomb(GolombBody { rice_b, block_log2, gaps, gap_bits, signs, index })
+            }
+            Encoding::Bitmask => {
+                let pos = r.bits(numel, "positive mask")?;
+                let neg = r.bits(numel, "negative mask")?;
+                Body::Bitmask(BitmaskBody { pos, neg })
+            }
+        };
+        if r.remaining() != 0 {
+            return malformed(format!("{} unexpected bytes after the payload", r.remaining()));
+        }
+        let c = Compressed { dtype, shape, numel, nnz, scale, body };
+        c.check()?;
+        Ok(c)
+    }
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            return Err(Error::Truncated { what });
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn varint(&mut self, what: &'static str) -> Result<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8(what)?;
+            let part = (b & 0x7f) as u64;
+            if i == 9 && part > 1 {
+                return malformed(format!("{what} does not fit in 64 bits"));
+            }
+            v |= part << (7 * i);
+            if b & 0x80 == 0 {
+                // Canonical form only: no redundant trailing zero groups.
+                if i > 0 && b == 0 {
+                    return malformed(format!("{what} is not minimally encoded"));
+                }
+                return Ok(v);
+            }
+        }
+        malformed(format!("{what} is longer than 10 bytes"))
+    }
+
+    /// Reads ceil(nbits/8) bytes into u64 words; bits past `nbits` must be zero.
+    fn bits(&mut self, nbits: u64, what: &'static str) -> Result<Vec<u64>> {
+        let nbytes = nbits.div_ceil(8);
+        if nbytes > self.remaining() as u64 {
+            return Err(Error::Truncated { what });
+        }
+        let bytes = self.take(nbytes as usize, what)?;
+        let mut words = Vec::with_capacity(bytes.len().div_ceil(8));
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            words.push(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            words.push(u64::from_le_bytes(b));
+        }
+        if nbits % 64 != 0 {
+            if let Some(last) = words.last() {
+                if last >> (nbits % 64) != 0 {
+                    return malformed(format!("padding bits of the {what} are not zero"));
+                }
+            }
+        }
+        Ok(words)
+    }
+}

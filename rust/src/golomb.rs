@@ -1,0 +1,194 @@
+//! Rice coding of the gaps between kept positions, with b* from the golden-ratio formula.
+
+use crate::bits::{BitReader, BitWriter};
+use crate::error::{malformed, Result};
+
+/// b* = 1 + floor(log2(ln(phi - 1) / ln(1 - p))), clamped to [0, 63], for density p = nnz / d.
+/// (Golomb 1966 / Gallager & van Voorhis 1975: the optimal Rice parameter for geometric gaps.)
+pub fn rice_parameter(nnz: u64, d: u64) -> u8 {
+    if nnz == 0 || d == 0 || nnz >= d {
+        return 0;
+    }
+    let p = nnz as f64 / d as f64;
+    let phi = (1.0 + 5.0f64.sqrt()) / 2.0;
+    let b = 1.0 + ((phi - 1.0).ln() / (1.0 - p).ln()).log2().floor();
+    if b.is_nan() || b <= 0.0 {
+        0
+    } else {
+        b.min(63.0) as u8
+    }
+}
+
+/// Expected Rice bits per nonzero for independent positions at density p, sign bit included:
+/// b + 1 / (1 - (1 - p)^(2^b)) + 1.
+pub fn expected_bits_per_nonzero(p: f64, b: u8) -> f64 {
+    b as f64 + 1.0 / (1.0 - (1.0 - p).powf(2f64.powi(b as i32))) + 1.0
+}
+
+/// The entropy bound for a ternary vector of d entries at density k, in bits:
+/// d * (-(1-k) log2(1-k) - k log2(k/2)).
+pub fn entropy_bound_bits(d: u64, k: f64) -> f64 {
+    if k <= 0.0 || d == 0 {
+        return 0.0;
+    }
+    let zero_part = if k >= 1.0 { 0.0 } else { -(1.0 - k) * (1.0 - k).log2() };
+    d as f64 * (zero_part - k * (k / 2.0).log2())
+}
+
+/// Start of a block of nonzeros in the gap stream: the bit offset of its first code and the first
+/// position its first gap counts from (one past the previous nonzero's position).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockStart {
+    pub bit: u64,
+    pub next: u64,
+}
+
+/// Encodes one chunk of positions. The first code of a chunk is left out, because its gap depends
+/// on the previous chunk; [`stitch`] writes it when the chunks are joined in order.
+pub(crate) struct ChunkEncoder {
+    b: u32,
+    block_mask: u64,
+    /// Global index of the next nonzero (known from a counting pass).
+    g: u64,
+    gaps: BitWriter,
+    signs: BitWriter,
+    first: Option<u64>,
+    last: u64,
+    /// Local bit offset and `next` of each block that starts inside this chunk after its first
+    /// nonzero; `starts_at_first` tells whether a block starts at the first nonzero.
+    marks: Vec<BlockStart>,
+    starts_at_first: bool,
+    count: u64,
+}
+
+pub(crate) struct EncodedChunk {
+    gaps: (Vec<u64>, u64),
+    signs: (Vec<u64>, u64),
+    first: Option<u64>,
+    last: u64,
+    marks: Vec<BlockStart>,
+    starts_at_first: bool,
+    count: u64,
+}
+
+impl ChunkEncoder {
+    pub fn new(b: u8, block_log2: u8, g0: u64, expected: u64) -> Self {
+        ChunkEncoder {
+            b: b as u32,
+            block_mask: (1u64 << block_log2) - 1,
+            g: g0,
+            gaps: BitWriter::with_capacity_bits((expected * (b as u64 + 2)) as usize),
+            signs: BitWriter::with_capacity_bits(expected as usize),
+            first: None,
+            last: 0,
+            marks: Vec::new(),
+            starts_at_first: false,
+            count: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn push(&mut self, pos: u64, neg: bool) {
+        let block_start = self.g & self.block_mask == 0;
+        if self.first.is_none() {
+            self.first = Some(pos);
+            self.starts_at_first = block_start;
+        } else {
+            if block_start {
+                self.marks.push(BlockStart { bit: self.gaps.len(), next: self.last + 1 });
+            }
+            self.gaps.write_rice(pos - self.last - 1, self.b);
+        }
+        self.last = pos;
+        self.signs.write_bit(neg);
+        self.g += 1;
+        self.count += 1;
+    }
+
+    /// Pushes every set bit of `pos | neg`; bit j is position `base + j`.
+    #[inline(always)]
+    pub fn push_word(&mut self, base: u64, pos: u64, neg: u64) {
+        let mut m = pos | neg;
+        while m != 0 {
+            let t = m.trailing_zeros();
+            self.push(base + t as u64, (neg >> t) & 1 == 1);
+            m &= m - 1;
+        }
+    }
+
+    pub fn finish(self) -> EncodedChunk {
+        EncodedChunk {
+            gaps: self.gaps.finish(),
+            signs: self.signs.finish(),
+            first: self.first,
+            last: self.last,
+            marks: self.marks,
+            starts_at_first: self.starts_at_first,
+            count: self.count,
+        }
+    }
+}
+
+/// The joined gap stream, sign bits and block index (block 0, at bit 0 and position 0, left out).
+pub(crate) struct Stitched {
+    pub gaps: Vec<u64>,
+    pub gap_bits: u64,
+    pub signs: Vec<u64>,
+    pub index: Vec<BlockStart>,
+    pub nnz: u64,
+}
+
+/// Joins chunks in order: writes each chunk's deferred first code, then appends its bits.
+pub(crate) fn stitch(chunks: Vec<EncodedChunk>, b: u8) -> Stitched {
+    let total_bits: u64 = chunks.iter().map(|c| c.gaps.1 + 64).sum();
+    let nnz: u64 = chunks.iter().map(|c| c.count).sum();
+    let mut gaps = BitWriter::with_capacity_bits(total_bits as usize);
+    let mut signs = BitWriter::with_capacity_bits(nnz as usize);
+    let mut index = Vec::new();
+    let mut next = 0u64;
+    for c in chunks {
+        let Some(first) = c.first else { continue };
+        if c.starts_at_first && signs.len() > 0 {
+            index.push(BlockStart { bit: gaps.len(), next });
+        }
+        gaps.write_rice(first - next, b as u32);
+        let base = gaps.len();
+        index.extend(c.marks.iter().map(|m| BlockStart { bit: base + m.bit, next: m.next }));
+        gaps.append(&c.gaps.0, c.gaps.1);
+        signs.append(&c.signs.0, c.signs.1);
+        next = c.last + 1;
+    }
+    let (gaps, gap_bits) = gaps.finish();
+    let (signs, _) = signs.finish();
+    Stitched { gaps, gap_bits, signs, index, nnz }
+}
+
+/// Decodes `count` nonzeros of one block, calling `emit(position, negative)` for each.
+/// Positions must stay below `limit`; returns one past the last position.
+#[inline]
+pub(crate) fn decode_block(
+    gaps: &[u64],
+    gap_bits: u64,
+    signs: &[u64],
+    b: u8,
+    start: BlockStart,
+    first_nz: u64,
+    count: u64,
+    limit: u64,
+    mut emit: impl FnMut(u64, bool),
+) -> Result<(u64, u64)> {
+    let mut r = BitReader::new(gaps, start.bit, gap_bits);
+    let mut next = start.next;
+    for j in 0..count {
+        let g = r.read_rice(b as u32)?;
+        let pos = match next.checked_add(g) {
+            Some(p) if p < limit => p,
+            _ => return malformed("a decoded position lies beyond the end of the tensor or its block"),
+        };
+        let s = first_nz + j;
+        let neg = (signs[(s / 64) as usize] >> (s % 64)) & 1 == 1;
+        emit(pos, neg);
+        next = pos + 1;
+    }
+    Ok((next, r.pos()))
+}

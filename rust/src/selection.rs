@@ -1,0 +1,503 @@
+//! Top-k selection by magnitude and the standard deviation, in O(d) without sorting.
+//!
+//! Magnitudes are compared as integer keys: for IEEE floats the bits of |x| order exactly like |x|.
+//! A radix select walks 16-bit digits of the key from the top: one histogram pass per digit, each
+//! restricted to the entries whose higher digits equal the prefix chosen so far. float16 and
+//! bfloat16 keys have 15 bits, so one 2^15-bin histogram is exact; float32 takes two passes and
+//! float64 four. Tensors of different dtypes selected together (global scope) are compared in the
+//! widest key space they need (float32, or float64 if any is float64), where every value is exact.
+//!
+//! The result is a [`Threshold`]: the key `t` of the n-th largest magnitude and how many entries
+//! equal to `t` are still kept (`ties`), taken in row-major (and, across tensors, caller) order.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::dtype::{DType, Elem, Tensor};
+use crate::error::{Error, Result};
+
+/// Elements per parallel work item in the passes over the data.
+pub(crate) const PASS_CHUNK: usize = 1 << 16;
+
+/// The integer space in which magnitudes are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySpace {
+    F16,
+    BF16,
+    F32,
+    F64,
+}
+
+impl KeySpace {
+    /// The space in which tensors of these dtypes can be compared exactly.
+    pub fn for_dtypes(dtypes: impl IntoIterator<Item = DType>) -> KeySpace {
+        let mut first = None;
+        let mut mixed = false;
+        let mut any64 = false;
+        for d in dtypes {
+            any64 |= d == DType::F64;
+            match first {
+                None => first = Some(d),
+                Some(f) if f != d => mixed = true,
+                _ => {}
+            }
+        }
+        match (first, mixed, any64) {
+            (_, _, true) => KeySpace::F64,
+            (Some(DType::F16), false, _) => KeySpace::F16,
+            (Some(DType::BF16), false, _) => KeySpace::BF16,
+            _ => KeySpace::F32,
+        }
+    }
+
+    /// (shift, bits) of each radix level, most significant first.
+    fn levels(self) -> &'static [(u32, u32)] {
+        match self {
+            KeySpace::F16 | KeySpace::BF16 => &[(0, 15)],
+            KeySpace::F32 => &[(15, 16), (0, 15)],
+            KeySpace::F64 => &[(47, 16), (31, 16), (15, 16), (0, 15)],
+        }
+    }
+
+    /// The key of +infinity: every key at or above it is Inf or NaN.
+    fn inf_key(self) -> u64 {
+        match self {
+            KeySpace::F16 => 0x7c00,
+            KeySpace::BF16 => 0x7f80,
+            KeySpace::F32 => 0x7f80_0000,
+            KeySpace::F64 => 0x7ff0_0000_0000_0000,
+        }
+    }
+}
+
+const MASK63: u64 = (1u64 << 63) - 1;
+
+/// Receives a tensor's elements together with the key function of the chosen space.
+pub(crate) trait KeyVisitor {
+    type Out;
+    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out;
+}
+
+/// Calls `v` with the monomorphised key function for (`t`'s dtype, `space`).
+pub(crate) fn visit_keys<V: KeyVisitor>(t: Tensor<'_>, space: KeySpace, v: V) -> Result<V::Out> {
+    Ok(match (t, space) {
+        (Tensor::F16(s), KeySpace::F16) | (Tensor::BF16(s), KeySpace::BF16) => {
+            v.visit(s, |x: u16| (x & 0x7fff) as u64)
+        }
+        (Tensor::F16(s), KeySpace::F32) => {
+            v.visit(s, |x: u16| (f16::from_bits(x).to_f32().to_bits() & 0x7fff_ffff) as u64)
+        }
+        (Tensor::BF16(s), KeySpace::F32) => v.visit(s, |x: u16| (((x as u32) << 16) & 0x7fff_ffff) as u64),
+        (Tensor::F32(s), KeySpace::F32) => v.visit(s, |x: f32| (x.to_bits() & 0x7fff_ffff) as u64),
+        (Tensor::F16(s), KeySpace::F64) => v.visit(s, |x: u16| f16::from_bits(x).to_f64().to_bits() & MASK63),
+        (Tensor::BF16(s), KeySpace::F64) => v.visit(s, |x: u16| bf16::from_bits(x).to_f64().to_bits() & MASK63),
+        (Tensor::F32(s), KeySpace::F64) => v.visit(s, |x: f32| (x as f64).to_bits() & MASK63),
+        (Tensor::F64(s), KeySpace::F64) => v.visit(s, |x: f64| x.to_bits() & MASK63),
+        (t, space) => {
+            return Err(Error::InvalidArgument(format!(
+                "a {} tensor cannot be compared in the {space:?} key space",
+                t.dtype().name()
+            )))
+        }
+    })
+}
+
+/// Count, mean and sum of squared deviations; merged with Chan et al.'s pairwise formula so that
+/// the variance is accurate in f64 whatever the order and split of the data.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Moments {
+    pub n: u64,
+    pub mean: f64,
+    pub m2: f64,
+}
+
+impl Moments {
+    pub fn merge(self, o: Moments) -> Moments {
+        if self.n == 0 {
+            return o;
+        }
+        if o.n == 0 {
+            return self;
+        }
+        let n = self.n + o.n;
+        let delta = o.mean - self.mean;
+        let (na, nb, nn) = (self.n as f64, o.n as f64, n as f64);
+        Moments { n, mean: self.mean + delta * nb / nn, m2: self.m2 + o.m2 + delta * delta * na * nb / nn }
+    }
+
+    /// Shifted sums over one chunk: exact enough in f64 and cheap per element.
+    fn of_chunk(xs: impl Iterator<Item = f64> + Clone) -> Moments {
+        let mut it = xs.clone();
+        let Some(c) = it.next() else { return Moments::default() };
+        let (mut n, mut s, mut q) = (0u64, 0.0f64, 0.0f64);
+        for x in xs {
+            let y = x - c;
+            n += 1;
+            s += y;
+            q += y * y;
+        }
+        let nf = n as f64;
+        Moments { n, mean: c + s / nf, m2: (q - s * s / nf).max(0.0) }
+    }
+
+    fn of_slice_f32(s: &[f32]) -> Moments {
+        s.par_chunks(PASS_CHUNK / 4)
+            .map(|c| Moments::of_chunk(c.iter().map(|&x| x as f64)))
+            .reduce(Moments::default, Moments::merge)
+    }
+
+    fn of_slice_f64(s: &[f64]) -> Moments {
+        s.par_chunks(PASS_CHUNK / 4)
+            .map(|c| Moments::of_chunk(c.iter().copied()))
+            .reduce(Moments::default, Moments::merge)
+    }
+
+    /// Two-pass moments from a histogram of all 2^16 bit patterns of a half type.
+    fn of_half_histogram(hist: &[u64], to_f64: impl Fn(u16) -> f64) -> Moments {
+        let (mut n, mut sum) = (0u64, 0.0f64);
+        for (bits, &c) in hist.iter().enumerate() {
+            if c > 0 {
+                n += c;
+                sum += c as f64 * to_f64(bits as u16);
+            }
+        }
+        if n == 0 {
+            return Moments::default();
+        }
+        let mean = sum / n as f64;
+        let mut m2 = 0.0;
+        for (bits, &c) in hist.iter().enumerate() {
+            if c > 0 {
+                let d = to_f64(bits as u16) - mean;
+                m2 += c as f64 * d * d;
+            }
+        }
+        Moments { n, mean, m2 }
+    }
+}
+
+/// The unbiased standard deviation of `d` entries with these moments, as `torch.std`.
+/// d = 0 gives 0; d = 1 has no unbiased estimate, and we use |x| (the single entry then decodes
+/// to itself at alpha = 1) instead of NaN.
+pub fn sigma_of(m: &Moments, single: Option<f64>) -> f64 {
+    match m.n {
+        0 => 0.0,
+        1 => single.map(f64::abs).unwrap_or(m.mean.abs()),
+        n => (m.m2 / (n - 1) as f64).sqrt(),
+    }
+}
+
+/// How many entries density `k` keeps out of `d`: floor(k*d + 0.5), at least 1 when d >= 1.
+pub fn target_count(k: f64, d: u64) -> u64 {
+    if d == 0 {
+        return 0;
+    }
+    let n = (k * d as f64 + 0.5).floor() as u64;
+    n.clamp(1, d)
+}
+
+/// Checks a density: a fraction in (0, 1].
+pub fn check_density(k: f64) -> Result<()> {
+    if k.is_finite() && k > 0.0 && k <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "density k must be a fraction in (0, 1], got {k}; to keep 20% of the entries pass k=0.2"
+        )))
+    }
+}
+
+/// Checks a scale multiplier: finite and > 0.
+pub fn check_alpha(alpha: f64) -> Result<()> {
+    if alpha.is_finite() && alpha > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!("alpha must be finite and > 0, got {alpha}; the paper's default is 1.0")))
+    }
+}
+
+/// The outcome of a selection: keep every entry with key > `key`, and the first `ties` entries
+/// (in order) with key == `key`. `key == u64::MAX` keeps nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Threshold {
+    pub space: KeySpace,
+    pub key: u64,
+    pub ties: u64,
+}
+
+impl Threshold {
+    pub fn keep_nothing(space: KeySpace) -> Threshold {
+        Threshold { space, key: u64::MAX, ties: 0 }
+    }
+}
+
+struct HistPass {
+    shift: u32,
+    bits: u32,
+    /// Entries count only if `key >> prefix_shift == prefix` (prefix_shift 64: all entries).
+    prefix_shift: u32,
+    prefix: u64,
+}
+
+impl KeyVisitor for &HistPass {
+    type Out = Vec<u64>;
+    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) -> Vec<u64> {
+        let nbins = 1usize << self.bits;
+        let mask = (nbins - 1) as u64;
+        let (shift, ps, prefix) = (self.shift, self.prefix_shift, self.prefix);
+        data.par_chunks(PASS_CHUNK)
+            .fold(
+                || vec![0u64; nbins],
+                |mut h, chunk| {
+                    if ps >= 64 {
+                        for &x in chunk {
+                            h[((key(x) >> shift) & mask) as usize] += 1;
+                        }
+                    } else {
+                        for &x in chunk {
+                            let k = key(x);
+                            if k >> ps == prefix {
+                                h[((k >> shift) & mask) as usize] += 1;
+                            }
+                        }
+                    }
+                    h
+                },
+            )
+            .reduce(
+                || vec![0u64; nbins],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            )
+    }
+}
+
+/// Histogram of all 2^16 bit patterns of a half-precision slice.
+fn half_histogram(s: &[u16]) -> Vec<u64> {
+    s.par_chunks(PASS_CHUNK)
+        .fold(
+            || vec![0u64; 1 << 16],
+            |mut h, chunk| {
+                for &x in chunk {
+                    h[x as usize] += 1;
+                }
+                h
+            },
+        )
+        .reduce(
+            || vec![0u64; 1 << 16],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
+}
+
+/// Incremental radix select over a sequence of tensors that may be fed in several passes (one per
+/// level), so that data which never sits in memory at once (sharded checkpoints) can be selected.
+///
+/// Use: `feed` every tensor (always in the same order), then `finish_level`; repeat until it
+/// returns true. The first level also accumulates the moments for sigma.
+pub struct Selector {
+    space: KeySpace,
+    d: u64,
+    n: u64,
+    level: usize,
+    prefix: u64,
+    remaining: u64,
+    hist: Vec<u64>,
+    moments: Moments,
+    first_value: Option<f64>,
+    fed: u64,
+    result: Option<Threshold>,
+}
+
+impl Selector {
+    /// `d` is the total number of entries that will be fed, `k` the density.
+    pub fn new(space: KeySpace, d: u64, k: f64) -> Result<Selector> {
+        check_density(k)?;
+        let n = target_count(k, d);
+        let bits = space.levels()[0].1;
+        Ok(Selector {
+            space,
+            d,
+            n,
+            level: 0,
+            prefix: 0,
+            remaining: n,
+            hist: vec![0; 1 << bits],
+            moments: Moments::default(),
+            first_value: None,
+            fed: 0,
+            result: if n == 0 { Some(Threshold::keep_nothing(space)) } else { None },
+        })
+    }
+
+    /// How many entries are kept in all: floor(k*d + 0.5) (fewer only if there are too few nonzeros).
+    pub fn target(&self) -> u64 {
+        self.n
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.result.is_some()
+    }
+
+    /// Feeds one tensor for the current level. On the first level a NaN or Inf is an error whose
+    /// index is the flat position within this tensor.
+    pub fn feed(&mut self, t: Tensor<'_>) -> Result<()> {
+        if self.result.is_some() && self.level > 0 {
+            return Ok(());
+        }
+        let levels = self.space.levels();
+        let (shift, bits) = levels[self.level.min(levels.len() - 1)];
+        if self.level == 0 {
+            self.fed += t.len() as u64;
+            if self.first_value.is_none() && !t.is_empty() {
+                self.first_value = Some(t.get_f64(0));
+            }
+            // Half types: one histogram of all bit patterns gives both the moments and, in their
+            // native key space, the exact level-0 magnitude histogram.
+            let native = matches!(
+                (t, self.space),
+                (Tensor::F16(_), KeySpace::F16) | (Tensor::BF16(_), KeySpace::BF16)
+            );
+            match t {
+                Tensor::F16(s) | Tensor::BF16(s) => {
+                    let full = half_histogram(s);
+                    let m = if t.dtype() == DType::F16 {
+                        Moments::of_half_histogram(&full, |b| f16::from_bits(b).to_f64())
+                    } else {
+                        Moments::of_half_histogram(&full, |b| bf16::from_bits(b).to_f64())
+                    };
+                    self.moments = self.moments.merge(m);
+                    if native {
+                        for (i, h) in self.hist.iter_mut().enumerate() {
+                            *h += full[i] + full[i | 0x8000];
+                        }
+                    }
+                }
+                Tensor::F32(s) => self.moments = self.moments.merge(Moments::of_slice_f32(s)),
+                Tensor::F64(s) => self.moments = self.moments.merge(Moments::of_slice_f64(s)),
+            }
+            let h = if native {
+                None
+            } else {
+                Some(visit_keys(t, self.space, &HistPass { shift, bits, prefix_shift: 64, prefix: 0 })?)
+            };
+            if let Some(h) = h {
+                self.hist.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
+            }
+            let inf_bin = (self.space.inf_key() >> shift) as usize;
+            if self.hist[inf_bin..].iter().any(|&c| c > 0) {
+                return Err(Error::NonFinite { index: first_non_finite(t) });
+            }
+        } else {
+            let prefix_shift = levels[self.level - 1].0;
+            let h = visit_keys(t, self.space, &HistPass { shift, bits, prefix_shift, prefix: self.prefix })?;
+            self.hist.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    /// Closes the current level; true when the threshold is known.
+    pub fn finish_level(&mut self) -> Result<bool> {
+        if self.level == 0 && self.fed != self.d {
+            return Err(Error::InvalidArgument(format!(
+                "the selector was told {} entries but fed {}",
+                self.d, self.fed
+            )));
+        }
+        if self.result.is_some() {
+            return Ok(true);
+        }
+        let levels = self.space.levels();
+        let (shift, _) = levels[self.level];
+        // Walk bins from the largest magnitude down to the bin holding the n-th largest.
+        let mut chosen = None;
+        for b in (0..self.hist.len()).rev() {
+            let c = self.hist[b];
+            if c >= self.remaining {
+                chosen = Some(b as u64);
+                break;
+            }
+            self.remaining -= c;
+        }
+        let Some(b) = chosen else {
+            return Err(Error::InvalidArgument("the tensors fed on a later level differ from the first".into()));
+        };
+        self.prefix = (self.prefix << levels[self.level].1) | b;
+        if self.level + 1 == levels.len() {
+            let key = self.prefix << shift;
+            // Zeros are never kept: their sign is 0.
+            let ties = if key == 0 { 0 } else { self.remaining };
+            self.result = Some(Threshold { space: self.space, key, ties });
+            return Ok(true);
+        }
+        self.level += 1;
+        self.hist = vec![0; 1 << levels[self.level].1];
+        Ok(false)
+    }
+
+    pub fn threshold(&self) -> Option<Threshold> {
+        self.result
+    }
+
+    /// Moments of everything fed on the first level.
+    pub fn moments(&self) -> Moments {
+        self.moments
+    }
+
+    /// The unbiased std of everything fed on the first level (see [`sigma_of`]).
+    pub fn sigma(&self) -> f64 {
+        sigma_of(&self.moments, self.first_value)
+    }
+}
+
+fn first_non_finite(t: Tensor<'_>) -> u64 {
+    (0..t.len()).find(|&i| !t.get_f64(i).is_finite()).unwrap_or(0) as u64
+}
+
+/// Selects over tensors held in memory (in the given order); returns the threshold and sigma.
+pub fn select(tensors: &[Tensor<'_>], k: f64) -> Result<(Threshold, f64)> {
+    let space = KeySpace::for_dtypes(tensors.iter().map(|t| t.dtype()));
+    let d = tensors.iter().map(|t| t.len() as u64).sum();
+    let mut s = Selector::new(space, d, k)?;
+    loop {
+        for &t in tensors {
+            s.feed(t)?;
+        }
+        if s.finish_level()? {
+            break;
+        }
+    }
+    let sigma = s.sigma();
+    Ok((s.threshold().expect("finished selector has a threshold"), sigma))
+}
+
+/// Per 64 entries: (key > t, key == t, negative) as bit words, bit j for entry j.
+#[inline(always)]
+pub(crate) fn group_masks<T: Elem, K: Fn(T) -> u64>(xs: &[T], key: K, t: u64) -> (u64, u64, u64) {
+    let (mut gt, mut eq, mut ng) = (0u64, 0u64, 0u64);
+    for (j, &x) in xs.iter().enumerate() {
+        let k = key(x);
+        gt |= ((k > t) as u64) << j;
+        eq |= ((k == t) as u64) << j;
+        ng |= (x.negative() as u64) << j;
+    }
+    (gt, eq, ng)
+}
+
+/// Keeps the lowest `budget` set bits of `eq` (ties go to the lower index); returns them.
+#[inline(always)]
+pub(crate) fn take_ties(mut eq: u64, budget: &mut u64) -> u64 {
+    let mut taken = 0;
+    while *budget > 0 && eq != 0 {
+        let low = eq & eq.wrapping_neg();
+        taken |= low;
+        eq ^= low;
+        *budget -= 1;
+    }
+    taken
+}

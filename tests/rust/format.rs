@@ -1,0 +1,170 @@
+//! The byte format: golden files pin it, and damaged bytes give errors, never panics.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::gaussian_like;
+use compeft::{compress, Compressed, Encoding, Error, Tensor, TensorMut};
+use half::{bf16, f16};
+use proptest::prelude::*;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
+}
+
+/// The inputs behind the golden files. Python's tests rebuild the same inputs independently.
+fn golden_cases() -> Vec<(&'static str, Compressed)> {
+    let g = gaussian_like(64 * 48, 7);
+    let f32v: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+    let big: Vec<f32> = gaussian_like(50_000, 11).iter().map(|&x| x as f32).collect();
+    let h: Vec<u16> = (0..37).map(|i| f16::from_f64(((i * 13 % 37) as f64 - 18.0) / 8.0).to_bits()).collect();
+    let b: Vec<u16> = (0..40).map(|i| bf16::from_f64(((i % 5) as f64 - 2.0) * 0.5).to_bits()).collect();
+    let d: Vec<f64> = (0..10).map(|i| (i as f64 - 4.5) * 1e-3).collect();
+    vec![
+        ("f32_64x48_k0.1_golomb", compress(Tensor::F32(&f32v), &[64, 48], 0.1, 1.0, Encoding::Golomb).unwrap()),
+        ("f32_64x48_k0.1_bitmask", compress(Tensor::F32(&f32v), &[64, 48], 0.1, 1.0, Encoding::Bitmask).unwrap()),
+        ("f32_50000_k0.2_golomb", compress(Tensor::F32(&big), &[50_000], 0.2, 2.5, Encoding::Golomb).unwrap()),
+        ("f16_37_k0.3_golomb", compress(Tensor::F16(&h), &[37], 0.3, 1.0, Encoding::Golomb).unwrap()),
+        ("bf16_4x10_k0.5_golomb", compress(Tensor::BF16(&b), &[4, 10], 0.5, 1.0, Encoding::Golomb).unwrap()),
+        ("f64_2x5_k1_bitmask", compress(Tensor::F64(&d), &[2, 5], 1.0, 1.0, Encoding::Bitmask).unwrap()),
+        ("f32_0x3_golomb", compress(Tensor::F32(&[]), &[0, 3], 0.1, 1.0, Encoding::Golomb).unwrap()),
+    ]
+}
+
+#[test]
+fn golden_files_pin_the_format() {
+    let bless = std::env::var_os("COMPEFT_BLESS").is_some();
+    for (name, c) in golden_cases() {
+        let path = golden_dir().join(format!("{name}.cpft"));
+        let bytes = c.to_bytes();
+        if bless {
+            std::fs::write(&path, &bytes).unwrap();
+            continue;
+        }
+        let want = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (COMPEFT_BLESS=1 writes it)", path.display()));
+        assert!(bytes == want, "{name}: encoder output differs from the golden file; a byte change needs a new format version");
+        assert_eq!(Compressed::from_bytes(&want).unwrap(), c);
+    }
+}
+
+#[test]
+fn header_layout() {
+    let c = compress(Tensor::F32(&[0.5, -2.0, 1.0, 0.0]), &[2, 2], 0.5, 1.0, Encoding::Golomb).unwrap();
+    let b = c.to_bytes();
+    assert_eq!(&b[..4], b"CPFT");
+    assert_eq!(b[4], 1, "version");
+    assert_eq!(b[5], 0, "golomb");
+    assert_eq!(b[6], 3, "float32");
+    assert_eq!(b[7], 2, "ndim");
+    assert_eq!(&b[8..12], &[2, 2, 4, 2], "shape, numel, nnz as varints");
+    assert_eq!(f64::from_le_bytes(b[12..20].try_into().unwrap()), c.scale);
+    let crc = u32::from_le_bytes(b[b.len() - 4..].try_into().unwrap());
+    assert_eq!(crc, crc32fast::hash(&b[..b.len() - 4]));
+}
+
+fn sample() -> Vec<u8> {
+    let v: Vec<f32> = gaussian_like(20_000, 4).iter().map(|&x| x as f32).collect();
+    compress(Tensor::F32(&v), &[20_000], 0.3, 1.0, Encoding::Golomb).unwrap().to_bytes()
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    let b = sample();
+    for len in 0..b.len() {
+        assert!(Compressed::from_bytes(&b[..len]).is_err(), "prefix of {len} bytes was accepted");
+    }
+}
+
+#[test]
+fn every_single_bit_flip_is_caught() {
+    let b = sample();
+    for byte in (0..b.len()).step_by(7) {
+        for bit in 0..8 {
+            let mut m = b.clone();
+            m[byte] ^= 1 << bit;
+            assert!(Compressed::from_bytes(&m).is_err(), "flip at {byte}.{bit} was accepted");
+        }
+    }
+}
+
+#[test]
+fn specific_errors() {
+    let b = sample();
+    assert_eq!(Compressed::from_bytes(b"hello world, not a stream").unwrap_err(), Error::BadMagic);
+    let mut v = b.clone();
+    v[4] = 9;
+    assert_eq!(Compressed::from_bytes(&v).unwrap_err(), Error::UnsupportedVersion(9));
+    let mut v = b.clone();
+    v[40] ^= 0x10;
+    assert!(matches!(Compressed::from_bytes(&v).unwrap_err(), Error::ChecksumMismatch { .. }));
+    let mut v = b.clone();
+    v.push(0);
+    assert!(Compressed::from_bytes(&v).is_err());
+}
+
+/// Rewrites the checksum so that a mutation reaches the structural checks behind it.
+fn refresh_crc(b: &mut [u8]) {
+    let n = b.len() - 4;
+    let crc = crc32fast::hash(&b[..n]);
+    b[n..].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn huge_claimed_sizes_do_not_allocate() {
+    // numel claimed as 2^47 with a tiny payload: golomb with nnz=0 is legal, but decoding into a
+    // caller buffer of the wrong size is refused, and masks() reports out of memory or succeeds.
+    let mut b = b"CPFT\x01\x00\x03\x01".to_vec();
+    let put = |v: u64, out: &mut Vec<u8>| {
+        let mut v = v;
+        while v >= 0x80 {
+            out.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    };
+    put(1 << 47, &mut b);
+    put(1 << 47, &mut b);
+    put(5, &mut b); // nnz = 5 but no gap codes follow
+    b.extend_from_slice(&1.0f64.to_le_bytes());
+    b.extend_from_slice(&[3, 12, 0, 0]);
+    b.extend_from_slice(&[0; 4]);
+    refresh_crc(&mut b);
+    assert!(Compressed::from_bytes(&b).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Mutations that keep a valid checksum must still never panic, in parsing or decoding.
+    #[test]
+    fn mutated_streams_never_panic(pos in 0usize..400, val in any::<u8>(), cut in 0usize..8) {
+        let v: Vec<f32> = gaussian_like(1000, 2).iter().map(|&x| x as f32).collect();
+        for enc in [Encoding::Golomb, Encoding::Bitmask] {
+            let mut b = compress(Tensor::F32(&v), &[10, 100], 0.2, 1.0, enc).unwrap().to_bytes();
+            let p = pos % (b.len() - 4);
+            b[p] = val;
+            let n = b.len() - cut.min(b.len() - 24);
+            let mut b = b[..n].to_vec();
+            refresh_crc(&mut b);
+            if let Ok(c) = Compressed::from_bytes(&b) {
+                if c.numel <= 1 << 20 {
+                    let mut out = vec![0f32; c.numel as usize];
+                    let _ = c.decode_into(TensorMut::F32(&mut out));
+                    let _ = c.to_bitmask();
+                    let _ = c.to_golomb();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics(data in prop::collection::vec(any::<u8>(), 0..300)) {
+        let mut d = data.clone();
+        if d.len() >= 30 {
+            d[..5].copy_from_slice(b"CPFT\x01");
+            refresh_crc(&mut d);
+        }
+        let _ = Compressed::from_bytes(&d);
+    }
+}
