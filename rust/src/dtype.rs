@@ -156,10 +156,12 @@ impl Elem for f64 {
     }
 }
 
-/// Output value for half types: the caller passes the already-rounded bit pattern of +scale.
+/// Bits of +scale in a half type. The value is rounded f64 -> f32 -> half, which is the cast torch
+/// performs, so that decoded values equal `torch.tensor(scale, dtype=float64).to(dtype)`.
 pub(crate) fn half_bits(dtype: DType, scale: f64) -> u16 {
+    let s = scale as f32;
     match dtype {
-        DType::BF16 => half::bf16::from_f64(scale).to_bits(),
-        _ => half::f16::from_f64(scale).to_bits(),
+        DType::BF16 => half::bf16::from_f32(s).to_bits(),
+        _ => half::f16::from_f32(s).to_bits(),
     }
 }

@@ -1,1 +1,286 @@
-// placeholder, replaced below
+//! PyO3 bindings: the extension module `compeft_rs._core`. The Python package wraps it; users
+//! never import it directly. Long work runs with the GIL released (`py.detach`).
+
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadwriteArray1};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+
+use crate::codec::{Body, Compressed, Encoding};
+use crate::dtype::{DType, Tensor, TensorMut};
+use crate::error::Error;
+use crate::golomb::{entropy_bound_bits, expected_bits_per_nonzero, rice_parameter};
+
+create_exception!(
+    _core,
+    CompeftError,
+    PyException,
+    "A compressed stream is corrupt, truncated, of an unknown version, or too large to decode."
+);
+
+fn to_py(e: Error) -> PyErr {
+    if e.is_argument_error() {
+        PyValueError::new_err(e.to_string())
+    } else {
+        CompeftError::new_err(e.to_string())
+    }
+}
+
+/// A 1-D contiguous input array: u16 holds float16 or bfloat16 bits (told apart by the dtype name).
+#[derive(FromPyObject)]
+enum InArray<'py> {
+    U16(PyReadonlyArray1<'py, u16>),
+    F32(PyReadonlyArray1<'py, f32>),
+    F64(PyReadonlyArray1<'py, f64>),
+}
+
+#[derive(FromPyObject)]
+enum OutArray<'py> {
+    U16(PyReadwriteArray1<'py, u16>),
+    F32(PyReadwriteArray1<'py, f32>),
+    F64(PyReadwriteArray1<'py, f64>),
+}
+
+fn not_contiguous(_: impl std::fmt::Debug) -> PyErr {
+    PyValueError::new_err("array must be C-contiguous")
+}
+
+fn tensor_of<'a>(a: &'a InArray<'_>, dtype: DType) -> PyResult<Tensor<'a>> {
+    Ok(match (a, dtype) {
+        (InArray::U16(x), DType::F16) => Tensor::F16(x.as_slice().map_err(not_contiguous)?),
+        (InArray::U16(x), DType::BF16) => Tensor::BF16(x.as_slice().map_err(not_contiguous)?),
+        (InArray::F32(x), DType::F32) => Tensor::F32(x.as_slice().map_err(not_contiguous)?),
+        (InArray::F64(x), DType::F64) => Tensor::F64(x.as_slice().map_err(not_contiguous)?),
+        _ => return Err(PyValueError::new_err(format!("array element type does not match dtype {}", dtype.name()))),
+    })
+}
+
+fn parse_dtype(name: &str) -> PyResult<DType> {
+    DType::from_name(name).map_err(to_py)
+}
+
+fn parse_encoding(name: &str) -> PyResult<Encoding> {
+    Encoding::from_name(name).map_err(to_py)
+}
+
+/// One compressed tensor (the Rust side of `compeft_rs.CompressedTensor`).
+#[pyclass(module = "compeft_rs._core", name = "Stream", frozen)]
+pub struct PyStream {
+    inner: Compressed,
+}
+
+#[pymethods]
+impl PyStream {
+    /// Parses and checks a byte string; raises CompeftError if it is not a valid stream.
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<PyStream> {
+        let inner = py.detach(|| Compressed::from_bytes(data)).map_err(to_py)?;
+        Ok(PyStream { inner })
+    }
+
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let v = py.detach(|| self.inner.to_bytes());
+        PyBytes::new(py, &v)
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.dtype.name()
+    }
+
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.inner.shape.iter().copied())
+    }
+
+    #[getter]
+    fn numel(&self) -> u64 {
+        self.inner.numel
+    }
+
+    #[getter]
+    fn nnz(&self) -> u64 {
+        self.inner.nnz
+    }
+
+    #[getter]
+    fn scale(&self) -> f64 {
+        self.inner.scale
+    }
+
+    #[getter]
+    fn encoding(&self) -> &'static str {
+        self.inner.encoding().name()
+    }
+
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+
+    /// The Rice parameter b of a golomb stream, None for a bitmask.
+    #[getter]
+    fn rice_param(&self) -> Option<u8> {
+        match &self.inner.body {
+            Body::Golomb(g) => Some(g.rice_b),
+            Body::Bitmask(_) => None,
+        }
+    }
+
+    /// Decodes into `out`, a contiguous 1-D array of numel entries (uint16 holds the bits of
+    /// float16/bfloat16, named by `dtype`).
+    fn decode_into(&self, py: Python<'_>, out: OutArray<'_>, dtype: &str) -> PyResult<()> {
+        let dtype = parse_dtype(dtype)?;
+        let c = &self.inner;
+        match (out, dtype) {
+            (OutArray::U16(mut o), DType::F16) => {
+                let s = o.as_slice_mut().map_err(not_contiguous)?;
+                py.detach(|| c.decode_into(TensorMut::F16(s)))
+            }
+            (OutArray::U16(mut o), DType::BF16) => {
+                let s = o.as_slice_mut().map_err(not_contiguous)?;
+                py.detach(|| c.decode_into(TensorMut::BF16(s)))
+            }
+            (OutArray::F32(mut o), DType::F32) => {
+                let s = o.as_slice_mut().map_err(not_contiguous)?;
+                py.detach(|| c.decode_into(TensorMut::F32(s)))
+            }
+            (OutArray::F64(mut o), DType::F64) => {
+                let s = o.as_slice_mut().map_err(not_contiguous)?;
+                py.detach(|| c.decode_into(TensorMut::F64(s)))
+            }
+            _ => return Err(PyValueError::new_err("output array element type does not match dtype")),
+        }
+        .map_err(to_py)
+    }
+
+    fn to_bitmask(&self, py: Python<'_>) -> PyResult<PyStream> {
+        let inner = py.detach(|| self.inner.to_bitmask()).map_err(to_py)?;
+        Ok(PyStream { inner })
+    }
+
+    fn to_golomb(&self, py: Python<'_>) -> PyResult<PyStream> {
+        let inner = py.detach(|| self.inner.to_golomb()).map_err(to_py)?;
+        Ok(PyStream { inner })
+    }
+
+    /// The positive and negative bitmasks as uint64 words (bit i of word w is entry 64*w + i).
+    fn masks<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<u64>>)> {
+        let m = py.detach(|| self.inner.masks().map(|m| m.into_owned())).map_err(to_py)?;
+        Ok((m.pos.into_pyarray(py), m.neg.into_pyarray(py)))
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<PyStream>().map(|o| o.get().inner == self.inner).unwrap_or(false)
+    }
+}
+
+/// Compresses one tensor (per-tensor scope).
+#[pyfunction]
+#[pyo3(signature = (data, dtype, shape, k, alpha, encoding))]
+fn encode(
+    py: Python<'_>,
+    data: InArray<'_>,
+    dtype: &str,
+    shape: Vec<u64>,
+    k: f64,
+    alpha: f64,
+    encoding: &str,
+) -> PyResult<PyStream> {
+    let (dtype, encoding) = (parse_dtype(dtype)?, parse_encoding(encoding)?);
+    let t = tensor_of(&data, dtype)?;
+    let inner = py.detach(|| crate::compress(t, &shape, k, alpha, encoding)).map_err(to_py)?;
+    Ok(PyStream { inner })
+}
+
+/// Compresses tensors with one threshold and one sigma (global scope), in the order given.
+/// `items` holds (name, data, dtype, shape); names only label errors.
+#[pyfunction]
+#[pyo3(signature = (items, k, alpha, encoding))]
+fn encode_global(
+    py: Python<'_>,
+    items: Vec<(String, InArray<'_>, String, Vec<u64>)>,
+    k: f64,
+    alpha: f64,
+    encoding: &str,
+) -> PyResult<Vec<PyStream>> {
+    let encoding = parse_encoding(encoding)?;
+    let mut tensors = Vec::with_capacity(items.len());
+    for (_, a, dt, _) in &items {
+        tensors.push(tensor_of(a, parse_dtype(dt)?)?);
+    }
+    let pairs: Vec<(Tensor<'_>, &[u64])> = tensors.iter().zip(&items).map(|(t, it)| (*t, it.3.as_slice())).collect();
+    let out = py.detach(|| crate::compress_global(&pairs, k, alpha, encoding)).map_err(|(i, e)| {
+        let err = to_py(e.clone());
+        match i {
+            Some(i) if e.is_argument_error() => PyValueError::new_err(format!("tensor {:?}: {e}", items[i].0)),
+            Some(i) => CompeftError::new_err(format!("tensor {:?}: {e}", items[i].0)),
+            None => err,
+        }
+    })?;
+    Ok(out.into_iter().map(|inner| PyStream { inner }).collect())
+}
+
+#[pyfunction]
+fn dot(py: Python<'_>, a: &PyStream, b: &PyStream) -> PyResult<f64> {
+    py.detach(|| crate::dot(&a.inner, &b.inner)).map_err(to_py)
+}
+
+#[pyfunction]
+fn cosine(py: Python<'_>, a: &PyStream, b: &PyStream) -> PyResult<f64> {
+    py.detach(|| crate::cosine(&a.inner, &b.inner)).map_err(to_py)
+}
+
+#[pyfunction]
+fn hamming(py: Python<'_>, a: &PyStream, b: &PyStream) -> PyResult<u64> {
+    py.detach(|| crate::hamming(&a.inner, &b.inner)).map_err(to_py)
+}
+
+/// b* for nnz nonzeros among d entries.
+#[pyfunction(name = "rice_parameter")]
+fn py_rice_parameter(nnz: u64, d: u64) -> u8 {
+    rice_parameter(nnz, d)
+}
+
+/// Expected golomb payload bits (gaps and signs) for nnz independent positions among d.
+#[pyfunction]
+fn expected_golomb_bits(nnz: u64, d: u64) -> f64 {
+    if nnz == 0 || d == 0 {
+        return 0.0;
+    }
+    nnz as f64 * expected_bits_per_nonzero(nnz as f64 / d as f64, rice_parameter(nnz, d))
+}
+
+/// The entropy bound in bits of a ternary vector of d entries at density k.
+#[pyfunction(name = "entropy_bound_bits")]
+fn py_entropy_bound_bits(d: u64, k: f64) -> f64 {
+    entropy_bound_bits(d, k)
+}
+
+/// The popcount kernel picked for this CPU ("avx2", "popcnt" or "scalar").
+#[pyfunction]
+fn popcount_kernel() -> &'static str {
+    match crate::popcount::best_kernel() {
+        crate::popcount::Kernel::Avx2 => "avx2",
+        crate::popcount::Kernel::Popcnt => "popcnt",
+        crate::popcount::Kernel::Scalar => "scalar",
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyStream>()?;
+    m.add("CompeftError", m.py().get_type::<CompeftError>())?;
+    m.add("FORMAT_VERSION", crate::format::VERSION)?;
+    m.add_function(wrap_pyfunction!(encode, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_global, m)?)?;
+    m.add_function(wrap_pyfunction!(dot, m)?)?;
+    m.add_function(wrap_pyfunction!(cosine, m)?)?;
+    m.add_function(wrap_pyfunction!(hamming, m)?)?;
+    m.add_function(wrap_pyfunction!(py_rice_parameter, m)?)?;
+    m.add_function(wrap_pyfunction!(expected_golomb_bits, m)?)?;
+    m.add_function(wrap_pyfunction!(py_entropy_bound_bits, m)?)?;
+    m.add_function(wrap_pyfunction!(popcount_kernel, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,47 @@
+"""compeft-rs: ComPEFT compression of fine-tuned experts.
+
+A task vector tau = theta_ft - theta_init is stored as the signs of its top-k entries by magnitude
+and one scale alpha * std(tau), as Rice-coded gaps ("golomb", 8x-50x smaller than fp16) or as two
+bitmasks ("bitmask", for popcount dot/cosine). See https://arxiv.org/abs/2311.13171.
+
+>>> import numpy as np, compeft_rs
+>>> tau = np.random.default_rng(0).standard_normal(10_000).astype(np.float16)
+>>> c = compeft_rs.encode(tau, k=0.1)
+>>> restored = compeft_rs.decode(c.to_bytes(), dtype="float16")
+>>> int((restored != 0).sum())
+1000
+"""
+
+from ._core import FORMAT_VERSION, CompeftError
+from ._core import entropy_bound_bits as _entropy_bound_bits
+from ._core import expected_golomb_bits as _expected_golomb_bits
+from ._core import rice_parameter
+from ._tensor import CompressedTensor, cosine, decode, dot, encode, hamming
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompeftError",
+    "CompressedTensor",
+    "FORMAT_VERSION",
+    "cosine",
+    "decode",
+    "dot",
+    "encode",
+    "entropy_bound_bits",
+    "expected_golomb_bits",
+    "hamming",
+    "rice_parameter",
+]
+
+
+def entropy_bound_bits(d: int, k: float) -> float:
+    """Entropy bound in bits for a ternary vector of d entries at density k:
+    d * (-(1-k) log2(1-k) - k log2(k/2))."""
+    return _entropy_bound_bits(int(d), float(k))
+
+
+def expected_golomb_bits(nnz: int, d: int) -> float:
+    """Expected golomb payload bits (Rice gaps with b* plus sign bits) for nnz independent
+    positions among d entries."""
+    return _expected_golomb_bits(int(nnz), int(d))
