@@ -208,8 +208,8 @@ def _expand_on_device(stream: Stream, name: str, device: Any) -> Any:
     shifts = torch.arange(8, dtype=torch.uint8, device=device)
     pm = ((p.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].bool()
     nm = ((n.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].bool()
-    # Same rounding as the CPU decoder: f64 -> f32 -> dtype.
-    s = torch.tensor(stream.scale, dtype=torch.float32).to(dtype).item()
+    # Same rounding as the CPU decoder: exact for float64, else f64 -> f32 -> dtype.
+    s = stream.scale if dtype == torch.float64 else torch.tensor(stream.scale, dtype=torch.float32).to(dtype).item()
     out = torch.zeros(numel, dtype=dtype, device=device)
     out.masked_fill_(pm, s)
     out.masked_fill_(nm, -s)

@@ -121,8 +121,19 @@ impl Compressed {
         let stored = u32::from_le_bytes(crc_bytes.try_into().expect("4 bytes"));
         let computed = crc32fast::hash(body);
         if stored != computed {
-            return Err(Error::ChecksumMismatch { stored, computed });
+            // A cut-off stream also fails the checksum; say which of the two it is.
+            return Err(match Self::parse_unchecked(body) {
+                Err(e @ Error::Truncated { .. }) => e,
+                _ => Error::ChecksumMismatch { stored, computed },
+            });
         }
+        let c = Self::parse_unchecked(body)?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Parses the bytes before the checksum, checking every length against what remains.
+    fn parse_unchecked(body: &[u8]) -> Result<Compressed> {
         let mut r = Reader { data: body, pos: 5 };
         let encoding = Encoding::from_code(r.u8("encoding")?)?;
         let dtype = DType::from_code(r.u8("dtype")?)?;
@@ -186,9 +197,7 @@ impl Compressed {
         if r.remaining() != 0 {
             return malformed(format!("{} unexpected bytes after the payload", r.remaining()));
         }
-        let c = Compressed { dtype, shape, numel, nnz, scale, body };
-        c.check()?;
-        Ok(c)
+        Ok(Compressed { dtype, shape, numel, nnz, scale, body })
     }
 }
 
