@@ -163,9 +163,24 @@ pub(crate) fn stitch(chunks: Vec<EncodedChunk>, b: u8) -> Stitched {
     Stitched { gaps, gap_bits, signs, index, nnz }
 }
 
+/// Up to 64 bits of `words` starting at bit `bit`; bits past the end read as zero.
+#[inline(always)]
+fn peek(words: &[u64], bit: u64) -> u64 {
+    let i = (bit / 64) as usize;
+    let o = (bit % 64) as u32;
+    let lo = words.get(i).copied().unwrap_or(0) >> o;
+    if o == 0 {
+        lo
+    } else {
+        lo | (words.get(i + 1).copied().unwrap_or(0) << (64 - o))
+    }
+}
+
 /// Decodes `count` nonzeros of one block, calling `emit(position, negative)` for each.
-/// Positions must stay below `limit`; returns one past the last position.
-#[inline]
+/// Positions must stay below `limit` and codes inside `gap_bits`; returns one past the last
+/// position and the bit offset after the last code.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_block(
     gaps: &[u64],
     gap_bits: u64,
@@ -177,18 +192,37 @@ pub(crate) fn decode_block(
     limit: u64,
     mut emit: impl FnMut(u64, bool),
 ) -> Result<(u64, u64)> {
-    let mut r = BitReader::new(gaps, start.bit, gap_bits);
+    let b32 = b as u32;
+    let low = if b == 0 { 0 } else { (1u64 << b) - 1 };
+    let mut bit = start.bit;
     let mut next = start.next;
     for j in 0..count {
-        let g = r.read_rice(b as u32)?;
+        // Fast path: the whole code (unary quotient, stop bit, b low bits) is in one peek.
+        let w = peek(gaps, bit);
+        let tz = w.trailing_zeros();
+        let g = if w != 0 && tz + 1 + b32 <= 64 {
+            bit += (tz + 1 + b32) as u64;
+            ((tz as u64) << b) | ((w >> tz >> 1) & low)
+        } else {
+            let mut r = BitReader::new(gaps, bit, gap_bits);
+            let g = r.read_rice(b32)?;
+            bit = r.pos();
+            g
+        };
+        if bit > gap_bits {
+            return Err(crate::error::Error::Truncated { what: "gap codes" });
+        }
         let pos = match next.checked_add(g) {
             Some(p) if p < limit => p,
             _ => return malformed("a decoded position lies beyond the end of the tensor or its block"),
         };
         let s = first_nz + j;
-        let neg = (signs[(s / 64) as usize] >> (s % 64)) & 1 == 1;
+        let neg = match signs.get((s / 64) as usize) {
+            Some(w) => (w >> (s % 64)) & 1 == 1,
+            None => return malformed("fewer sign bits than nonzeros"),
+        };
         emit(pos, neg);
         next = pos + 1;
     }
-    Ok((next, r.pos()))
+    Ok((next, bit))
 }

@@ -476,17 +476,30 @@ pub fn select(tensors: &[Tensor<'_>], k: f64) -> Result<(Threshold, f64)> {
     Ok((s.threshold().expect("finished selector has a threshold"), sigma))
 }
 
+/// Packs 64 bytes that are each 0 or 1 into a word (byte j -> bit j).
+#[inline(always)]
+fn pack_bools(b: &[u8; 64]) -> u64 {
+    let mut r = 0u64;
+    for i in 0..8 {
+        let w = u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        // The multiply gathers bit 0 of each byte into the top byte, in order.
+        r |= (w.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (i * 8);
+    }
+    r
+}
+
 /// Per 64 entries: (key > t, key == t, negative) as bit words, bit j for entry j.
+/// The comparisons go to byte arrays first so that the loop vectorises.
 #[inline(always)]
 pub(crate) fn group_masks<T: Elem, K: Fn(T) -> u64>(xs: &[T], key: K, t: u64) -> (u64, u64, u64) {
-    let (mut gt, mut eq, mut ng) = (0u64, 0u64, 0u64);
-    for (j, &x) in xs.iter().enumerate() {
+    let (mut g, mut e, mut s) = ([0u8; 64], [0u8; 64], [0u8; 64]);
+    for (j, &x) in xs.iter().enumerate().take(64) {
         let k = key(x);
-        gt |= ((k > t) as u64) << j;
-        eq |= ((k == t) as u64) << j;
-        ng |= (x.negative() as u64) << j;
+        g[j] = (k > t) as u8;
+        e[j] = (k == t) as u8;
+        s[j] = x.negative() as u8;
     }
-    (gt, eq, ng)
+    (pack_bools(&g), pack_bools(&e), pack_bools(&s))
 }
 
 /// Keeps the lowest `budget` set bits of `eq` (ties go to the lower index); returns them.
