@@ -11,6 +11,7 @@ use crate::codec::{Body, Compressed, Encoding};
 use crate::dtype::{DType, Tensor, TensorMut};
 use crate::error::Error;
 use crate::golomb::{entropy_bound_bits, expected_bits_per_nonzero, rice_parameter};
+use crate::selection::{KeySpace, Selector, Threshold};
 
 create_exception!(
     _core,
@@ -176,6 +177,98 @@ impl PyStream {
     }
 }
 
+/// Streaming global selection over tensors that are fed one at a time, level after level (for
+/// checkpoints that never sit in memory at once). Feed the same tensors in the same order on
+/// every level until `finish_level()` returns True.
+#[pyclass(module = "compeft_rs._core", name = "Selector")]
+pub struct PySelector {
+    inner: Selector,
+}
+
+#[pymethods]
+impl PySelector {
+    #[new]
+    fn new(dtypes: Vec<String>, d: u64, k: f64) -> PyResult<PySelector> {
+        let dts = dtypes.iter().map(|s| parse_dtype(s)).collect::<PyResult<Vec<_>>>()?;
+        let inner = Selector::new(KeySpace::for_dtypes(dts), d, k).map_err(to_py)?;
+        Ok(PySelector { inner })
+    }
+
+    fn feed(&mut self, py: Python<'_>, data: InArray<'_>, dtype: &str) -> PyResult<()> {
+        let t = tensor_of(&data, parse_dtype(dtype)?)?;
+        let inner = &mut self.inner;
+        py.detach(|| inner.feed(t)).map_err(to_py)
+    }
+
+    fn finish_level(&mut self) -> PyResult<bool> {
+        self.inner.finish_level().map_err(to_py)
+    }
+
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.is_done()
+    }
+
+    /// The unbiased std of everything fed on the first level.
+    #[getter]
+    fn sigma(&self) -> f64 {
+        self.inner.sigma()
+    }
+
+    /// How many entries are kept in all.
+    #[getter]
+    fn target(&self) -> u64 {
+        self.inner.target()
+    }
+
+    fn threshold(&self) -> PyResult<PyThreshold> {
+        self.inner
+            .threshold()
+            .map(|t| PyThreshold { inner: t })
+            .ok_or_else(|| PyValueError::new_err("the selection is not finished; feed every tensor and call finish_level()"))
+    }
+}
+
+/// The outcome of a Selector, passed to `encode_with_threshold`.
+#[pyclass(module = "compeft_rs._core", name = "Threshold", frozen)]
+pub struct PyThreshold {
+    inner: Threshold,
+}
+
+#[pymethods]
+impl PyThreshold {
+    /// Entries equal to the threshold that are kept (in feed order).
+    #[getter]
+    fn ties(&self) -> u64 {
+        self.inner.ties
+    }
+}
+
+/// Compresses one tensor with a threshold from a Selector. `ties_left` starts at
+/// `threshold.ties`; pass the returned value to the next tensor, in feed order.
+#[pyfunction]
+#[pyo3(signature = (data, dtype, shape, threshold, ties_left, scale, encoding))]
+#[allow(clippy::too_many_arguments)]
+fn encode_with_threshold(
+    py: Python<'_>,
+    data: InArray<'_>,
+    dtype: &str,
+    shape: Vec<u64>,
+    threshold: &PyThreshold,
+    ties_left: u64,
+    scale: f64,
+    encoding: &str,
+) -> PyResult<(PyStream, u64)> {
+    let (dtype, encoding) = (parse_dtype(dtype)?, parse_encoding(encoding)?);
+    let t = tensor_of(&data, dtype)?;
+    let mut ties = ties_left;
+    let thr = threshold.inner;
+    let inner = py
+        .detach(|| crate::codec::compress_with_threshold(t, &shape, &thr, &mut ties, scale, encoding))
+        .map_err(to_py)?;
+    Ok((PyStream { inner }, ties))
+}
+
 /// Compresses one tensor (per-tensor scope).
 #[pyfunction]
 #[pyo3(signature = (data, dtype, shape, k, alpha, encoding))]
@@ -271,6 +364,9 @@ fn popcount_kernel() -> &'static str {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyStream>()?;
+    m.add_class::<PySelector>()?;
+    m.add_class::<PyThreshold>()?;
+    m.add_function(wrap_pyfunction!(encode_with_threshold, m)?)?;
     m.add("CompeftError", m.py().get_type::<CompeftError>())?;
     m.add("FORMAT_VERSION", crate::format::VERSION)?;
     m.add_function(wrap_pyfunction!(encode, m)?)?;

@@ -1,0 +1,129 @@
+"""PEFT adapters: compress a folder or a PeftModel, rebuild a folder, load straight into a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+from ._expert import CompressedExpert, PathLike, _torch, atomic_save_safetensors, compress_expert, load_expert
+
+__all__ = ["compress_peft", "save_peft", "load_peft", "is_peft_folder", "read_peft_folder"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+
+
+def is_peft_folder(path: PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_peft_folder(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(state dict, adapter config) of a PEFT adapter folder."""
+    p = Path(path)
+    if not is_peft_folder(p):
+        raise ValueError(f"{p} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    config = json.loads((p / ADAPTER_CONFIG).read_text())
+    if (p / ADAPTER_WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p / ADAPTER_WEIGHTS))
+    elif (p / ADAPTER_WEIGHTS_BIN).is_file():
+        sd = _torch().load(str(p / ADAPTER_WEIGHTS_BIN), map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{p} has {ADAPTER_CONFIG} but neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN}")
+    return sd, config
+
+
+def _config_dict(config: Any) -> Dict[str, Any]:
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    # Sets (target_modules) and enums become JSON-friendly values.
+    return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+def _lossless_names(sd: Dict[str, Any]) -> list:
+    """Full copies of modules (modules_to_save) are not deltas: keep them exactly."""
+    return [n for n in sd if "modules_to_save" in n]
+
+
+def compress_peft(
+    adapter: Union[PathLike, Any],
+    k: float,
+    alpha: float = 1.0,
+    *,
+    scope: str = "global",
+    encoding: str = "golomb",
+    adapter_name: Optional[str] = None,
+) -> CompressedExpert:
+    """Compresses a PEFT adapter: a folder (adapter_config.json + weights) or a PeftModel in memory.
+
+    LoRA factors are compressed themselves (theta_init = 0), (IA)3 vectors from 1; modules_to_save
+    copies and non-float tensors are kept losslessly. The adapter config travels in the file.
+    """
+    if isinstance(adapter, (str, os.PathLike)):
+        sd, config = read_peft_folder(adapter)
+    else:
+        from peft import get_peft_model_state_dict
+
+        name = adapter_name or getattr(adapter, "active_adapter", "default")
+        if not hasattr(adapter, "peft_config") or name not in adapter.peft_config:
+            raise TypeError("expected a PEFT adapter folder or a peft.PeftModel")
+        sd = {k_: v.detach().cpu() for k_, v in get_peft_model_state_dict(adapter, adapter_name=name).items()}
+        config = _config_dict(adapter.peft_config[name])
+    return compress_expert(
+        sd, k, alpha, scope=scope, encoding=encoding, lossless=_lossless_names(sd), peft_config=config
+    )
+
+
+def adapter_state_dict(expert: CompressedExpert) -> Dict[str, Any]:
+    """The reconstructed adapter weights (LoRA factors; 1 + tau for (IA)3), original dtypes."""
+    return expert.apply()
+
+
+def save_peft(expert: Union[CompressedExpert, PathLike], out_dir: PathLike, *, overwrite: bool = False) -> Path:
+    """Writes a folder that ``peft.PeftModel.from_pretrained`` loads. Built in a temporary folder
+    beside ``out_dir`` and renamed into place, so a failure leaves nothing behind."""
+    if not isinstance(expert, CompressedExpert):
+        expert = load_expert(expert)
+    if expert.peft_config is None:
+        raise ValueError("this expert was not made from a PEFT adapter (no adapter config in it)")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(expert.peft_config, indent=2))
+        atomic_save_safetensors(adapter_state_dict(expert), tmp / ADAPTER_WEIGHTS, {"format": "pt"})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_peft(model: Any, source: Union[CompressedExpert, PathLike], adapter_name: str = "default") -> Any:
+    """Wraps a base transformers model in a PeftModel with the decompressed adapter, in memory
+    (no folder is written)."""
+    import peft
+    from peft.config import PeftConfig
+
+    expert = source if isinstance(source, CompressedExpert) else load_expert(source)
+    if expert.peft_config is None:
+        raise ValueError("this expert was not made from a PEFT adapter (no adapter config in it)")
+    cfg = dict(expert.peft_config)
+    config = PeftConfig.from_peft_type(**cfg)
+    config.inference_mode = True
+    pm = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    result = peft.set_peft_model_state_dict(pm, adapter_state_dict(expert), adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if adapter_name in k or "lora" in k]
+    if unexpected:
+        raise ValueError(f"adapter weights do not fit the model: unexpected keys {unexpected[:3]}")
+    pm.eval()
+    return pm
