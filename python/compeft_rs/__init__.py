@@ -17,11 +17,23 @@ from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._core import expected_golomb_bits as _expected_golomb_bits
 from ._core import rice_parameter
 from ._tensor import CompressedTensor, cosine, decode, dot, encode, hamming
+from ._expert import CompressedExpert, ExpertSummary, compress_expert, load_expert
+from ._peft import compress_peft, load_peft, save_peft
+from ._checkpoint import apply_checkpoint, compress_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompeftError",
+    "CompressedExpert",
+    "ExpertSummary",
+    "apply_checkpoint",
+    "compress_checkpoint",
+    "compress_expert",
+    "compress_peft",
+    "load_expert",
+    "load_peft",
+    "save_peft",
     "CompressedTensor",
     "FORMAT_VERSION",
     "cosine",

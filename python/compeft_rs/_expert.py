@@ -105,6 +105,23 @@ def atomic_save_safetensors(tensors: Mapping[str, Any], path: PathLike, metadata
         raise
 
 
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Writes `data` to a temporary file beside `path`, then renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def fp16_file_size(shapes: Mapping[str, Tuple[int, ...]]) -> int:
     """Size of a safetensors file holding these tensors in fp16 (header included)."""
     header: Dict[str, Any] = {}
@@ -302,7 +319,7 @@ class CompressedExpert:
     def save(self, path: PathLike) -> None:
         """Writes one safetensors file (compressed streams as 1-D U8 tensors, codec parameters
         in ``__metadata__``) through a temporary file renamed into place."""
-        atomic_save_safetensors(self._tensors_for_file(), path, self._metadata())
+        atomic_write_bytes(path, self.to_bytes())
 
     def to_bytes(self) -> bytes:
         """The same bytes :meth:`save` writes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -45,19 +46,144 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to replace it")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from ._checkpoint import compress_checkpoint
+    from ._peft import compress_peft, is_peft_folder
+
+    src, out = Path(args.src), Path(args.output)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    _check_out(out, args.force)
+    t0 = time.perf_counter()
+    if src.is_dir() and is_peft_folder(src):
+        if args.base is not None:
+            raise ValueError("--base is for full fine-tunes; a PEFT adapter is compressed on its own")
+        expert = compress_peft(src, args.k, args.alpha, scope=args.scope, encoding=args.encoding)
+        kind = "PEFT adapter"
+    else:
+        expert = compress_checkpoint(
+            src, args.k, args.alpha, base=args.base, scope=args.scope, encoding=args.encoding, progress=not args.quiet
+        )
+        kind = "checkpoint residual" if args.base else "tensors"
+    expert.save(out)
+    if not args.quiet:
+        s = expert.summary()
+        print(
+            f"compressed {kind} {src} -> {out}: {len(expert)} tensors, {s.file_bytes:,} B "
+            f"({s.bits_per_param:.3f} bits/param), {s.ratio_vs_fp16:.1f}x smaller than fp16, "
+            f"{time.perf_counter() - t0:.2f}s"
+        )
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    from ._expert import atomic_save_safetensors, load_expert
+    from ._peft import save_peft
+
+    expert = load_expert(args.src)
+    out = Path(args.output)
+    if expert.peft_config is not None:
+        _check_out(out, args.force)
+        save_peft(expert, out, overwrite=args.force)
+        what = "PEFT adapter folder"
+    else:
+        target = out / "task_vector.safetensors"
+        _check_out(target, args.force)
+        atomic_save_safetensors(expert.decode(), target, {"format": "pt"})
+        what = f"task vector {target}"
+    if not args.quiet:
+        print(f"decompressed {args.src} -> {what} {out}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from ._checkpoint import apply_checkpoint
+
+    out = Path(args.output)
+    _check_out(out, args.force)
+    apply_checkpoint(args.src, args.base, out, overwrite=args.force, progress=not args.quiet)
+    if not args.quiet:
+        print(f"applied {args.src} onto {args.base} -> {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ._expert import load_expert
+
+    expert = load_expert(args.src)
+    print(repr(expert))
+    print(expert.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="compeft",
-        description="ComPEFT compression of fine-tuned experts (task vectors) with compeft-rs.",
+        description="ComPEFT compression of fine-tuned experts (task vectors) with compeft-rs. "
+        "Compressed experts are single safetensors files.",
     )
     p.add_argument("--version", action="version", version=f"compeft-rs {compeft_rs.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="compress a built-in synthetic task vector and print size, ratio and time")
-    d.add_argument("--numel", type=int, default=10_000_000, help="entries in the task vector (default 10M)")
-    d.add_argument("-k", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="densities (default 0.05 0.1 0.2)")
-    d.add_argument("--alpha", type=float, default=1.0, help="scale multiplier (default 1.0)")
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=cmd_demo)
+
+    def common(sp: argparse.ArgumentParser, force: bool = True) -> None:
+        if force:
+            sp.add_argument("--force", action="store_true", help="replace the output if it exists")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+
+    c = sub.add_parser(
+        "compress",
+        help="compress a PEFT adapter folder, a safetensors file or a (sharded) checkpoint folder",
+        description="Compress SRC into one file. SRC is a PEFT adapter folder (LoRA/(IA)3), a "
+        "safetensors file, or a checkpoint folder (sharded with model.safetensors.index.json or "
+        "not); with --base, the residual SRC - BASE of a full fine-tune is compressed.",
+    )
+    c.add_argument("src", metavar="SRC")
+    c.add_argument("-o", "--output", required=True, metavar="OUT", help="the compressed file to write")
+    c.add_argument("-k", type=float, required=True, metavar="K", help="density in (0, 1], e.g. 0.1")
+    c.add_argument("--alpha", type=float, default=1.0, metavar="A", help="scale multiplier (default 1.0)")
+    c.add_argument("--scope", choices=["global", "per_tensor"], default="global",
+                   help="one threshold and sigma for all tensors (default) or one per tensor")
+    c.add_argument("--encoding", choices=["golomb", "bitmask"], default="golomb")
+    c.add_argument("--base", metavar="BASE", help="base checkpoint (file or folder) of a full fine-tune")
+    common(c)
+    c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser(
+        "decompress",
+        help="rebuild a PEFT adapter folder, or write the task vector as safetensors",
+        description="Rebuild from a compressed file: a PEFT adapter folder that "
+        "peft.PeftModel.from_pretrained loads, or OUT_DIR/task_vector.safetensors.",
+    )
+    d.add_argument("src", metavar="SRC")
+    d.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    common(d)
+    d.set_defaults(func=cmd_decompress)
+
+    a = sub.add_parser(
+        "apply",
+        help="write base + decompressed residual as a checkpoint with the base's sharding",
+    )
+    a.add_argument("src", metavar="SRC")
+    a.add_argument("--base", required=True, metavar="BASE", help="the base checkpoint (file or folder)")
+    a.add_argument("-o", "--output", required=True, metavar="OUT")
+    common(a)
+    a.set_defaults(func=cmd_apply)
+
+    i = sub.add_parser("inspect", help="per-tensor and total sizes, density, bits/param, entropy bound")
+    i.add_argument("src", metavar="SRC")
+    i.set_defaults(func=cmd_inspect)
+
+    m = sub.add_parser("demo", help="compress a built-in synthetic task vector and print size, ratio and time")
+    m.add_argument("--numel", type=int, default=10_000_000, help="entries in the task vector (default 10M)")
+    m.add_argument("-k", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="densities (default 0.05 0.1 0.2)")
+    m.add_argument("--alpha", type=float, default=1.0, help="scale multiplier (default 1.0)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_demo)
     return p
 
 
@@ -69,7 +195,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, OSError, compeft_rs.CompeftError) as e:
+    except FileExistsError as e:
+        print(f"compeft: error: {e}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(f"compeft: error: {e}", file=sys.stderr)
+        return 4
+    except compeft_rs.CompeftError as e:
+        print(f"compeft: error: corrupt or unreadable input: {e}", file=sys.stderr)
+        return 5
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
         print(f"compeft: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -307,8 +307,8 @@ fn encode_global(
     let out = py.detach(|| crate::compress_global(&pairs, k, alpha, encoding)).map_err(|(i, e)| {
         let err = to_py(e.clone());
         match i {
-            Some(i) if e.is_argument_error() => PyValueError::new_err(format!("tensor {:?}: {e}", items[i].0)),
-            Some(i) => CompeftError::new_err(format!("tensor {:?}: {e}", items[i].0)),
+            Some(i) if e.is_argument_error() => PyValueError::new_err(format!("tensor '{}': {e}", items[i].0)),
+            Some(i) => CompeftError::new_err(format!("tensor '{}': {e}", items[i].0)),
             None => err,
         }
     })?;
