@@ -69,7 +69,8 @@ def _progress(items: List[str], desc: str, enabled: bool) -> Iterable[str]:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="tensor", leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, pipes, tests).
+    return tqdm(items, desc=desc, unit="tensor", leave=False, disable=None)
 
 
 def compress_checkpoint(

@@ -45,9 +45,14 @@ def _config_dict(config: Any) -> Dict[str, Any]:
     return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
+# Adapter tensors that are deltas from a known theta_init (0 for LoRA factors, 1 for (IA)3).
+_DELTA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "ia3_l")
+
+
 def _lossless_names(sd: Dict[str, Any]) -> list:
-    """Full copies of modules (modules_to_save) are not deltas: keep them exactly."""
-    return [n for n in sd if "modules_to_save" in n]
+    """Everything that is not a LoRA factor or (IA)3 vector (modules_to_save copies, DoRA
+    magnitudes, biases, buffers) is not a delta from 0 or 1: keep it exactly."""
+    return [n for n in sd if not any(m in n for m in _DELTA_MARKERS)]
 
 
 def compress_peft(
