@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 
 from . import _arrays
-from ._core import CompeftError, Stream
+from ._core import CompeftError
 from ._core import encode as _encode
 from ._core import encode_global as _encode_global
 from ._core import entropy_bound_bits as _entropy_bound_bits

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import compeft_rs
 from reference import reference_sigma, reference_signs
 
 CLI = [sys.executable, "-m", "compeft_rs.cli"]
