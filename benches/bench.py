@@ -237,7 +237,11 @@ def encode_memory(numel, k):
     code = f"""
 import json, resource, torch, gc
 import compeft_rs
-tau = (torch.randn({numel}, generator=torch.Generator().manual_seed(0)) * 1e-3).half()
+# Filled in slices so that no float32 temporary of the whole size raises the peak first.
+tau = torch.empty({numel}, dtype=torch.float16)
+g = torch.Generator().manual_seed(0)
+for i in range(0, {numel}, 1 << 20):
+    tau[i:i + (1 << 20)] = torch.randn(min(1 << 20, {numel} - i), generator=g) * 1e-3
 gc.collect()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 c = compeft_rs.encode(tau, {k})

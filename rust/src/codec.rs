@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::dtype::{half_bits, DType, Elem, Tensor, TensorMut};
 use crate::error::{malformed, try_zeroed, Error, Result};
 use crate::golomb::{decode_block, rice_parameter, stitch, BlockStart, ChunkEncoder, EncodedChunk};
-use crate::selection::{group_masks, take_ties, visit_keys, KeyVisitor, Threshold, PASS_CHUNK};
+use crate::selection::{group_masks, take_ties, visit_keys, Key, KeyVisitor, Threshold, PASS_CHUNK};
 
 /// Nonzeros per block of the golomb index, as log2: a block is the unit of parallel decoding.
 pub const DEFAULT_BLOCK_LOG2: u8 = 12;
@@ -116,17 +116,20 @@ struct CountPass {
 
 impl KeyVisitor for &CountPass {
     type Out = Vec<(u64, u64)>;
-    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out {
-        let t = self.t;
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out {
+        let Some(t) = U::narrow(self.t) else {
+            return vec![(0, 0); data.len().div_ceil(PASS_CHUNK)];
+        };
         data.par_chunks(PASS_CHUNK)
             .map(|c| {
-                let (mut gt, mut eq) = (0u64, 0u64);
-                for g in c.chunks(64) {
-                    let (a, b, _) = group_masks(g, key, t);
-                    gt += a.count_ones() as u64;
-                    eq += b.count_ones() as u64;
+                // Plain compare-and-add: vectorises to full-width SIMD.
+                let (mut gt, mut eq) = (0u32, 0u32);
+                for &x in c {
+                    let k = key(x);
+                    gt += (k > t) as u32;
+                    eq += (k == t) as u32;
                 }
-                (gt, eq)
+                (gt as u64, eq as u64)
             })
             .collect()
     }
@@ -141,8 +144,9 @@ struct MaskPass<'a> {
 
 impl KeyVisitor for MaskPass<'_> {
     type Out = ();
-    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) {
-        let t = self.t;
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) {
+        // Keep-nothing thresholds never reach here (nnz is 0 and the masks stay zero).
+        let Some(t) = U::narrow(self.t) else { return };
         let wpc = PASS_CHUNK / 64;
         data.par_chunks(PASS_CHUNK)
             .zip(self.pos.par_chunks_mut(wpc))
@@ -171,8 +175,8 @@ struct GolombPass<'a> {
 
 impl KeyVisitor for &GolombPass<'_> {
     type Out = Vec<EncodedChunk>;
-    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out {
-        let t = self.t;
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out {
+        let Some(t) = U::narrow(self.t) else { return Vec::new() };
         data.par_chunks(PASS_CHUNK)
             .enumerate()
             .map(|(ci, c)| {

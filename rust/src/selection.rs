@@ -72,23 +72,46 @@ impl KeySpace {
 
 const MASK63: u64 = (1u64 << 63) - 1;
 
+/// An unsigned integer key, as narrow as the key space allows so that comparisons vectorise wide.
+pub(crate) trait Key: Copy + Ord + Send + Sync + 'static {
+    fn to_u64(self) -> u64;
+    /// The threshold in this width; `None` if it is above every key (keep nothing).
+    fn narrow(t: u64) -> Option<Self>;
+}
+
+macro_rules! impl_key {
+    ($($t:ty),*) => {$(
+        impl Key for $t {
+            #[inline(always)]
+            fn to_u64(self) -> u64 {
+                self as u64
+            }
+            #[inline(always)]
+            fn narrow(t: u64) -> Option<Self> {
+                <$t>::try_from(t).ok()
+            }
+        }
+    )*};
+}
+impl_key!(u16, u32, u64);
+
 /// Receives a tensor's elements together with the key function of the chosen space.
 pub(crate) trait KeyVisitor {
     type Out;
-    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out;
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out;
 }
 
 /// Calls `v` with the monomorphised key function for (`t`'s dtype, `space`).
 pub(crate) fn visit_keys<V: KeyVisitor>(t: Tensor<'_>, space: KeySpace, v: V) -> Result<V::Out> {
     Ok(match (t, space) {
         (Tensor::F16(s), KeySpace::F16) | (Tensor::BF16(s), KeySpace::BF16) => {
-            v.visit(s, |x: u16| (x & 0x7fff) as u64)
+            v.visit(s, |x: u16| x & 0x7fff)
         }
         (Tensor::F16(s), KeySpace::F32) => {
-            v.visit(s, |x: u16| (f16::from_bits(x).to_f32().to_bits() & 0x7fff_ffff) as u64)
+            v.visit(s, |x: u16| f16::from_bits(x).to_f32().to_bits() & 0x7fff_ffff)
         }
-        (Tensor::BF16(s), KeySpace::F32) => v.visit(s, |x: u16| (((x as u32) << 16) & 0x7fff_ffff) as u64),
-        (Tensor::F32(s), KeySpace::F32) => v.visit(s, |x: f32| (x.to_bits() & 0x7fff_ffff) as u64),
+        (Tensor::BF16(s), KeySpace::F32) => v.visit(s, |x: u16| ((x as u32) << 16) & 0x7fff_ffff),
+        (Tensor::F32(s), KeySpace::F32) => v.visit(s, |x: f32| x.to_bits() & 0x7fff_ffff),
         (Tensor::F16(s), KeySpace::F64) => v.visit(s, |x: u16| f16::from_bits(x).to_f64().to_bits() & MASK63),
         (Tensor::BF16(s), KeySpace::F64) => v.visit(s, |x: u16| bf16::from_bits(x).to_f64().to_bits() & MASK63),
         (Tensor::F32(s), KeySpace::F64) => v.visit(s, |x: f32| (x as f64).to_bits() & MASK63),
@@ -241,7 +264,7 @@ struct HistPass {
 
 impl KeyVisitor for &HistPass {
     type Out = Vec<u64>;
-    fn visit<T: Elem, K: Fn(T) -> u64 + Copy + Send + Sync>(self, data: &[T], key: K) -> Vec<u64> {
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) -> Vec<u64> {
         let nbins = 1usize << self.bits;
         let mask = (nbins - 1) as u64;
         let (shift, ps, prefix) = (self.shift, self.prefix_shift, self.prefix);
@@ -251,11 +274,11 @@ impl KeyVisitor for &HistPass {
                 |mut h, chunk| {
                     if ps >= 64 {
                         for &x in chunk {
-                            h[((key(x) >> shift) & mask) as usize] += 1;
+                            h[((key(x).to_u64() >> shift) & mask) as usize] += 1;
                         }
                     } else {
                         for &x in chunk {
-                            let k = key(x);
+                            let k = key(x).to_u64();
                             if k >> ps == prefix {
                                 h[((k >> shift) & mask) as usize] += 1;
                             }
@@ -491,7 +514,7 @@ fn pack_bools(b: &[u8; 64]) -> u64 {
 /// Per 64 entries: (key > t, key == t, negative) as bit words, bit j for entry j.
 /// The comparisons go to byte arrays first so that the loop vectorises.
 #[inline(always)]
-pub(crate) fn group_masks<T: Elem, K: Fn(T) -> u64>(xs: &[T], key: K, t: u64) -> (u64, u64, u64) {
+pub(crate) fn group_masks<T: Elem, U: Key, K: Fn(T) -> U>(xs: &[T], key: K, t: U) -> (u64, u64, u64) {
     let (mut g, mut e, mut s) = ([0u8; 64], [0u8; 64], [0u8; 64]);
     for (j, &x) in xs.iter().enumerate().take(64) {
         let k = key(x);
