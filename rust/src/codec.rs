@@ -386,6 +386,32 @@ fn decode_bitmask<T: Copy + Send + Sync>(m: &BitmaskBody, out: &mut [T], zero: T
     });
 }
 
+/// Asks the kernel for transparent huge pages on a large output buffer that is about to be
+/// written for the first time: one fault per 2 MiB instead of per 4 KiB. A hint only; errors are
+/// ignored (other systems, or THP turned off).
+fn advise_huge_pages<T>(out: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = std::mem::size_of_val(out);
+        if bytes < 4 * HUGE {
+            return;
+        }
+        let start = out.as_mut_ptr() as usize;
+        let aligned = (start + HUGE - 1) & !(HUGE - 1);
+        let end = (start + bytes) & !(HUGE - 1);
+        if end > aligned {
+            // SAFETY: the range lies inside `out`, which we hold mutably; MADV_HUGEPAGE changes
+            // only how pages are backed, never their contents.
+            unsafe {
+                libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = out;
+}
+
 impl Compressed {
     /// Checks the body against the header (used after parsing and before every decode).
     pub fn check(&self) -> Result<()> {
@@ -440,6 +466,7 @@ impl Compressed {
 
     fn decode_generic<T: Copy + Send + Sync>(&self, out: &mut [T], zero: T, pv: T, nv: T) -> Result<()> {
         self.check()?;
+        advise_huge_pages(out);
         match &self.body {
             Body::Bitmask(m) => {
                 decode_bitmask(m, out, zero, pv, nv);
