@@ -20,6 +20,7 @@ from ._tensor import CompressedTensor, cosine, decode, dot, encode, hamming
 from ._expert import CompressedExpert, ExpertSummary, compress_expert, load_expert
 from ._peft import compress_peft, load_peft, save_peft
 from ._checkpoint import apply_checkpoint, compress_checkpoint
+from ._tune import TunePoint, TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,9 @@ __all__ = [
     "load_expert",
     "load_peft",
     "save_peft",
+    "tune",
+    "TunePoint",
+    "TuneResult",
     "CompressedTensor",
     "FORMAT_VERSION",
     "cosine",

@@ -17,7 +17,6 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from . import _arrays
 from ._core import CompeftError, Selector
-from ._core import encode as _encode
 from ._core import encode_with_threshold as _encode_with_threshold
 from ._expert import (
     FLOAT_NAMES,
@@ -27,6 +26,8 @@ from ._expert import (
     _torch,
     atomic_save_safetensors,
     checkpoint_files,
+    encode_named,
+    expert_info,
     is_ia3,
     load_expert,
 )
@@ -159,23 +160,10 @@ def compress_checkpoint(
     else:
         for n in _progress(deltas, "encode", progress):
             arr, dt, shape = flat(n)
-            try:
-                streams[n] = CompressedTensor(_encode(arr, dt, list(shape), k, alpha, encoding), "torch")
-            except ValueError as e:
-                raise ValueError(f"tensor {n!r}: {e}") from None
+            streams[n] = encode_named(n, arr, dt, shape, k, alpha, encoding)
     raw = {n: ft.get(n) for n in lossless}
-    info: Dict[str, Any] = {
-        "file_version": 1,
-        "library": "compeft-rs",
-        "k": k,
-        "alpha": alpha,
-        "scope": scope,
-        "encoding": encoding,
-        "default_init": "base" if bs is not None else "zero",
-        "init": {n: v for n, v in init.items() if v != ("base" if bs is not None else "zero")},
-        "dtypes": {n: ft.meta[n][0] for n in deltas if ft.meta[n][0] != streams[n].dtype_name},
-        "lossless": sorted(lossless),
-    }
+    changed = {n: ft.meta[n][0] for n in deltas if ft.meta[n][0] != streams[n].dtype_name}
+    info = expert_info(k, alpha, scope, encoding, "base" if bs is not None else "zero", init, changed, lossless)
     if bs is not None:
         info["sharding"] = [f.name for f in ft.files]
     return CompressedExpert(streams, raw, info)

@@ -472,6 +472,33 @@ def task_vectors(
     return deltas, raw, init, dtypes
 
 
+def encode_named(name: str, arr: Any, dtype: str, shape: Tuple[int, ...], k: float, alpha: float,
+                 encoding: str) -> CompressedTensor:
+    """Per-tensor encode whose errors name the tensor."""
+    try:
+        return CompressedTensor(_encode(arr, dtype, list(shape), k, alpha, encoding), "torch")
+    except (ValueError, CompeftError) as e:
+        raise type(e)(f"tensor {name!r}: {e}") from None
+
+
+def expert_info(k: float, alpha: float, scope: str, encoding: str, default_init: str, init: Mapping[str, str],
+                dtypes: Mapping[str, str], lossless: Iterable[str]) -> Dict[str, Any]:
+    """The codec parameters stored in a file's metadata; only what differs from the defaults is
+    listed per tensor, to keep small experts small."""
+    return {
+        "file_version": 1,
+        "library": "compeft-rs",
+        "k": k,
+        "alpha": alpha,
+        "scope": scope,
+        "encoding": encoding,
+        "default_init": default_init,
+        "init": {n: v for n, v in init.items() if v != default_init},
+        "dtypes": dict(dtypes),
+        "lossless": sorted(lossless),
+    }
+
+
 def compress_expert(
     tensors: Union[Mapping[str, Any], PathLike],
     k: float,
@@ -524,21 +551,7 @@ def compress_expert(
         out = {}
         for n in names:
             arr, dt, shape, _, _ = flats[n]
-            try:
-                out[n] = CompressedTensor(_encode(arr, dt, list(shape), k, alpha, encoding), "torch")
-            except (ValueError, CompeftError) as e:
-                raise type(e)(f"tensor {n!r}: {e}") from None
-    info: Dict[str, Any] = {
-        "file_version": 1,
-        "library": "compeft-rs",
-        "k": k,
-        "alpha": alpha,
-        "scope": scope,
-        "encoding": encoding,
-        "default_init": "zero",
-        # Only what differs from the defaults, to keep small experts small.
-        "init": {n: v for n, v in init.items() if v != "zero"},
-        "dtypes": {n: dt for n, dt in dtypes.items() if dt != out[n].dtype_name},
-        "lossless": sorted(raw),
-    }
+            out[n] = encode_named(n, arr, dt, shape, k, alpha, encoding)
+    changed = {n: dt for n, dt in dtypes.items() if dt != out[n].dtype_name}
+    info = expert_info(k, alpha, scope, encoding, "zero", init, changed, raw)
     return CompressedExpert(out, raw, info, peft_config=peft_config)

@@ -69,10 +69,11 @@ def tune(
     alpha, since alpha only rescales.
     """
     torch = _torch()
+    set_peft_model_state_dict: Any = None
     model: Optional[Any] = None
     config = None
     if _is_peft_model(expert):
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: F811
 
         from ._peft import _config_dict, _lossless_names
 
@@ -111,8 +112,6 @@ def tune(
                         v = v + 1.0
                     weights[n] = v.to(getattr(torch, unit.dtype_of(n)))
                 if model is not None:
-                    from peft import set_peft_model_state_dict
-
                     set_peft_model_state_dict(model, weights)
                     score = float(evaluate(model))
                 else:
@@ -124,8 +123,6 @@ def tune(
         if bar is not None:
             bar.close()
         if model is not None:
-            from peft import set_peft_model_state_dict
-
             set_peft_model_state_dict(model, sd)
     best = max(points, key=lambda p: (p.score, -p.nbytes))
     chosen = compress_expert(sd, best.k, best.alpha, scope=scope, encoding=encoding, lossless=lossless,

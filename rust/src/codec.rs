@@ -254,14 +254,7 @@ pub fn compress_with_threshold(
             let chunks = visit_keys(t, thr.space, &pass)?;
             let s = stitch(chunks, b);
             debug_assert_eq!(s.nnz, nnz);
-            Body::Golomb(GolombBody {
-                rice_b: b,
-                block_log2: DEFAULT_BLOCK_LOG2,
-                gaps: s.gaps,
-                gap_bits: s.gap_bits,
-                signs: s.signs,
-                index: s.index,
-            })
+            Body::Golomb(GolombBody::from_stitched(s, b))
         }
     };
     Ok(Compressed { dtype: t.dtype(), shape: shape.to_vec(), numel, nnz, scale, body })
@@ -271,6 +264,17 @@ pub fn compress_with_threshold(
 // Decoding
 
 impl GolombBody {
+    fn from_stitched(s: crate::golomb::Stitched, rice_b: u8) -> GolombBody {
+        GolombBody {
+            rice_b,
+            block_log2: DEFAULT_BLOCK_LOG2,
+            gaps: s.gaps,
+            gap_bits: s.gap_bits,
+            signs: s.signs,
+            index: s.index,
+        }
+    }
+
     fn block_count(&self, nnz: u64) -> u64 {
         nnz.div_ceil(1u64 << self.block_log2)
     }
@@ -589,16 +593,8 @@ impl Compressed {
                 enc.finish()
             })
             .collect();
-        let s = stitch(chunks, b);
         Ok(Compressed {
-            body: Body::Golomb(GolombBody {
-                rice_b: b,
-                block_log2: DEFAULT_BLOCK_LOG2,
-                gaps: s.gaps,
-                gap_bits: s.gap_bits,
-                signs: s.signs,
-                index: s.index,
-            }),
+            body: Body::Golomb(GolombBody::from_stitched(stitch(chunks, b), b)),
             ..self.header_clone()
         })
     }
