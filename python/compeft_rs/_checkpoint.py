@@ -120,6 +120,13 @@ def compress_checkpoint(
             deltas.append(n)
             init[n] = "one" if is_ia3(n) else "zero"
 
+    if not deltas:
+        found = sorted({ft.meta[n][0] for n in names}) or ["no tensors"]
+        raise TypeError(
+            f"{finetuned} has no tensor of a supported dtype (float16, bfloat16, float32, float64) to "
+            f"compress; found {', '.join(found)}"
+        )
+
     def tau(n: str) -> Any:
         t = ft.get(n)
         if init[n] == "base":

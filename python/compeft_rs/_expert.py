@@ -8,12 +8,13 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _arrays
-from ._core import CompeftError
+from ._core import CompeftError, Selector
+from ._core import encode_with_threshold as _encode_with_threshold
 from ._core import encode as _encode
 from ._core import encode_global as _encode_global
 from ._core import entropy_bound_bits as _entropy_bound_bits
@@ -497,6 +498,55 @@ def expert_info(k: float, alpha: float, scope: str, encoding: str, default_init:
         "dtypes": dict(dtypes),
         "lossless": sorted(lossless),
     }
+
+
+def compress_expert_densities(
+    tensors: Mapping[str, Any],
+    ks: Sequence[float],
+    alpha: float = 1.0,
+    *,
+    scope: str = "global",
+    encoding: str = "golomb",
+    lossless: Iterable[str] = (),
+    peft_config: Optional[Dict[str, Any]] = None,
+) -> Dict[float, CompressedExpert]:
+    """compress_expert for several densities at once: the first-level magnitude histogram and the
+    moments are computed once (per expert in global scope, per tensor in per-tensor scope) and
+    shared by every k. Each result equals compress_expert(tensors, k, alpha, ...)."""
+    _check_scope(scope)
+    _check_encoding(encoding)
+    deltas, raw, init, dtypes = task_vectors(tensors, None, lossless)
+    names = sorted(deltas)
+    flats = {n: _arrays.flat_input(deltas[n]) for n in names}
+    groups = [names] if scope == "global" else [[n] for n in names]
+    streams: Dict[float, Dict[str, CompressedTensor]] = {float(k): {} for k in ks}
+    for group in groups:
+        if not group:
+            continue
+        d = sum(int(np.prod(flats[n][2], dtype=np.int64)) for n in group)
+        first = Selector([flats[n][1] for n in group], d, float(ks[0]))
+        for n in group:
+            try:
+                first.feed(flats[n][0], flats[n][1])
+            except ValueError as e:
+                raise ValueError(f"tensor {n!r}: {e}") from None
+        for k in ks:
+            sel = first.with_density(float(k))
+            while not sel.finish_level():
+                for n in group:
+                    sel.feed(flats[n][0], flats[n][1])
+            thr = sel.threshold()
+            ties, scale = thr.ties, alpha * sel.sigma
+            for n in group:
+                arr, dt, shape, _, _ = flats[n]
+                s, ties = _encode_with_threshold(arr, dt, list(shape), thr, ties, scale, encoding)
+                streams[float(k)][n] = CompressedTensor(s, "torch")
+    out = {}
+    for k, st in streams.items():
+        changed = {n: dt for n, dt in dtypes.items() if dt != st[n].dtype_name}
+        info = expert_info(k, alpha, scope, encoding, "zero", init, changed, raw)
+        out[k] = CompressedExpert(st, raw, info, peft_config=peft_config)
+    return out
 
 
 def compress_expert(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from ._expert import CompressedExpert, _torch, compress_expert
+from ._expert import CompressedExpert, _torch, compress_expert, compress_expert_densities
 
 __all__ = ["tune", "TunePoint", "TuneResult"]
 
@@ -90,6 +90,8 @@ def tune(
     if not ks or not alphas:
         raise ValueError("ks and alphas must not be empty")
 
+    if len(set(float(k) for k in ks)) != len(ks):
+        raise ValueError("ks must not repeat a density")
     grid = [(k, a) for k in ks for a in alphas]
     bar = None
     if progress:
@@ -97,9 +99,11 @@ def tune(
 
         bar = tqdm(total=len(grid), desc="tune", unit="point", leave=False, disable=None)
     points: List[TunePoint] = []
+    # One magnitude histogram for all k, one selection per k reused for every alpha.
+    per_k = compress_expert_densities(sd, ks, 1.0, scope=scope, encoding=encoding, lossless=lossless)
     try:
         for k in ks:
-            unit = compress_expert(sd, k, 1.0, scope=scope, encoding=encoding, lossless=lossless)
+            unit = per_k[float(k)]
             nbytes = len(unit.to_bytes())
             tau64 = {n: unit.decode_tensor(n, dtype="float64") for n in unit.compressed_keys()}
             for alpha in alphas:

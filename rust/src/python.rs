@@ -200,6 +200,11 @@ impl PySelector {
         py.detach(|| inner.feed(t)).map_err(to_py)
     }
 
+    /// A selector for density `k` sharing the first-level histogram fed so far.
+    fn with_density(&self, k: f64) -> PyResult<PySelector> {
+        Ok(PySelector { inner: self.inner.with_density(k).map_err(to_py)? })
+    }
+
     fn finish_level(&mut self) -> PyResult<bool> {
         self.inner.finish_level().map_err(to_py)
     }

@@ -323,6 +323,10 @@ fn half_histogram(s: &[u16]) -> Vec<u64> {
 ///
 /// Use: `feed` every tensor (always in the same order), then `finish_level`; repeat until it
 /// returns true. The first level also accumulates the moments for sigma.
+///
+/// Several densities can share the first (most expensive) level: feed it once, then take
+/// [`Selector::with_density`] for each k and finish those.
+#[derive(Clone, Debug)]
 pub struct Selector {
     space: KeySpace,
     d: u64,
@@ -356,6 +360,24 @@ impl Selector {
             fed: 0,
             result: if n == 0 { Some(Threshold::keep_nothing(space)) } else { None },
         })
+    }
+
+    /// A copy that selects density `k` instead, sharing the first-level histogram and moments
+    /// already fed. Only valid after every tensor was fed on the first level, before
+    /// `finish_level`.
+    pub fn with_density(&self, k: f64) -> Result<Selector> {
+        check_density(k)?;
+        if self.level != 0 || self.fed != self.d || (self.result.is_some() && self.d > 0) {
+            return Err(Error::InvalidArgument(
+                "with_density needs a selector whose first level is fully fed and not yet finished".into(),
+            ));
+        }
+        let n = target_count(k, self.d);
+        let mut s = self.clone();
+        s.n = n;
+        s.remaining = n;
+        s.result = if n == 0 { Some(Threshold::keep_nothing(self.space)) } else { None };
+        Ok(s)
     }
 
     /// How many entries are kept in all: floor(k*d + 0.5) (fewer only if there are too few nonzeros).

@@ -128,6 +128,8 @@ def test_cli_bad_inputs(pair):
     nan = {"w": torch.tensor([1.0, float("nan")])}
     save_file(nan, str(tmp / "nan.safetensors"))
     fails(["compress", tmp / "nan.safetensors", "-o", out, "-k", "0.5"], 1, "NaN")
+    save_file({"ids": torch.arange(5), "mask": torch.ones(3, dtype=torch.bool)}, str(tmp / "ints.safetensors"))
+    fails(["compress", tmp / "ints.safetensors", "-o", out, "-k", "0.5"], 1, "supported dtype")
     (tmp / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     fails(["inspect", tmp / "garbage.safetensors"], 5, "corrupt")
     fails(["apply", tmp / "garbage.safetensors", "--base", tmp / "base", "-o", out], 5, "corrupt")

@@ -69,3 +69,20 @@ def test_tune_peft_model_restores_weights():
                         progress=False)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_densities_share_one_histogram_and_equal_separate_runs(scope):
+    from compeft_rs._expert import compress_expert_densities
+
+    g = torch.Generator().manual_seed(4)
+    sd = {"a.lora_A.weight": torch.randn(8, 300, generator=g), "a.lora_B.weight": torch.randn(300, 8, generator=g) / 9,
+          "b.ia3_l.weight": 1 + torch.randn(1, 77, generator=g) / 5, "c.lora_A.weight": torch.zeros(0, 4)}
+    ks = (0.05, 0.1, 0.5, 1.0)
+    many = compress_expert_densities(sd, ks, 2.0, scope=scope)
+    for k in ks:
+        one = compeft_rs.compress_expert(sd, k, 2.0, scope=scope)
+        assert many[k].keys() == one.keys()
+        for n in one.compressed_keys():
+            assert many[k].stream(n) == one.stream(n), (k, n)
+        assert all(torch.equal(many[k].apply()[n], one.apply()[n]) for n in sd)

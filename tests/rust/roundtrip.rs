@@ -194,3 +194,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn with_density_shares_the_first_level() {
+    use compeft::{KeySpace, Selector};
+    let a: Vec<f32> = gaussian_like(70_000, 21).iter().map(|&x| x as f32).collect();
+    let mut s0 = Selector::new(KeySpace::F32, a.len() as u64, 0.5).unwrap();
+    s0.feed(Tensor::F32(&a)).unwrap();
+    for k in [0.01, 0.1, 0.3, 1.0] {
+        let mut s = s0.with_density(k).unwrap();
+        while !s.finish_level().unwrap() {
+            s.feed(Tensor::F32(&a)).unwrap();
+        }
+        let (want, sigma) = compeft::select(&[Tensor::F32(&a)], k).unwrap();
+        assert_eq!(s.threshold().unwrap(), want);
+        assert_eq!(s.sigma(), sigma);
+    }
+    let mut done = s0.clone();
+    done.finish_level().unwrap();
+    assert!(done.with_density(0.1).is_err());
+}
