@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -82,6 +84,24 @@ def load_tensors(path: PathLike) -> Dict[str, Any]:
     for f in checkpoint_files(path):
         out.update(load_file(str(f)))
     return out
+
+
+def pack_names(names: List[str]) -> str:
+    """Tensor names, deflated: they share long prefixes, and in a small expert they would
+    otherwise outweigh the compressed streams."""
+    return base64.b64encode(zlib.compress("\n".join(names).encode(), 9)).decode()
+
+
+def unpack_names(packed: str, count: int, where: str) -> List[str]:
+    try:
+        names = zlib.decompress(base64.b64decode(packed, validate=True)).decode().split("\n")
+    except (ValueError, zlib.error, UnicodeDecodeError) as e:
+        raise CompeftError(f"{where}: corrupt tensor name list: {e}") from None
+    if count == 0 and names == [""]:
+        return []
+    if len(names) != count or len(set(names)) != count:
+        raise CompeftError(f"{where}: the name list holds {len(names)} names for {count} tensors")
+    return names
 
 
 def _stream_tensor(c: CompressedTensor) -> Any:
@@ -185,8 +205,11 @@ class CompressedExpert:
         *,
         path: Optional[Path] = None,
         peft_config: Optional[Dict[str, Any]] = None,
+        file_keys: Optional[Dict[str, str]] = None,
     ) -> None:
         self._streams: Dict[str, Optional[CompressedTensor]] = dict(streams)
+        # Tensor name -> key in the file it was loaded from.
+        self._file_keys = file_keys or {}
         self._lossless: Dict[str, Any] = dict(lossless)
         self._info = info
         self._path = path
@@ -251,7 +274,7 @@ class CompressedExpert:
 
             assert self._path is not None
             with safe_open(str(self._path), framework="pt") as f:
-                data = f.get_tensor(name).numpy().tobytes()
+                data = f.get_tensor(self._file_keys[name]).numpy().tobytes()
             return CompressedTensor.from_bytes(data, kind="torch")
         return c
 
@@ -262,7 +285,7 @@ class CompressedExpert:
 
             assert self._path is not None
             with safe_open(str(self._path), framework="pt") as f:
-                t = f.get_tensor(name)
+                t = f.get_tensor(self._file_keys[name])
         return t
 
     def decode_tensor(self, name: str, dtype: Any = None, device: Any = None) -> Any:
@@ -307,15 +330,18 @@ class CompressedExpert:
 
     # -- files ------------------------------------------------------------------------------
     def _metadata(self) -> Dict[str, str]:
-        md = {"format": FILE_FORMAT, "compeft": json.dumps(self._info, separators=(",", ":"))}
+        info = dict(self._info, names=pack_names(self.keys()))
+        md = {"format": FILE_FORMAT, "compeft": json.dumps(info, separators=(",", ":"))}
         if self.peft_config is not None:
             md["peft_config"] = json.dumps(self.peft_config, separators=(",", ":"), default=list)
         return md
 
     def _tensors_for_file(self) -> Dict[str, Any]:
-        out = {n: _stream_tensor(self.stream(n)) for n in self._streams}
-        out.update({n: self.lossless(n) for n in self._lossless})
-        return out
+        """Tensors under short keys, the position of their name in the packed name list."""
+        return {
+            str(i): _stream_tensor(self.stream(n)) if n in self._streams else self.lossless(n)
+            for i, n in enumerate(self.keys())
+        }
 
     def save(self, path: PathLike) -> None:
         """Writes one safetensors file (compressed streams as 1-D U8 tensors, codec parameters
@@ -333,8 +359,13 @@ class CompressedExpert:
         from safetensors.torch import load
 
         md = _safetensors_metadata_from_bytes(data)
-        tensors = load(bytes(data))
+        try:
+            stored = load(bytes(data))
+        except Exception as e:  # safetensors raises its own error types for bad bytes
+            raise CompeftError(f"not a readable safetensors file: {e}") from None
         info, peft_config = _parse_metadata(md, "<bytes>")
+        keys = _file_key_map(info, stored.keys(), "<bytes>")
+        tensors = {n: stored[k] for n, k in keys.items()}
         lossless_names = set(info.get("lossless", []))
         streams = {
             n: CompressedTensor.from_bytes(t.numpy().tobytes(), kind="torch")
@@ -425,10 +456,22 @@ def load_expert(path: PathLike) -> CompressedExpert:
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CompeftError(f"{p} is not a readable safetensors file: {e}") from None
     info, peft_config = _parse_metadata(md, str(p))
+    keys = _file_key_map(info, names, str(p))
     lossless_names = set(info.get("lossless", []))
-    streams = {n: None for n in names if n not in lossless_names}
-    lossless = {n: None for n in names if n in lossless_names}
-    return CompressedExpert(streams, lossless, info, path=p, peft_config=peft_config)  # type: ignore[arg-type]
+    streams = {n: None for n in keys if n not in lossless_names}
+    lossless = {n: None for n in keys if n in lossless_names}
+    return CompressedExpert(streams, lossless, info, path=p, peft_config=peft_config,  # type: ignore[arg-type]
+                            file_keys=keys)
+
+
+def _file_key_map(info: Dict[str, Any], stored: Iterable[str], where: str) -> Dict[str, str]:
+    """Tensor name -> key in the file, checked against the keys the file holds."""
+    stored = set(stored)
+    names = unpack_names(str(info.pop("names", "")), len(stored), where)
+    keys = {n: str(i) for i, n in enumerate(names)}
+    if set(keys.values()) != stored:
+        raise CompeftError(f"{where}: tensor keys do not match the name list")
+    return keys
 
 
 def _check_scope(scope: Any) -> str:

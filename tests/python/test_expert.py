@@ -75,10 +75,14 @@ def test_save_load_lazy_and_safetensors_compatible(tmp_path):
     from_bytes = compeft_rs.CompressedExpert.from_bytes(path.read_bytes())
     assert all(from_bytes.stream(n) == e.stream(n) for n in e.compressed_keys())
     with safe_open(str(path), framework="pt") as f:
-        assert set(f.keys()) == set(sd)
-        assert f.get_tensor("a.lora_A.weight").dtype == torch.uint8
+        # Short keys; the names travel once, deflated, in the metadata.
+        assert set(f.keys()) == {"0", "1", "2"}
         meta = json.loads(f.metadata()["compeft"])
         assert meta["k"] == 0.2 and meta["scope"] == "global" and meta["lossless"] == ["step"]
+        names = compeft_rs._expert.unpack_names(meta["names"], 3, "test")
+        assert names == sorted(sd)
+        assert f.get_tensor(str(names.index("a.lora_A.weight"))).dtype == torch.uint8
+        assert f.get_tensor(str(names.index("step"))).dtype == torch.int64
     loaded = compeft_rs.load_expert(path)
     assert loaded._streams["a.lora_A.weight"] is None  # nothing read yet
     assert torch.equal(loaded["step"], sd["step"])
@@ -137,6 +141,23 @@ def test_bad_expert_inputs(tmp_path):
         compeft_rs.load_expert(p)
     with pytest.raises(FileNotFoundError):
         compeft_rs.load_expert(tmp_path / "missing.safetensors")
+
+
+def test_name_list_must_match_the_keys(tmp_path):
+    import base64
+    import zlib
+
+    from safetensors.torch import save_file
+
+    e = compeft_rs.compress_expert({"a.lora_A.weight": torch.randn(4, 4), "b.lora_A.weight": torch.randn(4, 4)}, 0.5)
+    tensors = e._tensors_for_file()
+    md = e._metadata()
+    info = json.loads(md["compeft"])
+    for bad in (base64.b64encode(zlib.compress(b"only-one")).decode(), "%%% not base64", ""):
+        info["names"] = bad
+        save_file(tensors, str(tmp_path / "x.safetensors"), metadata=dict(md, compeft=json.dumps(info)))
+        with pytest.raises(CompeftError):
+            compeft_rs.load_expert(tmp_path / "x.safetensors")
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
