@@ -20,7 +20,11 @@ impl BitWriter {
     }
 
     pub fn with_capacity_bits(bits: usize) -> Self {
-        BitWriter { words: Vec::with_capacity(bits / 64 + 1), cur: 0, fill: 0 }
+        BitWriter {
+            words: Vec::with_capacity(bits / 64 + 1),
+            cur: 0,
+            fill: 0,
+        }
     }
 
     #[inline]
@@ -40,7 +44,11 @@ impl BitWriter {
         let total = self.fill + n;
         if total >= 64 {
             self.words.push(self.cur);
-            self.cur = if self.fill == 0 { 0 } else { v >> (64 - self.fill) };
+            self.cur = if self.fill == 0 {
+                0
+            } else {
+                v >> (64 - self.fill)
+            };
             self.fill = total - 64;
         } else {
             self.fill = total;
@@ -112,7 +120,11 @@ pub(crate) struct BitReader<'a> {
 impl<'a> BitReader<'a> {
     /// `end` must not exceed `words.len() * 64` (checked by the caller when parsing).
     pub fn new(words: &'a [u64], start: u64, end: u64) -> Self {
-        BitReader { words, pos: start, end }
+        BitReader {
+            words,
+            pos: start,
+            end,
+        }
     }
 
     #[inline]
@@ -186,7 +198,11 @@ mod tests {
         let vals: Vec<(u64, u32)> = (0..500u64)
             .map(|i| {
                 let n = (i * 7 % 65) as u32;
-                let v = if n == 0 { 0 } else { i.wrapping_mul(0x9E3779B97F4A7C15) >> (64 - n) };
+                let v = if n == 0 {
+                    0
+                } else {
+                    i.wrapping_mul(0x9E3779B97F4A7C15) >> (64 - n)
+                };
                 (v, n)
             })
             .collect();

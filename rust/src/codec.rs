@@ -8,7 +8,9 @@ use rayon::prelude::*;
 use crate::dtype::{half_bits, DType, Elem, Tensor, TensorMut};
 use crate::error::{malformed, try_zeroed, Error, Result};
 use crate::golomb::{decode_block, rice_parameter, stitch, BlockStart, ChunkEncoder, EncodedChunk};
-use crate::selection::{group_masks, take_ties, visit_keys, Key, KeyVisitor, Threshold, PASS_CHUNK};
+use crate::selection::{
+    group_masks, take_ties, visit_keys, Key, KeyVisitor, Threshold, PASS_CHUNK,
+};
 
 /// Nonzeros per block of the golomb index, as log2: a block is the unit of parallel decoding.
 pub const DEFAULT_BLOCK_LOG2: u8 = 12;
@@ -48,7 +50,9 @@ impl Encoding {
         match s {
             "golomb" => Ok(Encoding::Golomb),
             "bitmask" => Ok(Encoding::Bitmask),
-            _ => Err(Error::InvalidArgument(format!("unknown encoding {s:?}; use \"golomb\" or \"bitmask\""))),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown encoding {s:?}; use \"golomb\" or \"bitmask\""
+            ))),
         }
     }
 }
@@ -93,13 +97,23 @@ pub struct Compressed {
 /// Checks a shape against the number of elements it describes.
 pub fn check_shape(shape: &[u64], numel: u64) -> Result<()> {
     if shape.len() > MAX_NDIM {
-        return Err(Error::TooLarge { what: "number of dimensions", value: shape.len() as u64, limit: MAX_NDIM as u64 });
+        return Err(Error::TooLarge {
+            what: "number of dimensions",
+            value: shape.len() as u64,
+            limit: MAX_NDIM as u64,
+        });
     }
     let prod = shape.iter().try_fold(1u64, |a, &s| a.checked_mul(s));
     match prod {
         Some(p) if p == numel => Ok(()),
-        Some(p) => Err(Error::InvalidArgument(format!("shape {shape:?} holds {p} entries but the data has {numel}"))),
-        None => Err(Error::TooLarge { what: "number of entries", value: u64::MAX, limit: MAX_NUMEL }),
+        Some(p) => Err(Error::InvalidArgument(format!(
+            "shape {shape:?} holds {p} entries but the data has {numel}"
+        ))),
+        None => Err(Error::TooLarge {
+            what: "number of entries",
+            value: u64::MAX,
+            limit: MAX_NUMEL,
+        }),
     }
 }
 
@@ -116,7 +130,11 @@ struct CountPass {
 
 impl KeyVisitor for &CountPass {
     type Out = Vec<(u64, u64)>;
-    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out {
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
+        self,
+        data: &[T],
+        key: K,
+    ) -> Self::Out {
         let Some(t) = U::narrow(self.t) else {
             return vec![(0, 0); data.len().div_ceil(PASS_CHUNK)];
         };
@@ -175,13 +193,20 @@ struct GolombPass<'a> {
 
 impl KeyVisitor for &GolombPass<'_> {
     type Out = Vec<EncodedChunk>;
-    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out {
-        let Some(t) = U::narrow(self.t) else { return Vec::new() };
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
+        self,
+        data: &[T],
+        key: K,
+    ) -> Self::Out {
+        let Some(t) = U::narrow(self.t) else {
+            return Vec::new();
+        };
         data.par_chunks(PASS_CHUNK)
             .enumerate()
             .map(|(ci, c)| {
                 let mut budget = self.budgets[ci];
-                let mut enc = ChunkEncoder::new(self.b, self.block_log2, self.starts[ci], self.counts[ci]);
+                let mut enc =
+                    ChunkEncoder::new(self.b, self.block_log2, self.starts[ci], self.counts[ci]);
                 let base0 = (ci * PASS_CHUNK) as u64;
                 for (gi, g) in c.chunks(64).enumerate() {
                     let (gt, eq, ng) = group_masks(g, key, t);
@@ -211,17 +236,27 @@ pub fn compress_with_threshold(
 ) -> Result<Compressed> {
     let numel = t.len() as u64;
     if numel > MAX_NUMEL {
-        return Err(Error::TooLarge { what: "number of entries", value: numel, limit: MAX_NUMEL });
+        return Err(Error::TooLarge {
+            what: "number of entries",
+            value: numel,
+            limit: MAX_NUMEL,
+        });
     }
     check_shape(shape, numel)?;
     if !(scale.is_finite() && scale >= 0.0) {
-        return Err(Error::InvalidArgument(format!("scale must be finite and >= 0, got {scale}")));
+        return Err(Error::InvalidArgument(format!(
+            "scale must be finite and >= 0, got {scale}"
+        )));
     }
     let counts = visit_keys(t, thr.space, &CountPass { t: thr.key })?;
     let mut budgets = Vec::with_capacity(counts.len());
     let mut kept = Vec::with_capacity(counts.len());
     for &(gt, eq) in &counts {
-        let take = if thr.key == 0 || thr.key == u64::MAX { 0 } else { eq.min(*ties_left) };
+        let take = if thr.key == 0 || thr.key == u64::MAX {
+            0
+        } else {
+            eq.min(*ties_left)
+        };
         *ties_left -= take;
         budgets.push(take);
         kept.push(if thr.key == u64::MAX { 0 } else { gt + take });
@@ -232,7 +267,16 @@ pub fn compress_with_threshold(
             let words = words_for(numel);
             let mut pos = try_zeroed::<u64>(words)?;
             let mut neg = try_zeroed::<u64>(words)?;
-            visit_keys(t, thr.space, MaskPass { t: thr.key, budgets: &budgets, pos: &mut pos, neg: &mut neg })?;
+            visit_keys(
+                t,
+                thr.space,
+                MaskPass {
+                    t: thr.key,
+                    budgets: &budgets,
+                    pos: &mut pos,
+                    neg: &mut neg,
+                },
+            )?;
             Body::Bitmask(BitmaskBody { pos, neg })
         }
         Encoding::Golomb => {
@@ -257,7 +301,14 @@ pub fn compress_with_threshold(
             Body::Golomb(GolombBody::from_stitched(s, b))
         }
     };
-    Ok(Compressed { dtype: t.dtype(), shape: shape.to_vec(), numel, nnz, scale, body })
+    Ok(Compressed {
+        dtype: t.dtype(),
+        shape: shape.to_vec(),
+        numel,
+        nnz,
+        scale,
+        body,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -290,14 +341,21 @@ impl GolombBody {
     /// Structural checks that need no decoding: index length, monotone offsets, sizes of buffers.
     pub(crate) fn check(&self, numel: u64, nnz: u64) -> Result<()> {
         if !(6..=24).contains(&self.block_log2) {
-            return malformed(format!("block size 2^{} is outside 2^6..2^24", self.block_log2));
+            return malformed(format!(
+                "block size 2^{} is outside 2^6..2^24",
+                self.block_log2
+            ));
         }
         if self.rice_b > 63 {
             return malformed(format!("Rice parameter {} is above 63", self.rice_b));
         }
         let nb = self.block_count(nnz);
         if self.index.len() as u64 != nb.saturating_sub(1) {
-            return malformed(format!("block index has {} entries, expected {}", self.index.len(), nb.saturating_sub(1)));
+            return malformed(format!(
+                "block index has {} entries, expected {}",
+                self.index.len(),
+                nb.saturating_sub(1)
+            ));
         }
         if self.gaps.len() != words_for(self.gap_bits) || self.signs.len() != words_for(nnz) {
             return malformed("payload sizes disagree with the header");
@@ -306,7 +364,11 @@ impl GolombBody {
         let bsz = 1u64 << self.block_log2;
         let mut prev = BlockStart { bit: 0, next: 0 };
         for s in &self.index {
-            if s.bit < prev.bit + bsz || s.next < prev.next + bsz || s.bit > self.gap_bits || s.next > numel {
+            if s.bit < prev.bit + bsz
+                || s.next < prev.next + bsz
+                || s.bit > self.gap_bits
+                || s.next > numel
+            {
                 return malformed("block index is not increasing or points past the data");
             }
             prev = *s;
@@ -338,10 +400,21 @@ impl GolombBody {
             } else {
                 (numel, self.gap_bits)
             };
-            let (next, bit) =
-                decode_block(&self.gaps, self.gap_bits, &self.signs, self.rice_b, start, first_nz, count, limit, &mut emit)?;
+            let (next, bit) = decode_block(
+                &self.gaps,
+                self.gap_bits,
+                &self.signs,
+                self.rice_b,
+                start,
+                first_nz,
+                count,
+                limit,
+                &mut emit,
+            )?;
             if bit != end_bit || (j + 1 < nb && next != limit) {
-                return malformed(format!("block {j} does not end where the next block starts"));
+                return malformed(format!(
+                    "block {j} does not end where the next block starts"
+                ));
             }
         }
         Ok(())
@@ -379,15 +452,17 @@ impl BitmaskBody {
 
 fn decode_bitmask<T: Copy + Send + Sync>(m: &BitmaskBody, out: &mut [T], zero: T, pv: T, nv: T) {
     let table = [zero, pv, nv, zero];
-    out.par_chunks_mut(PASS_CHUNK).enumerate().for_each(|(ci, oc)| {
-        let w0 = ci * PASS_CHUNK / 64;
-        for (k, o) in oc.chunks_mut(64).enumerate() {
-            let (p, n) = (m.pos[w0 + k], m.neg[w0 + k]);
-            for (j, x) in o.iter_mut().enumerate() {
-                *x = table[(((p >> j) & 1) | (((n >> j) & 1) << 1)) as usize];
+    out.par_chunks_mut(PASS_CHUNK)
+        .enumerate()
+        .for_each(|(ci, oc)| {
+            let w0 = ci * PASS_CHUNK / 64;
+            for (k, o) in oc.chunks_mut(64).enumerate() {
+                let (p, n) = (m.pos[w0 + k], m.neg[w0 + k]);
+                for (j, x) in o.iter_mut().enumerate() {
+                    *x = table[(((p >> j) & 1) | (((n >> j) & 1) << 1)) as usize];
+                }
             }
-        }
-    });
+        });
 }
 
 /// Asks the kernel for transparent huge pages on a large output buffer that is about to be
@@ -408,7 +483,11 @@ fn advise_huge_pages<T>(out: &mut [T]) {
             // SAFETY: the range lies inside `out`, which we hold mutably; MADV_HUGEPAGE changes
             // only how pages are backed, never their contents.
             unsafe {
-                libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE);
+                libc::madvise(
+                    aligned as *mut libc::c_void,
+                    end - aligned,
+                    libc::MADV_HUGEPAGE,
+                );
             }
         }
     }
@@ -421,7 +500,11 @@ impl Compressed {
     pub fn check(&self) -> Result<()> {
         check_shape(&self.shape, self.numel)?;
         if self.numel > MAX_NUMEL {
-            return Err(Error::TooLarge { what: "number of entries", value: self.numel, limit: MAX_NUMEL });
+            return Err(Error::TooLarge {
+                what: "number of entries",
+                value: self.numel,
+                limit: MAX_NUMEL,
+            });
         }
         if self.nnz > self.numel {
             return malformed(format!("{} nonzeros in {} entries", self.nnz, self.numel));
@@ -468,7 +551,13 @@ impl Compressed {
         }
     }
 
-    fn decode_generic<T: Copy + Send + Sync>(&self, out: &mut [T], zero: T, pv: T, nv: T) -> Result<()> {
+    fn decode_generic<T: Copy + Send + Sync>(
+        &self,
+        out: &mut [T],
+        zero: T,
+        pv: T,
+        nv: T,
+    ) -> Result<()> {
         self.check()?;
         advise_huge_pages(out);
         match &self.body {
@@ -490,7 +579,11 @@ impl Compressed {
                 let mut consumed = 0u64;
                 for gi in 0..groups {
                     let (b0, b1) = (gi * nb / groups, (gi + 1) * nb / groups);
-                    let end = if b1 < nb { g.block_start(b1).next } else { self.numel };
+                    let end = if b1 < nb {
+                        g.block_start(b1).next
+                    } else {
+                        self.numel
+                    };
                     let start = g.block_start(b0).next;
                     if start != consumed || end < start {
                         return malformed("block index is not increasing");
@@ -554,7 +647,10 @@ impl Compressed {
     /// The same ternary vector in the bitmask encoding.
     pub fn to_bitmask(&self) -> Result<Compressed> {
         let m = self.masks()?.into_owned();
-        Ok(Compressed { body: Body::Bitmask(m), ..self.header_clone() })
+        Ok(Compressed {
+            body: Body::Bitmask(m),
+            ..self.header_clone()
+        })
     }
 
     /// The same ternary vector in the golomb encoding.
@@ -570,7 +666,12 @@ impl Compressed {
             .pos
             .par_chunks(wpc)
             .zip(m.neg.par_chunks(wpc))
-            .map(|(p, n)| p.iter().zip(n).map(|(a, b)| (a | b).count_ones() as u64).sum())
+            .map(|(p, n)| {
+                p.iter()
+                    .zip(n)
+                    .map(|(a, b)| (a | b).count_ones() as u64)
+                    .sum()
+            })
             .collect();
         let mut starts = Vec::with_capacity(counts.len());
         let mut acc = 0;
@@ -606,7 +707,10 @@ impl Compressed {
             numel: self.numel,
             nnz: self.nnz,
             scale: self.scale,
-            body: Body::Bitmask(BitmaskBody { pos: Vec::new(), neg: Vec::new() }),
+            body: Body::Bitmask(BitmaskBody {
+                pos: Vec::new(),
+                neg: Vec::new(),
+            }),
         }
     }
 }

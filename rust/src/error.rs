@@ -29,7 +29,11 @@ pub enum Error {
     Malformed(String),
     /// A size field is beyond what this library accepts.
     #[error("{what} is {value}, above the limit of {limit}")]
-    TooLarge { what: &'static str, value: u64, limit: u64 },
+    TooLarge {
+        what: &'static str,
+        value: u64,
+        limit: u64,
+    },
     /// An allocation for the output could not be made.
     #[error("out of memory: could not allocate {bytes} bytes for the output")]
     OutOfMemory { bytes: u64 },

@@ -4,7 +4,9 @@
 //! Parsing trusts nothing: the checksum is verified first, every length is compared with the bytes
 //! that remain before anything is sliced or allocated, and the body is checked against the header.
 
-use crate::codec::{check_shape, BitmaskBody, Body, Compressed, Encoding, GolombBody, MAX_NDIM, MAX_NUMEL};
+use crate::codec::{
+    check_shape, BitmaskBody, Body, Compressed, Encoding, GolombBody, MAX_NDIM, MAX_NUMEL,
+};
 use crate::dtype::DType;
 use crate::error::{malformed, Error, Result};
 use crate::golomb::BlockStart;
@@ -106,7 +108,11 @@ impl Compressed {
     /// Parses and fully checks a byte string written by [`Compressed::to_bytes`].
     pub fn from_bytes(data: &[u8]) -> Result<Compressed> {
         if data.len() < 4 || &data[..4] != MAGIC {
-            return Err(if data.len() < 4 { Error::Truncated { what: "magic" } } else { Error::BadMagic });
+            return Err(if data.len() < 4 {
+                Error::Truncated { what: "magic" }
+            } else {
+                Error::BadMagic
+            });
         }
         if data.len() < 5 {
             return Err(Error::Truncated { what: "version" });
@@ -139,7 +145,11 @@ impl Compressed {
         let dtype = DType::from_code(r.u8("dtype")?)?;
         let ndim = r.u8("ndim")? as usize;
         if ndim > MAX_NDIM {
-            return Err(Error::TooLarge { what: "number of dimensions", value: ndim as u64, limit: MAX_NDIM as u64 });
+            return Err(Error::TooLarge {
+                what: "number of dimensions",
+                value: ndim as u64,
+                limit: MAX_NDIM as u64,
+            });
         }
         let mut shape = Vec::with_capacity(ndim);
         for _ in 0..ndim {
@@ -147,7 +157,11 @@ impl Compressed {
         }
         let numel = r.varint("numel")?;
         if numel > MAX_NUMEL {
-            return Err(Error::TooLarge { what: "number of entries", value: numel, limit: MAX_NUMEL });
+            return Err(Error::TooLarge {
+                what: "number of entries",
+                value: numel,
+                limit: MAX_NUMEL,
+            });
         }
         check_shape(&shape, numel).map_err(|e| Error::Malformed(e.to_string()))?;
         let nnz = r.varint("nnz")?;
@@ -167,7 +181,9 @@ impl Compressed {
                 let expected = nnz.div_ceil(1 << block_log2).saturating_sub(1);
                 // Each entry takes at least two bytes, so a valid count is bounded by what remains.
                 if nidx != expected || nidx > (r.remaining() / 2) as u64 {
-                    return malformed(format!("block index has {nidx} entries, expected {expected}"));
+                    return malformed(format!(
+                        "block index has {nidx} entries, expected {expected}"
+                    ));
                 }
                 let mut index = Vec::with_capacity(nidx as usize);
                 let mut prev = BlockStart { bit: 0, next: 0 };
@@ -186,7 +202,14 @@ impl Compressed {
                 }
                 let gaps = r.bits(gap_bits, "gap codes")?;
                 let signs = r.bits(nnz, "sign bits")?;
-                Body::Golomb(GolombBody { rice_b, block_log2, gaps, gap_bits, signs, index })
+                Body::Golomb(GolombBody {
+                    rice_b,
+                    block_log2,
+                    gaps,
+                    gap_bits,
+                    signs,
+                    index,
+                })
             }
             Encoding::Bitmask => {
                 let pos = r.bits(numel, "positive mask")?;
@@ -195,9 +218,19 @@ impl Compressed {
             }
         };
         if r.remaining() != 0 {
-            return malformed(format!("{} unexpected bytes after the payload", r.remaining()));
+            return malformed(format!(
+                "{} unexpected bytes after the payload",
+                r.remaining()
+            ));
         }
-        Ok(Compressed { dtype, shape, numel, nnz, scale, body })
+        Ok(Compressed {
+            dtype,
+            shape,
+            numel,
+            nnz,
+            scale,
+            body,
+        })
     }
 }
 

@@ -31,7 +31,11 @@ pub fn entropy_bound_bits(d: u64, k: f64) -> f64 {
     if k <= 0.0 || d == 0 {
         return 0.0;
     }
-    let zero_part = if k >= 1.0 { 0.0 } else { -(1.0 - k) * (1.0 - k).log2() };
+    let zero_part = if k >= 1.0 {
+        0.0
+    } else {
+        -(1.0 - k) * (1.0 - k).log2()
+    };
     d as f64 * (zero_part - k * (k / 2.0).log2())
 }
 
@@ -95,7 +99,10 @@ impl ChunkEncoder {
             self.starts_at_first = block_start;
         } else {
             if block_start {
-                self.marks.push(BlockStart { bit: self.gaps.len(), next: self.last + 1 });
+                self.marks.push(BlockStart {
+                    bit: self.gaps.len(),
+                    next: self.last + 1,
+                });
             }
             self.gaps.write_rice(pos - self.last - 1, self.b);
         }
@@ -149,18 +156,30 @@ pub(crate) fn stitch(chunks: Vec<EncodedChunk>, b: u8) -> Stitched {
     for c in chunks {
         let Some(first) = c.first else { continue };
         if c.starts_at_first && signs.len() > 0 {
-            index.push(BlockStart { bit: gaps.len(), next });
+            index.push(BlockStart {
+                bit: gaps.len(),
+                next,
+            });
         }
         gaps.write_rice(first - next, b as u32);
         let base = gaps.len();
-        index.extend(c.marks.iter().map(|m| BlockStart { bit: base + m.bit, next: m.next }));
+        index.extend(c.marks.iter().map(|m| BlockStart {
+            bit: base + m.bit,
+            next: m.next,
+        }));
         gaps.append(&c.gaps.0, c.gaps.1);
         signs.append(&c.signs.0, c.signs.1);
         next = c.last + 1;
     }
     let (gaps, gap_bits) = gaps.finish();
     let (signs, _) = signs.finish();
-    Stitched { gaps, gap_bits, signs, index, nnz }
+    Stitched {
+        gaps,
+        gap_bits,
+        signs,
+        index,
+        nnz,
+    }
 }
 
 /// Up to 64 bits of `words` starting at bit `bit`; bits past the end read as zero.
@@ -214,7 +233,11 @@ pub(crate) fn decode_block(
         }
         let pos = match next.checked_add(g) {
             Some(p) if p < limit => p,
-            _ => return malformed("a decoded position lies beyond the end of the tensor or its block"),
+            _ => {
+                return malformed(
+                    "a decoded position lies beyond the end of the tensor or its block",
+                )
+            }
         };
         let s = first_nz + j;
         let neg = match signs.get((s / 64) as usize) {

@@ -36,7 +36,13 @@ use selection::check_alpha;
 
 /// Compresses one tensor on its own (per-tensor scope): keeps floor(k*d + 0.5) entries of largest
 /// magnitude (ties to the lower index, zeros never), with scale alpha * std(tensor).
-pub fn compress(t: Tensor<'_>, shape: &[u64], k: f64, alpha: f64, encoding: Encoding) -> Result<Compressed> {
+pub fn compress(
+    t: Tensor<'_>,
+    shape: &[u64],
+    k: f64,
+    alpha: f64,
+    encoding: Encoding,
+) -> Result<Compressed> {
     check_alpha(alpha)?;
     codec::check_shape(shape, t.len() as u64)?;
     let (thr, sigma) = select(&[t], k)?;
@@ -75,7 +81,8 @@ pub fn compress_global(
         .iter()
         .enumerate()
         .map(|(i, (t, shape))| {
-            codec::compress_with_threshold(*t, shape, &thr, &mut ties, scale, encoding).map_err(|e| (Some(i), e))
+            codec::compress_with_threshold(*t, shape, &thr, &mut ties, scale, encoding)
+                .map_err(|e| (Some(i), e))
         })
         .collect()
 }

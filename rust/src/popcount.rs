@@ -87,7 +87,8 @@ fn counts_avx2(pa: &[u64], na: &[u64], pb: &[u64], nb: &[u64]) -> Counts {
     // the caller made equal; unaligned loads need no alignment.
     unsafe {
         let lut = _mm256_setr_epi8(
-            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2,
+            3, 3, 4,
         );
         let low = _mm256_set1_epi8(0x0f);
         let zero = _mm256_setzero_si256();
@@ -107,14 +108,26 @@ fn counts_avx2(pa: &[u64], na: &[u64], pb: &[u64], nb: &[u64]) -> Counts {
             ann = _mm256_add_epi64(ann, pc(_mm256_and_si256(n, m)));
             apn = _mm256_add_epi64(apn, pc(_mm256_and_si256(p, m)));
             anp = _mm256_add_epi64(anp, pc(_mm256_and_si256(n, q)));
-            adf = _mm256_add_epi64(adf, pc(_mm256_or_si256(_mm256_xor_si256(p, q), _mm256_xor_si256(n, m))));
+            adf = _mm256_add_epi64(
+                adf,
+                pc(_mm256_or_si256(
+                    _mm256_xor_si256(p, q),
+                    _mm256_xor_si256(n, m),
+                )),
+            );
         }
         let sum = |v: __m256i| -> u64 {
             let mut a = [0u64; 4];
             _mm256_storeu_si256(a.as_mut_ptr() as *mut __m256i, v);
             a.iter().sum()
         };
-        let head = Counts { pp: sum(app), nn: sum(ann), pn: sum(apn), np: sum(anp), diff: sum(adf) };
+        let head = Counts {
+            pp: sum(app),
+            nn: sum(ann),
+            pn: sum(apn),
+            np: sum(anp),
+            diff: sum(adf),
+        };
         let k = n4 * 4;
         head + counts_words(&pa[k..], &na[k..], &pb[k..], &nb[k..])
     }

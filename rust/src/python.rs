@@ -53,7 +53,12 @@ fn tensor_of<'a>(a: &'a InArray<'_>, dtype: DType) -> PyResult<Tensor<'a>> {
         (InArray::U16(x), DType::BF16) => Tensor::BF16(x.as_slice().map_err(not_contiguous)?),
         (InArray::F32(x), DType::F32) => Tensor::F32(x.as_slice().map_err(not_contiguous)?),
         (InArray::F64(x), DType::F64) => Tensor::F64(x.as_slice().map_err(not_contiguous)?),
-        _ => return Err(PyValueError::new_err(format!("array element type does not match dtype {}", dtype.name()))),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "array element type does not match dtype {}",
+                dtype.name()
+            )))
+        }
     })
 }
 
@@ -151,7 +156,11 @@ impl PyStream {
                 let s = o.as_slice_mut().map_err(not_contiguous)?;
                 py.detach(|| c.decode_into(TensorMut::F64(s)))
             }
-            _ => return Err(PyValueError::new_err("output array element type does not match dtype")),
+            _ => {
+                return Err(PyValueError::new_err(
+                    "output array element type does not match dtype",
+                ))
+            }
         }
         .map_err(to_py)
     }
@@ -167,13 +176,21 @@ impl PyStream {
     }
 
     /// The positive and negative bitmasks as uint64 words (bit i of word w is entry 64*w + i).
-    fn masks<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<u64>>)> {
-        let m = py.detach(|| self.inner.masks().map(|m| m.into_owned())).map_err(to_py)?;
+    fn masks<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<u64>>)> {
+        let m = py
+            .detach(|| self.inner.masks().map(|m| m.into_owned()))
+            .map_err(to_py)?;
         Ok((m.pos.into_pyarray(py), m.neg.into_pyarray(py)))
     }
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
-        other.cast::<PyStream>().map(|o| o.get().inner == self.inner).unwrap_or(false)
+        other
+            .cast::<PyStream>()
+            .map(|o| o.get().inner == self.inner)
+            .unwrap_or(false)
     }
 }
 
@@ -189,7 +206,10 @@ pub struct PySelector {
 impl PySelector {
     #[new]
     fn new(dtypes: Vec<String>, d: u64, k: f64) -> PyResult<PySelector> {
-        let dts = dtypes.iter().map(|s| parse_dtype(s)).collect::<PyResult<Vec<_>>>()?;
+        let dts = dtypes
+            .iter()
+            .map(|s| parse_dtype(s))
+            .collect::<PyResult<Vec<_>>>()?;
         let inner = Selector::new(KeySpace::for_dtypes(dts), d, k).map_err(to_py)?;
         Ok(PySelector { inner })
     }
@@ -202,7 +222,9 @@ impl PySelector {
 
     /// A selector for density `k` sharing the first-level histogram fed so far.
     fn with_density(&self, k: f64) -> PyResult<PySelector> {
-        Ok(PySelector { inner: self.inner.with_density(k).map_err(to_py)? })
+        Ok(PySelector {
+            inner: self.inner.with_density(k).map_err(to_py)?,
+        })
     }
 
     fn finish_level(&mut self) -> PyResult<bool> {
@@ -230,7 +252,11 @@ impl PySelector {
         self.inner
             .threshold()
             .map(|t| PyThreshold { inner: t })
-            .ok_or_else(|| PyValueError::new_err("the selection is not finished; feed every tensor and call finish_level()"))
+            .ok_or_else(|| {
+                PyValueError::new_err(
+                    "the selection is not finished; feed every tensor and call finish_level()",
+                )
+            })
     }
 }
 
@@ -269,7 +295,9 @@ fn encode_with_threshold(
     let mut ties = ties_left;
     let thr = threshold.inner;
     let inner = py
-        .detach(|| crate::codec::compress_with_threshold(t, &shape, &thr, &mut ties, scale, encoding))
+        .detach(|| {
+            crate::codec::compress_with_threshold(t, &shape, &thr, &mut ties, scale, encoding)
+        })
         .map_err(to_py)?;
     Ok((PyStream { inner }, ties))
 }
@@ -288,7 +316,9 @@ fn encode(
 ) -> PyResult<PyStream> {
     let (dtype, encoding) = (parse_dtype(dtype)?, parse_encoding(encoding)?);
     let t = tensor_of(&data, dtype)?;
-    let inner = py.detach(|| crate::compress(t, &shape, k, alpha, encoding)).map_err(to_py)?;
+    let inner = py
+        .detach(|| crate::compress(t, &shape, k, alpha, encoding))
+        .map_err(to_py)?;
     Ok(PyStream { inner })
 }
 
@@ -308,15 +338,23 @@ fn encode_global(
     for (_, a, dt, _) in &items {
         tensors.push(tensor_of(a, parse_dtype(dt)?)?);
     }
-    let pairs: Vec<(Tensor<'_>, &[u64])> = tensors.iter().zip(&items).map(|(t, it)| (*t, it.3.as_slice())).collect();
-    let out = py.detach(|| crate::compress_global(&pairs, k, alpha, encoding)).map_err(|(i, e)| {
-        let err = to_py(e.clone());
-        match i {
-            Some(i) if e.is_argument_error() => PyValueError::new_err(format!("tensor '{}': {e}", items[i].0)),
-            Some(i) => CompeftError::new_err(format!("tensor '{}': {e}", items[i].0)),
-            None => err,
-        }
-    })?;
+    let pairs: Vec<(Tensor<'_>, &[u64])> = tensors
+        .iter()
+        .zip(&items)
+        .map(|(t, it)| (*t, it.3.as_slice()))
+        .collect();
+    let out = py
+        .detach(|| crate::compress_global(&pairs, k, alpha, encoding))
+        .map_err(|(i, e)| {
+            let err = to_py(e.clone());
+            match i {
+                Some(i) if e.is_argument_error() => {
+                    PyValueError::new_err(format!("tensor '{}': {e}", items[i].0))
+                }
+                Some(i) => CompeftError::new_err(format!("tensor '{}': {e}", items[i].0)),
+                None => err,
+            }
+        })?;
     Ok(out.into_iter().map(|inner| PyStream { inner }).collect())
 }
 
@@ -327,12 +365,14 @@ fn dot(py: Python<'_>, a: &PyStream, b: &PyStream) -> PyResult<f64> {
 
 #[pyfunction]
 fn cosine(py: Python<'_>, a: &PyStream, b: &PyStream) -> PyResult<f64> {
-    py.detach(|| crate::cosine(&a.inner, &b.inner)).map_err(to_py)
+    py.detach(|| crate::cosine(&a.inner, &b.inner))
+        .map_err(to_py)
 }
 
 #[pyfunction]
 fn hamming(py: Python<'_>, a: &PyStream, b: &PyStream) -> PyResult<u64> {
-    py.detach(|| crate::hamming(&a.inner, &b.inner)).map_err(to_py)
+    py.detach(|| crate::hamming(&a.inner, &b.inner))
+        .map_err(to_py)
 }
 
 /// b* for nnz nonzeros among d entries.

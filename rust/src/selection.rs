@@ -98,7 +98,11 @@ impl_key!(u16, u32, u64);
 /// Receives a tensor's elements together with the key function of the chosen space.
 pub(crate) trait KeyVisitor {
     type Out;
-    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) -> Self::Out;
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
+        self,
+        data: &[T],
+        key: K,
+    ) -> Self::Out;
 }
 
 /// Calls `v` with the monomorphised key function for (`t`'s dtype, `space`).
@@ -107,13 +111,17 @@ pub(crate) fn visit_keys<V: KeyVisitor>(t: Tensor<'_>, space: KeySpace, v: V) ->
         (Tensor::F16(s), KeySpace::F16) | (Tensor::BF16(s), KeySpace::BF16) => {
             v.visit(s, |x: u16| x & 0x7fff)
         }
-        (Tensor::F16(s), KeySpace::F32) => {
-            v.visit(s, |x: u16| f16::from_bits(x).to_f32().to_bits() & 0x7fff_ffff)
-        }
+        (Tensor::F16(s), KeySpace::F32) => v.visit(s, |x: u16| {
+            f16::from_bits(x).to_f32().to_bits() & 0x7fff_ffff
+        }),
         (Tensor::BF16(s), KeySpace::F32) => v.visit(s, |x: u16| ((x as u32) << 16) & 0x7fff_ffff),
         (Tensor::F32(s), KeySpace::F32) => v.visit(s, |x: f32| x.to_bits() & 0x7fff_ffff),
-        (Tensor::F16(s), KeySpace::F64) => v.visit(s, |x: u16| f16::from_bits(x).to_f64().to_bits() & MASK63),
-        (Tensor::BF16(s), KeySpace::F64) => v.visit(s, |x: u16| bf16::from_bits(x).to_f64().to_bits() & MASK63),
+        (Tensor::F16(s), KeySpace::F64) => {
+            v.visit(s, |x: u16| f16::from_bits(x).to_f64().to_bits() & MASK63)
+        }
+        (Tensor::BF16(s), KeySpace::F64) => {
+            v.visit(s, |x: u16| bf16::from_bits(x).to_f64().to_bits() & MASK63)
+        }
         (Tensor::F32(s), KeySpace::F64) => v.visit(s, |x: f32| (x as f64).to_bits() & MASK63),
         (Tensor::F64(s), KeySpace::F64) => v.visit(s, |x: f64| x.to_bits() & MASK63),
         (t, space) => {
@@ -145,13 +153,19 @@ impl Moments {
         let n = self.n + o.n;
         let delta = o.mean - self.mean;
         let (na, nb, nn) = (self.n as f64, o.n as f64, n as f64);
-        Moments { n, mean: self.mean + delta * nb / nn, m2: self.m2 + o.m2 + delta * delta * na * nb / nn }
+        Moments {
+            n,
+            mean: self.mean + delta * nb / nn,
+            m2: self.m2 + o.m2 + delta * delta * na * nb / nn,
+        }
     }
 
     /// Shifted sums over one chunk: exact enough in f64 and cheap per element.
     fn of_chunk(xs: impl Iterator<Item = f64> + Clone) -> Moments {
         let mut it = xs.clone();
-        let Some(c) = it.next() else { return Moments::default() };
+        let Some(c) = it.next() else {
+            return Moments::default();
+        };
         let (mut n, mut s, mut q) = (0u64, 0.0f64, 0.0f64);
         for x in xs {
             let y = x - c;
@@ -160,7 +174,11 @@ impl Moments {
             q += y * y;
         }
         let nf = n as f64;
-        Moments { n, mean: c + s / nf, m2: (q - s * s / nf).max(0.0) }
+        Moments {
+            n,
+            mean: c + s / nf,
+            m2: (q - s * s / nf).max(0.0),
+        }
     }
 
     fn of_slice_f32(s: &[f32]) -> Moments {
@@ -235,7 +253,9 @@ pub fn check_alpha(alpha: f64) -> Result<()> {
     if alpha.is_finite() && alpha > 0.0 {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!("alpha must be finite and > 0, got {alpha}; the paper's default is 1.0")))
+        Err(Error::InvalidArgument(format!(
+            "alpha must be finite and > 0, got {alpha}; the paper's default is 1.0"
+        )))
     }
 }
 
@@ -250,7 +270,11 @@ pub struct Threshold {
 
 impl Threshold {
     pub fn keep_nothing(space: KeySpace) -> Threshold {
-        Threshold { space, key: u64::MAX, ties: 0 }
+        Threshold {
+            space,
+            key: u64::MAX,
+            ties: 0,
+        }
     }
 }
 
@@ -264,7 +288,11 @@ struct HistPass {
 
 impl KeyVisitor for &HistPass {
     type Out = Vec<u64>;
-    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) -> Vec<u64> {
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
+        self,
+        data: &[T],
+        key: K,
+    ) -> Vec<u64> {
         let nbins = 1usize << self.bits;
         let mask = (nbins - 1) as u64;
         let (shift, ps, prefix) = (self.shift, self.prefix_shift, self.prefix);
@@ -358,7 +386,11 @@ impl Selector {
             moments: Moments::default(),
             first_value: None,
             fed: 0,
-            result: if n == 0 { Some(Threshold::keep_nothing(space)) } else { None },
+            result: if n == 0 {
+                Some(Threshold::keep_nothing(space))
+            } else {
+                None
+            },
         })
     }
 
@@ -369,14 +401,19 @@ impl Selector {
         check_density(k)?;
         if self.level != 0 || self.fed != self.d || (self.result.is_some() && self.d > 0) {
             return Err(Error::InvalidArgument(
-                "with_density needs a selector whose first level is fully fed and not yet finished".into(),
+                "with_density needs a selector whose first level is fully fed and not yet finished"
+                    .into(),
             ));
         }
         let n = target_count(k, self.d);
         let mut s = self.clone();
         s.n = n;
         s.remaining = n;
-        s.result = if n == 0 { Some(Threshold::keep_nothing(self.space)) } else { None };
+        s.result = if n == 0 {
+            Some(Threshold::keep_nothing(self.space))
+        } else {
+            None
+        };
         Ok(s)
     }
 
@@ -429,18 +466,38 @@ impl Selector {
             let h = if native {
                 None
             } else {
-                Some(visit_keys(t, self.space, &HistPass { shift, bits, prefix_shift: 64, prefix: 0 })?)
+                Some(visit_keys(
+                    t,
+                    self.space,
+                    &HistPass {
+                        shift,
+                        bits,
+                        prefix_shift: 64,
+                        prefix: 0,
+                    },
+                )?)
             };
             if let Some(h) = h {
                 self.hist.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
             }
             let inf_bin = (self.space.inf_key() >> shift) as usize;
             if self.hist[inf_bin..].iter().any(|&c| c > 0) {
-                return Err(Error::NonFinite { index: first_non_finite(t) });
+                return Err(Error::NonFinite {
+                    index: first_non_finite(t),
+                });
             }
         } else {
             let prefix_shift = levels[self.level - 1].0;
-            let h = visit_keys(t, self.space, &HistPass { shift, bits, prefix_shift, prefix: self.prefix })?;
+            let h = visit_keys(
+                t,
+                self.space,
+                &HistPass {
+                    shift,
+                    bits,
+                    prefix_shift,
+                    prefix: self.prefix,
+                },
+            )?;
             self.hist.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
         }
         Ok(())
@@ -470,14 +527,20 @@ impl Selector {
             self.remaining -= c;
         }
         let Some(b) = chosen else {
-            return Err(Error::InvalidArgument("the tensors fed on a later level differ from the first".into()));
+            return Err(Error::InvalidArgument(
+                "the tensors fed on a later level differ from the first".into(),
+            ));
         };
         self.prefix = (self.prefix << levels[self.level].1) | b;
         if self.level + 1 == levels.len() {
             let key = self.prefix << shift;
             // Zeros are never kept: their sign is 0.
             let ties = if key == 0 { 0 } else { self.remaining };
-            self.result = Some(Threshold { space: self.space, key, ties });
+            self.result = Some(Threshold {
+                space: self.space,
+                key,
+                ties,
+            });
             return Ok(true);
         }
         self.level += 1;
@@ -501,7 +564,9 @@ impl Selector {
 }
 
 fn first_non_finite(t: Tensor<'_>) -> u64 {
-    (0..t.len()).find(|&i| !t.get_f64(i).is_finite()).unwrap_or(0) as u64
+    (0..t.len())
+        .find(|&i| !t.get_f64(i).is_finite())
+        .unwrap_or(0) as u64
 }
 
 /// Selects over tensors held in memory (in the given order); returns the threshold and sigma.
@@ -518,7 +583,10 @@ pub fn select(tensors: &[Tensor<'_>], k: f64) -> Result<(Threshold, f64)> {
         }
     }
     let sigma = s.sigma();
-    Ok((s.threshold().expect("finished selector has a threshold"), sigma))
+    Ok((
+        s.threshold().expect("finished selector has a threshold"),
+        sigma,
+    ))
 }
 
 /// Packs 64 bytes that are each 0 or 1 into a word (byte j -> bit j).
@@ -536,7 +604,11 @@ fn pack_bools(b: &[u8; 64]) -> u64 {
 /// Per 64 entries: (key > t, key == t, negative) as bit words, bit j for entry j.
 /// The comparisons go to byte arrays first so that the loop vectorises.
 #[inline(always)]
-pub(crate) fn group_masks<T: Elem, U: Key, K: Fn(T) -> U>(xs: &[T], key: K, t: U) -> (u64, u64, u64) {
+pub(crate) fn group_masks<T: Elem, U: Key, K: Fn(T) -> U>(
+    xs: &[T],
+    key: K,
+    t: U,
+) -> (u64, u64, u64) {
     let (mut g, mut e, mut s) = ([0u8; 64], [0u8; 64], [0u8; 64]);
     for (j, &x) in xs.iter().enumerate().take(64) {
         let k = key(x);

@@ -12,7 +12,13 @@ pub fn reference(values: &[f64], k: f64) -> (Vec<i8>, f64) {
     }
     let n = (((k * d as f64) + 0.5).floor() as usize).clamp(1, d);
     let mut idx: Vec<usize> = (0..d).collect();
-    idx.sort_by(|&a, &b| values[b].abs().partial_cmp(&values[a].abs()).unwrap().then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        values[b]
+            .abs()
+            .partial_cmp(&values[a].abs())
+            .unwrap()
+            .then(a.cmp(&b))
+    });
     for &i in &idx[..n] {
         if values[i] != 0.0 {
             signs[i] = if values[i] < 0.0 { -1 } else { 1 };
@@ -37,5 +43,7 @@ pub fn gaussian_like(n: usize, seed: u64) -> Vec<f64> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
         ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     };
-    (0..n).map(|_| (0..4).map(|_| next()).sum::<f64>() - 2.0).collect()
+    (0..n)
+        .map(|_| (0..4).map(|_| next()).sum::<f64>() - 2.0)
+        .collect()
 }

@@ -17,18 +17,46 @@ fn golden_dir() -> PathBuf {
 fn golden_cases() -> Vec<(&'static str, Compressed)> {
     let g = gaussian_like(64 * 48, 7);
     let f32v: Vec<f32> = g.iter().map(|&x| x as f32).collect();
-    let big: Vec<f32> = gaussian_like(50_000, 11).iter().map(|&x| x as f32).collect();
-    let h: Vec<u16> = (0..37).map(|i| f16::from_f64(((i * 13 % 37) as f64 - 18.0) / 8.0).to_bits()).collect();
-    let b: Vec<u16> = (0..40).map(|i| bf16::from_f64(((i % 5) as f64 - 2.0) * 0.5).to_bits()).collect();
+    let big: Vec<f32> = gaussian_like(50_000, 11)
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+    let h: Vec<u16> = (0..37)
+        .map(|i| f16::from_f64(((i * 13 % 37) as f64 - 18.0) / 8.0).to_bits())
+        .collect();
+    let b: Vec<u16> = (0..40)
+        .map(|i| bf16::from_f64(((i % 5) as f64 - 2.0) * 0.5).to_bits())
+        .collect();
     let d: Vec<f64> = (0..10).map(|i| (i as f64 - 4.5) * 1e-3).collect();
     vec![
-        ("f32_64x48_k0.1_golomb", compress(Tensor::F32(&f32v), &[64, 48], 0.1, 1.0, Encoding::Golomb).unwrap()),
-        ("f32_64x48_k0.1_bitmask", compress(Tensor::F32(&f32v), &[64, 48], 0.1, 1.0, Encoding::Bitmask).unwrap()),
-        ("f32_50000_k0.2_golomb", compress(Tensor::F32(&big), &[50_000], 0.2, 2.5, Encoding::Golomb).unwrap()),
-        ("f16_37_k0.3_golomb", compress(Tensor::F16(&h), &[37], 0.3, 1.0, Encoding::Golomb).unwrap()),
-        ("bf16_4x10_k0.5_golomb", compress(Tensor::BF16(&b), &[4, 10], 0.5, 1.0, Encoding::Golomb).unwrap()),
-        ("f64_2x5_k1_bitmask", compress(Tensor::F64(&d), &[2, 5], 1.0, 1.0, Encoding::Bitmask).unwrap()),
-        ("f32_0x3_golomb", compress(Tensor::F32(&[]), &[0, 3], 0.1, 1.0, Encoding::Golomb).unwrap()),
+        (
+            "f32_64x48_k0.1_golomb",
+            compress(Tensor::F32(&f32v), &[64, 48], 0.1, 1.0, Encoding::Golomb).unwrap(),
+        ),
+        (
+            "f32_64x48_k0.1_bitmask",
+            compress(Tensor::F32(&f32v), &[64, 48], 0.1, 1.0, Encoding::Bitmask).unwrap(),
+        ),
+        (
+            "f32_50000_k0.2_golomb",
+            compress(Tensor::F32(&big), &[50_000], 0.2, 2.5, Encoding::Golomb).unwrap(),
+        ),
+        (
+            "f16_37_k0.3_golomb",
+            compress(Tensor::F16(&h), &[37], 0.3, 1.0, Encoding::Golomb).unwrap(),
+        ),
+        (
+            "bf16_4x10_k0.5_golomb",
+            compress(Tensor::BF16(&b), &[4, 10], 0.5, 1.0, Encoding::Golomb).unwrap(),
+        ),
+        (
+            "f64_2x5_k1_bitmask",
+            compress(Tensor::F64(&d), &[2, 5], 1.0, 1.0, Encoding::Bitmask).unwrap(),
+        ),
+        (
+            "f32_0x3_golomb",
+            compress(Tensor::F32(&[]), &[0, 3], 0.1, 1.0, Encoding::Golomb).unwrap(),
+        ),
     ]
 }
 
@@ -42,7 +70,8 @@ fn golden_files_pin_the_format() {
             std::fs::write(&path, &bytes).unwrap();
             continue;
         }
-        let want = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (COMPEFT_BLESS=1 writes it)", path.display()));
+        let want = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (COMPEFT_BLESS=1 writes it)", path.display()));
         assert!(bytes == want, "{name}: encoder output differs from the golden file; a byte change needs a new format version");
         assert_eq!(Compressed::from_bytes(&want).unwrap(), c);
     }
@@ -50,7 +79,14 @@ fn golden_files_pin_the_format() {
 
 #[test]
 fn header_layout() {
-    let c = compress(Tensor::F32(&[0.5, -2.0, 1.0, 0.0]), &[2, 2], 0.5, 1.0, Encoding::Golomb).unwrap();
+    let c = compress(
+        Tensor::F32(&[0.5, -2.0, 1.0, 0.0]),
+        &[2, 2],
+        0.5,
+        1.0,
+        Encoding::Golomb,
+    )
+    .unwrap();
     let b = c.to_bytes();
     assert_eq!(&b[..4], b"CPFT");
     assert_eq!(b[4], 1, "version");
@@ -65,14 +101,19 @@ fn header_layout() {
 
 fn sample() -> Vec<u8> {
     let v: Vec<f32> = gaussian_like(20_000, 4).iter().map(|&x| x as f32).collect();
-    compress(Tensor::F32(&v), &[20_000], 0.3, 1.0, Encoding::Golomb).unwrap().to_bytes()
+    compress(Tensor::F32(&v), &[20_000], 0.3, 1.0, Encoding::Golomb)
+        .unwrap()
+        .to_bytes()
 }
 
 #[test]
 fn every_truncation_is_an_error() {
     let b = sample();
     for len in 0..b.len() {
-        assert!(Compressed::from_bytes(&b[..len]).is_err(), "prefix of {len} bytes was accepted");
+        assert!(
+            Compressed::from_bytes(&b[..len]).is_err(),
+            "prefix of {len} bytes was accepted"
+        );
     }
 }
 
@@ -83,7 +124,10 @@ fn every_single_bit_flip_is_caught() {
         for bit in 0..8 {
             let mut m = b.clone();
             m[byte] ^= 1 << bit;
-            assert!(Compressed::from_bytes(&m).is_err(), "flip at {byte}.{bit} was accepted");
+            assert!(
+                Compressed::from_bytes(&m).is_err(),
+                "flip at {byte}.{bit} was accepted"
+            );
         }
     }
 }
@@ -91,13 +135,22 @@ fn every_single_bit_flip_is_caught() {
 #[test]
 fn specific_errors() {
     let b = sample();
-    assert_eq!(Compressed::from_bytes(b"hello world, not a stream").unwrap_err(), Error::BadMagic);
+    assert_eq!(
+        Compressed::from_bytes(b"hello world, not a stream").unwrap_err(),
+        Error::BadMagic
+    );
     let mut v = b.clone();
     v[4] = 9;
-    assert_eq!(Compressed::from_bytes(&v).unwrap_err(), Error::UnsupportedVersion(9));
+    assert_eq!(
+        Compressed::from_bytes(&v).unwrap_err(),
+        Error::UnsupportedVersion(9)
+    );
     let mut v = b.clone();
     v[40] ^= 0x10;
-    assert!(matches!(Compressed::from_bytes(&v).unwrap_err(), Error::ChecksumMismatch { .. }));
+    assert!(matches!(
+        Compressed::from_bytes(&v).unwrap_err(),
+        Error::ChecksumMismatch { .. }
+    ));
     let mut v = b.clone();
     v.push(0);
     assert!(Compressed::from_bytes(&v).is_err());

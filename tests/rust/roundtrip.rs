@@ -11,7 +11,17 @@ use proptest::prelude::*;
 fn signs_of(c: &Compressed) -> Vec<i8> {
     let mut out = vec![0f64; c.numel as usize];
     c.decode_into(TensorMut::F64(&mut out)).unwrap();
-    out.iter().map(|&x| if x > 0.0 { 1 } else if x < 0.0 { -1 } else { 0 }).collect()
+    out.iter()
+        .map(|&x| {
+            if x > 0.0 {
+                1
+            } else if x < 0.0 {
+                -1
+            } else {
+                0
+            }
+        })
+        .collect()
 }
 
 fn check_f32(values: &[f32], k: f64, enc: Encoding) {
@@ -21,7 +31,12 @@ fn check_f32(values: &[f32], k: f64, enc: Encoding) {
     let nnz_ref = ref_signs.iter().filter(|&&s| s != 0).count() as u64;
     assert_eq!(c.nnz, nnz_ref);
     if ref_sigma > 0.0 {
-        assert!((c.scale - ref_sigma).abs() <= 1e-9 * ref_sigma, "{} vs {}", c.scale, ref_sigma);
+        assert!(
+            (c.scale - ref_sigma).abs() <= 1e-9 * ref_sigma,
+            "{} vs {}",
+            c.scale,
+            ref_sigma
+        );
         assert_eq!(signs_of(&c), ref_signs);
     }
     let back = Compressed::from_bytes(&c.to_bytes()).unwrap();
@@ -42,8 +57,18 @@ fn check_f32(values: &[f32], k: f64, enc: Encoding) {
 
 #[test]
 fn gaussian_f32_both_encodings() {
-    for &(n, k) in &[(1usize, 0.5), (2, 1.0), (7, 0.3), (1000, 0.1), (100_000, 0.05), (300_001, 0.2)] {
-        let v: Vec<f32> = gaussian_like(n, n as u64).iter().map(|&x| x as f32).collect();
+    for &(n, k) in &[
+        (1usize, 0.5),
+        (2, 1.0),
+        (7, 0.3),
+        (1000, 0.1),
+        (100_000, 0.05),
+        (300_001, 0.2),
+    ] {
+        let v: Vec<f32> = gaussian_like(n, n as u64)
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
         check_f32(&v, k, Encoding::Golomb);
         check_f32(&v, k, Encoding::Bitmask);
     }
@@ -52,7 +77,10 @@ fn gaussian_f32_both_encodings() {
 #[test]
 fn many_blocks_decode_in_parallel() {
     // 2^12 nonzeros a block: this makes ~120 blocks, split over thread groups.
-    let v: Vec<f32> = gaussian_like(1_000_000, 3).iter().map(|&x| x as f32).collect();
+    let v: Vec<f32> = gaussian_like(1_000_000, 3)
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
     check_f32(&v, 0.5, Encoding::Golomb);
 }
 
@@ -71,11 +99,27 @@ fn ties_go_to_the_lower_index_and_zeros_are_never_kept() {
 #[test]
 fn half_types_match_reference() {
     let g = gaussian_like(50_000, 9);
-    let h: Vec<u16> = g.iter().map(|&x| f16::from_f64(x * 0.01).to_bits()).collect();
-    let b: Vec<u16> = g.iter().map(|&x| bf16::from_f64(x * 0.01).to_bits()).collect();
+    let h: Vec<u16> = g
+        .iter()
+        .map(|&x| f16::from_f64(x * 0.01).to_bits())
+        .collect();
+    let b: Vec<u16> = g
+        .iter()
+        .map(|&x| bf16::from_f64(x * 0.01).to_bits())
+        .collect();
     for (t, vals) in [
-        (Tensor::F16(&h), h.iter().map(|&x| f16::from_bits(x).to_f64()).collect::<Vec<_>>()),
-        (Tensor::BF16(&b), b.iter().map(|&x| bf16::from_bits(x).to_f64()).collect::<Vec<_>>()),
+        (
+            Tensor::F16(&h),
+            h.iter()
+                .map(|&x| f16::from_bits(x).to_f64())
+                .collect::<Vec<_>>(),
+        ),
+        (
+            Tensor::BF16(&b),
+            b.iter()
+                .map(|&x| bf16::from_bits(x).to_f64())
+                .collect::<Vec<_>>(),
+        ),
     ] {
         let (rs, sigma) = reference(&vals, 0.1);
         let c = compress(t, &[250, 200], 0.1, 2.0, Encoding::Golomb).unwrap();
@@ -94,7 +138,10 @@ fn global_scope_mixed_dtypes() {
     all.extend(b32.iter().map(|&x| x as f64));
     let (rs, sigma) = reference(&all, 0.1);
     let out = compress_global(
-        &[(Tensor::F16(&a16), &[3000][..]), (Tensor::F32(&b32), &[50, 100][..])],
+        &[
+            (Tensor::F16(&a16), &[3000][..]),
+            (Tensor::F32(&b32), &[50, 100][..]),
+        ],
         0.1,
         1.0,
         Encoding::Golomb,
@@ -121,7 +168,10 @@ fn non_finite_is_rejected_with_index() {
 fn bad_arguments() {
     let v = [1.0f32; 4];
     for k in [0.0, -0.1, 1.5, 20.0, f64::NAN] {
-        assert!(matches!(compress(Tensor::F32(&v), &[4], k, 1.0, Encoding::Golomb), Err(compeft::Error::InvalidArgument(_))));
+        assert!(matches!(
+            compress(Tensor::F32(&v), &[4], k, 1.0, Encoding::Golomb),
+            Err(compeft::Error::InvalidArgument(_))
+        ));
     }
     for a in [0.0, -1.0, f64::INFINITY, f64::NAN] {
         assert!(compress(Tensor::F32(&v), &[4], 0.5, a, Encoding::Golomb).is_err());
@@ -137,19 +187,34 @@ fn empty_and_scalar() {
     let c = compress(Tensor::F64(&[-3.5]), &[], 0.1, 1.0, Encoding::Golomb).unwrap();
     let mut out = [0.0f64];
     c.decode_into(TensorMut::F64(&mut out)).unwrap();
-    assert_eq!(out[0], -3.5, "d = 1 uses sigma = |x| and decodes to itself at alpha = 1");
+    assert_eq!(
+        out[0], -3.5,
+        "d = 1 uses sigma = |x| and decodes to itself at alpha = 1"
+    );
 }
 
 #[test]
 fn popcount_kernels_agree_and_match_dense() {
-    let a: Vec<f32> = gaussian_like(100_003, 5).iter().map(|&x| x as f32).collect();
-    let b: Vec<f32> = gaussian_like(100_003, 6).iter().map(|&x| (x + 0.3) as f32).collect();
+    let a: Vec<f32> = gaussian_like(100_003, 5)
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
+    let b: Vec<f32> = gaussian_like(100_003, 6)
+        .iter()
+        .map(|&x| (x + 0.3) as f32)
+        .collect();
     let ca = compress(Tensor::F32(&a), &[100_003], 0.2, 1.0, Encoding::Golomb).unwrap();
     let cb = compress(Tensor::F32(&b), &[100_003], 0.3, 1.0, Encoding::Bitmask).unwrap();
     let (ma, mb) = (ca.masks().unwrap(), cb.masks().unwrap());
     let s = counts_with(Kernel::Scalar, &ma.pos, &ma.neg, &mb.pos, &mb.neg);
-    assert_eq!(s, counts_with(Kernel::Popcnt, &ma.pos, &ma.neg, &mb.pos, &mb.neg));
-    assert_eq!(s, counts_with(Kernel::Avx2, &ma.pos, &ma.neg, &mb.pos, &mb.neg));
+    assert_eq!(
+        s,
+        counts_with(Kernel::Popcnt, &ma.pos, &ma.neg, &mb.pos, &mb.neg)
+    );
+    assert_eq!(
+        s,
+        counts_with(Kernel::Avx2, &ma.pos, &ma.neg, &mb.pos, &mb.neg)
+    );
     let (da, db) = (signs_of(&ca), signs_of(&cb));
     let dense_dot: i64 = da.iter().zip(&db).map(|(&x, &y)| x as i64 * y as i64).sum();
     let dense_diff = da.iter().zip(&db).filter(|(x, y)| x != y).count() as u64;
@@ -198,7 +263,10 @@ proptest! {
 #[test]
 fn with_density_shares_the_first_level() {
     use compeft::{KeySpace, Selector};
-    let a: Vec<f32> = gaussian_like(70_000, 21).iter().map(|&x| x as f32).collect();
+    let a: Vec<f32> = gaussian_like(70_000, 21)
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
     let mut s0 = Selector::new(KeySpace::F32, a.len() as u64, 0.5).unwrap();
     s0.feed(Tensor::F32(&a)).unwrap();
     for k in [0.01, 0.1, 0.3, 1.0] {
