@@ -31,7 +31,7 @@ from ._expert import (
     is_ia3,
     load_expert,
 )
-from ._tensor import CompressedTensor, _check_encoding, _real
+from ._tensor import CompressedTensor, _check_encoding, check_k_alpha
 
 __all__ = ["compress_checkpoint", "apply_checkpoint"]
 
@@ -90,14 +90,9 @@ def compress_checkpoint(
     and tensors the base lacks, are kept losslessly.
     """
     torch = _torch()
-    k = _real("k", k)
-    alpha = _real("alpha", alpha)
+    k, alpha = check_k_alpha(k, alpha)
     _check_scope(scope)
     _check_encoding(encoding)
-    if not (0 < k <= 1):
-        raise ValueError(f"density k must be a fraction in (0, 1], got {k}; to keep 20% of the entries pass k=0.2")
-    if not (alpha > 0 and alpha < float("inf")):
-        raise ValueError(f"alpha must be finite and > 0, got {alpha}; the paper's default is 1.0")
     ft = _Checkpoint(finetuned)
     bs = _Checkpoint(base) if base is not None else None
     names = sorted(ft.meta)
@@ -217,12 +212,9 @@ def apply_checkpoint(
                 continue
             b = tensors[n]
             tau = expert.stream(n).decode(dtype="float64" if b.dtype == torch.float64 else "float32")
-            if expert.init_of(n) == "base":
-                tensors[n] = (b.to(tau.dtype) + tau).to(b.dtype)
-            elif expert.init_of(n) == "one":
-                tensors[n] = (1.0 + tau).to(b.dtype)
-            else:
-                tensors[n] = (b.to(tau.dtype) + tau).to(b.dtype)
+            # theta_init is the base here, except for (IA)3 vectors, which start from 1.
+            start = 1.0 if expert.init_of(n) == "one" else b.to(tau.dtype)
+            tensors[n] = (start + tau).to(b.dtype)
         from safetensors import safe_open
 
         with safe_open(str(f), framework="pt") as h:

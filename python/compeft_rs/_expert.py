@@ -20,7 +20,7 @@ from ._core import encode_with_threshold as _encode_with_threshold
 from ._core import encode as _encode
 from ._core import encode_global as _encode_global
 from ._core import entropy_bound_bits as _entropy_bound_bits
-from ._tensor import CompressedTensor, _check_encoding, _real
+from ._tensor import CompressedTensor, _check_encoding, check_k_alpha
 
 __all__ = ["CompressedExpert", "compress_expert", "load_expert", "ExpertSummary", "load_tensors"]
 
@@ -621,14 +621,9 @@ def compress_expert(
     >>> sorted(e.keys()) == sorted(sd) and e["a.lora_A.weight"].shape == (8, 64)
     True
     """
-    k = _real("k", k)
-    alpha = _real("alpha", alpha)
+    k, alpha = check_k_alpha(k, alpha)
     _check_scope(scope)
     _check_encoding(encoding)
-    if not (math.isfinite(k) and 0 < k <= 1):
-        raise ValueError(f"density k must be a fraction in (0, 1], got {k}; to keep 20% of the entries pass k=0.2")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be finite and > 0, got {alpha}; the paper's default is 1.0")
     if isinstance(tensors, (str, os.PathLike)):
         tensors = load_tensors(tensors)
     if isinstance(base, (str, os.PathLike)):

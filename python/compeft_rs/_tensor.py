@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _arrays
-from ._core import CompeftError, Stream
+from ._core import Stream
 from ._core import cosine as _cosine
 from ._core import dot as _dot
 from ._core import encode as _encode
@@ -23,6 +24,17 @@ def _real(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     return float(v)
+
+
+def check_k_alpha(k: Any, alpha: Any) -> Tuple[float, float]:
+    """Validates density and alpha up front (an expert may hold no tensor that reaches Rust);
+    the messages match the Rust core's."""
+    k, alpha = _real("k", k), _real("alpha", alpha)
+    if not (math.isfinite(k) and 0 < k <= 1):
+        raise ValueError(f"density k must be a fraction in (0, 1], got {k}; to keep 20% of the entries pass k=0.2")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be finite and > 0, got {alpha}; the paper's default is 1.0")
+    return k, alpha
 
 
 def _check_encoding(encoding: Any) -> str:
@@ -271,6 +283,3 @@ def hamming(a: CompressedTensor, b: CompressedTensor) -> int:
     """Number of entries whose ternary value (-1, 0, +1) differs between a and b."""
     return _hamming(*_pair(a, b))
 
-
-# Keep the name importable from here for users who catch it next to these functions.
-CompeftError = CompeftError

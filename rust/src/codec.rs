@@ -614,13 +614,6 @@ impl Compressed {
         }
     }
 
-    /// Decodes to a new vector of `dtype` (or the stream's dtype).
-    pub fn decode_f32(&self) -> Result<Vec<f32>> {
-        let mut v = try_zeroed::<f32>(self.numel as usize)?;
-        self.decode_into(TensorMut::F32(&mut v))?;
-        Ok(v)
-    }
-
     /// The ternary pattern as bitmasks; borrowed if this stream is already a bitmask.
     pub fn masks(&self) -> Result<Cow<'_, BitmaskBody>> {
         match &self.body {
