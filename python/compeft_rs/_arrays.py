@@ -98,16 +98,24 @@ def flat_input(x: Any) -> Tuple[np.ndarray, str, Tuple[int, ...], str, Any]:
     return flat, name, shape, "numpy", a
 
 
-def default_kind() -> str:
-    return "torch" if _torch() is not None else "numpy"
+def kind_of(framework: Any) -> str:
+    """"torch" or "numpy" for a framework name ("pt" or "np", as in safetensors)."""
+    kinds = {"pt": "torch", "torch": "torch", "np": "numpy", "numpy": "numpy"}
+    if framework not in kinds:
+        raise ValueError(f"framework must be 'pt' (torch) or 'np' (numpy), got {framework!r}")
+    return kinds[framework]
 
 
 def empty_output(kind: str, name: str, shape: Tuple[int, ...]) -> Tuple[Any, np.ndarray]:
     """(result object, flat writable numpy view of it) for a decode of `name` into `shape`."""
     if kind == "torch":
         torch = _torch()
-        if torch is None:  # pragma: no cover - only if torch was unloaded
-            import torch  # noqa: F811
+        if torch is None:
+            try:
+                import torch  # noqa: F811
+            except ImportError as e:
+                raise ImportError("decoding to torch tensors needs torch (pip install torch); "
+                                  "pass framework='np' for numpy arrays") from e
         out = torch.empty(shape, dtype=getattr(torch, name))
         flat = out.reshape(-1)
         if name in ("float16", "bfloat16"):

@@ -1,4 +1,10 @@
-"""Whole experts: many tensors compressed together, stored as one safetensors-compatible file."""
+"""Whole experts: many tensors compressed together, stored as one safetensors-compatible file.
+
+A :class:`CompressedExpert` is a view over its storage, an ``ExpertFile`` of the Rust core: the
+file memory-mapped, or its bytes in memory (a fresh expert is serialised once, when it is made).
+Whole-expert work is one call into Rust: every stream parsed once and all tensors decoded in
+parallel into outputs allocated once, the GIL released.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +12,38 @@ import base64
 import json
 import math
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _arrays
-from ._core import CompeftError, Selector
+from ._core import CompeftError, ExpertFile, Selector
+from ._core import decode_streams as _decode_streams
+from ._core import encode_many as _encode_many
 from ._core import encode_with_threshold as _encode_with_threshold
-from ._core import encode as _encode
-from ._core import encode_global as _encode_global
 from ._core import entropy_bound_bits as _entropy_bound_bits
+from ._io import atomic_file
+from ._plan import FLOAT_NAMES, TensorPlan, plan_expert
 from ._tensor import CompressedTensor, _check_encoding, check_k_alpha
 
 __all__ = ["CompressedExpert", "compress_expert", "load_expert", "ExpertSummary", "load_tensors"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 FILE_FORMAT = "compeft"
-FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+FILE_VERSION = 2
+# Elements per chunk when residuals of half-precision checkpoints are taken in float32.
+RESIDUAL_CHUNK = 1 << 22
+
+# torch dtype name <-> safetensors dtype name, for tensors kept exactly.
+_ST_BY_TORCH = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "uint16": "U16", "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+_TORCH_BY_ST = {v: k for k, v in _ST_BY_TORCH.items()}
 
 
 def _torch() -> Any:
@@ -50,15 +67,6 @@ def _dtype_str(t: Any) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def is_ia3(name: str) -> bool:
-    """(IA)3 scaling vectors start from 1, not 0 (DESIGN.md section 1)."""
-    return ".ia3_l" in name or name.endswith("ia3_l")
-
-
-def _is_float(t: Any) -> bool:
-    return _dtype_str(t) in FLOAT_NAMES
-
-
 def checkpoint_files(path: PathLike) -> List[Path]:
     """The safetensors files of a checkpoint: a file, or a folder (sharded with an index, or not)."""
     p = Path(path)
@@ -68,7 +76,10 @@ def checkpoint_files(path: PathLike) -> List[Path]:
         return [p]
     index = p / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CompeftError(f"{index} is not a valid safetensors index: {e}") from None
         return [p / f for f in files]
     files = sorted(p.glob("*.safetensors"))
     if not files:
@@ -82,65 +93,34 @@ def load_tensors(path: PathLike) -> Dict[str, Any]:
 
     out: Dict[str, Any] = {}
     for f in checkpoint_files(path):
-        out.update(load_file(str(f)))
+        try:
+            out.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types for bad files
+            raise CompeftError(f"{f} is not a readable safetensors file: {e}") from None
     return out
 
 
 def pack_names(names: List[str]) -> str:
-    """Tensor names, deflated: they share long prefixes, and in a small expert they would
-    otherwise outweigh the compressed streams."""
-    return base64.b64encode(zlib.compress("\n".join(names).encode(), 9)).decode()
+    """Tensor names as a JSON list, deflated: they share long prefixes, and in a small expert
+    they would otherwise outweigh the compressed streams. JSON keeps any character a name has."""
+    raw = json.dumps(names, separators=(",", ":"), ensure_ascii=False).encode()
+    return base64.b64encode(zlib.compress(raw, 9)).decode()
 
 
-def unpack_names(packed: str, count: int, where: str) -> List[str]:
+def unpack_names(packed: str, count: int, where: str, version: int = FILE_VERSION) -> List[str]:
     try:
-        names = zlib.decompress(base64.b64decode(packed, validate=True)).decode().split("\n")
+        raw = zlib.decompress(base64.b64decode(packed, validate=True)).decode()
+        if version == 1:  # newline-joined
+            names: Any = [] if count == 0 and raw == "" else raw.split("\n")
+        else:
+            names = json.loads(raw)
     except (ValueError, zlib.error, UnicodeDecodeError) as e:
         raise CompeftError(f"{where}: corrupt tensor name list: {e}") from None
-    if count == 0 and names == [""]:
-        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CompeftError(f"{where}: corrupt tensor name list: not a list of names")
     if len(names) != count or len(set(names)) != count:
         raise CompeftError(f"{where}: the name list holds {len(names)} names for {count} tensors")
     return names
-
-
-def _stream_tensor(c: CompressedTensor) -> Any:
-    torch = _torch()
-    return torch.frombuffer(bytearray(c.to_bytes()), dtype=torch.uint8)
-
-
-def atomic_save_safetensors(tensors: Mapping[str, Any], path: PathLike, metadata: Dict[str, str]) -> None:
-    """Writes to a temporary file beside `path` and renames it into place."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Writes `data` to a temporary file beside `path`, then renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def fp16_file_size(shapes: Mapping[str, Tuple[int, ...]]) -> int:
@@ -177,7 +157,7 @@ class ExpertSummary:
     def __str__(self) -> str:
         lines = [f"{'tensor':<60} {'shape':>14} {'density':>8} {'bytes':>9} {'bits/param':>10} {'vs fp16':>8}"]
         for r in self.rows:
-            dens = "lossless" if r["lossless"] else f"{r['density']:.4f}"
+            dens = "exact" if r["lossless"] else f"{r['density']:.4f}"
             lines.append(
                 f"{r['name'][-60:]:<60} {str(tuple(r['shape'])):>14} {dens:>8} {r['bytes']:>9} "
                 f"{r['bits_per_param']:>10.3f} {r['ratio_vs_fp16']:>7.1f}x"
@@ -190,44 +170,72 @@ class ExpertSummary:
         return "\n".join(lines)
 
 
-class CompressedExpert:
-    """A compressed expert: one CompressedTensor per delta tensor, lossless copies of the rest.
+def _parse_metadata(md: Mapping[str, str], where: str) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+    if md.get("format") != FILE_FORMAT or "compeft" not in md:
+        raise CompeftError(f"{where} is a safetensors file but not a compeft expert (no compeft metadata)")
+    try:
+        info = json.loads(md["compeft"])
+        peft_config = json.loads(md["peft_config"]) if "peft_config" in md else None
+    except ValueError as e:
+        raise CompeftError(f"{where}: corrupt compeft metadata: {e}") from None
+    if not isinstance(info, dict) or (peft_config is not None and not isinstance(peft_config, dict)):
+        raise CompeftError(f"{where}: corrupt compeft metadata: not a JSON object")
+    if info.get("file_version") not in (1, FILE_VERSION):
+        raise CompeftError(
+            f"{where}: unsupported compeft file version {info.get('file_version')!r}; "
+            f"this library reads versions 1 and {FILE_VERSION}, upgrade compeft-rs to read newer files"
+        )
+    return info, peft_config
 
-    Made by :func:`compress_expert`, :func:`compeft_rs.compress_peft` or :func:`load_expert`.
-    Tensors loaded from a file are read and decoded one at a time, on access.
+
+class CompressedExpert:
+    """A compressed expert: one compressed stream per delta tensor, exact copies of the rest.
+
+    Made by :func:`compress_expert`, :func:`compeft_rs.compress_peft`,
+    :func:`compeft_rs.compress_checkpoint`, :func:`load_expert` or :meth:`from_bytes`. A loaded
+    expert maps its file; nothing is decoded until asked for.
     """
 
-    def __init__(
-        self,
-        streams: Mapping[str, CompressedTensor],
-        lossless: Mapping[str, Any],
-        info: Dict[str, Any],
-        *,
-        path: Optional[Path] = None,
-        peft_config: Optional[Dict[str, Any]] = None,
-        file_keys: Optional[Dict[str, str]] = None,
-    ) -> None:
-        self._streams: Dict[str, Optional[CompressedTensor]] = dict(streams)
-        # Tensor name -> key in the file it was loaded from.
-        self._file_keys = file_keys or {}
-        self._lossless: Dict[str, Any] = dict(lossless)
-        self._info = info
+    def __init__(self, storage: ExpertFile, *, path: Optional[Path] = None, where: str = "<bytes>") -> None:
+        self._file = storage
         self._path = path
-        self.peft_config = peft_config
+        md = storage.metadata()
+        info, self.peft_config = _parse_metadata(md, where)
+        entries = storage.entries()
+        names = unpack_names(str(info.pop("names", "")), len(entries), where, int(info["file_version"]))
+        self._keys = {n: str(i) for i, n in enumerate(names)}
+        if set(self._keys.values()) != set(entries):
+            raise CompeftError(f"{where}: tensor keys do not match the name list")
+        try:
+            self._exact = set(info.get("lossless", []))
+            self._init: Dict[str, str] = dict(info.get("init", {}))
+            self._dtypes: Dict[str, str] = dict(info.get("dtypes", {}))
+            self._default_init = str(info.get("default_init", "zero"))
+        except (TypeError, ValueError) as e:
+            raise CompeftError(f"{where}: corrupt compeft metadata: {e}") from None
+        for n in self._keys:
+            dt = entries[self._keys[n]][0]
+            if n not in self._exact and dt != "U8":
+                raise CompeftError(f"{where}: tensor {n!r} should be a compressed stream (U8) but is {dt}")
+            if n in self._exact and dt not in _TORCH_BY_ST:
+                raise CompeftError(f"{where}: tensor {n!r} has dtype {dt}, which torch cannot hold")
+        self._entries = entries
+        self._info = info
+        self._where = where
 
     # -- mapping ----------------------------------------------------------------------------
     def keys(self) -> List[str]:
         """All tensor names, sorted."""
-        return sorted(set(self._streams) | set(self._lossless))
+        return sorted(self._keys)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
     def __len__(self) -> int:
-        return len(self._streams) + len(self._lossless)
+        return len(self._keys)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._streams or name in self._lossless
+        return name in self._keys
 
     def __getitem__(self, name: str) -> Any:
         """The decoded task vector of one tensor (only that tensor is read)."""
@@ -249,148 +257,150 @@ class CompressedExpert:
     def encoding(self) -> str:
         return str(self._info["encoding"])
 
+    @property
+    def nbytes(self) -> int:
+        """Size of the expert file in bytes."""
+        return int(self._file.nbytes)
+
     def compressed_keys(self) -> List[str]:
-        return sorted(self._streams)
+        return sorted(n for n in self._keys if n not in self._exact)
 
     def lossless_keys(self) -> List[str]:
-        return sorted(self._lossless)
+        """Names of the tensors kept exactly."""
+        return sorted(self._exact)
 
-    def init_of(self, name: str) -> str:
-        """theta_init of a compressed tensor: "zero" (LoRA factors), "one" ((IA)3) or "base"."""
-        return str(self._info.get("init", {}).get(name, self._info.get("default_init", "zero")))
+    def init_of(self, name: str) -> Optional[str]:
+        """theta_init of a tensor: "zero" (LoRA factors, task vectors), "one" ((IA)3), "base"
+        (a full fine-tune's residual), or None for a tensor kept exactly."""
+        if name not in self._keys:
+            raise KeyError(f"{name!r} is not in this expert")
+        if name in self._exact:
+            return None
+        return self._init.get(name, self._default_init)
 
     def dtype_of(self, name: str) -> str:
         """The dtype the tensor had before compression."""
-        return str(self._info.get("dtypes", {}).get(name) or self.stream(name).dtype_name)
+        if name in self._exact:
+            return _TORCH_BY_ST[self._entries[self._keys[name]][0]]
+        return str(self._dtypes.get(name) or self.stream(name).dtype_name)
 
     # -- access -----------------------------------------------------------------------------
     def stream(self, name: str) -> CompressedTensor:
         """The CompressedTensor of a compressed tensor."""
-        if name not in self._streams:
+        if name not in self._keys or name in self._exact:
             raise KeyError(f"{name!r} is not a compressed tensor of this expert")
-        c = self._streams[name]
-        if c is None:
-            from safetensors import safe_open
-
-            assert self._path is not None
-            with safe_open(str(self._path), framework="pt") as f:
-                data = f.get_tensor(self._file_keys[name]).numpy().tobytes()
-            return CompressedTensor.from_bytes(data, kind="torch")
-        return c
+        return CompressedTensor(self._file.stream(self._keys[name]), "torch")
 
     def lossless(self, name: str) -> Any:
-        t = self._lossless[name]
-        if t is None:
-            from safetensors import safe_open
-
-            assert self._path is not None
-            with safe_open(str(self._path), framework="pt") as f:
-                t = f.get_tensor(self._file_keys[name])
+        """A tensor kept exactly, as a new torch tensor."""
+        if name not in self._exact:
+            raise KeyError(f"{name!r} is not a tensor kept exactly in this expert")
+        torch = _torch()
+        st, shape, _ = self._entries[self._keys[name]]
+        t = torch.empty(tuple(shape), dtype=getattr(torch, _TORCH_BY_ST[st]))
+        self._file.read_raw(self._keys[name], t.reshape(-1).view(torch.uint8).numpy())
         return t
 
-    def decode_tensor(self, name: str, dtype: Any = None, device: Any = None) -> Any:
-        if name in self._lossless:
-            t = self.lossless(name)
-            return t.to(device) if device is not None else t
-        if name not in self._streams:
-            raise KeyError(f"{name!r} is not in this expert")
-        c = self.stream(name)
-        return c.decode(dtype=dtype or self.dtype_of(name), device=device)
+    def decode_tensor(self, name: str, *, dtype: Any = None, device: Any = None) -> Any:
+        """One tensor: decoded if compressed (``dtype`` default: its original dtype), as stored
+        if kept exactly."""
+        return self.decode([name], dtype=dtype, device=device)[name]
 
-    def decode(self, dtype: Any = None, device: Any = None) -> Dict[str, Any]:
-        """The reconstructed task vector: same keys, shapes and dtypes (lossless tensors as
-        stored). ``device`` expands each tensor there (see CompressedTensor.decode)."""
-        return {n: self.decode_tensor(n, dtype=dtype, device=device) for n in self.keys()}
+    def decode(self, names: Optional[Iterable[str]] = None, *, dtype: Any = None, device: Any = None) -> Dict[str, Any]:
+        """The reconstructed task vector of ``names`` (default: every tensor): compressed tensors
+        decoded in ``dtype`` (default: each tensor's original dtype), the rest as stored.
 
-    def apply(self, base: Optional[Mapping[str, Any]] = None, device: Any = None) -> Dict[str, Any]:
-        """theta_init + reconstruction for every tensor: base[name] + tau for full fine-tunes
-        (``base`` required), 1 + tau for (IA)3 vectors, tau for LoRA factors. The result holds
-        every key of ``base`` too (unchanged where the expert has no delta)."""
-        torch = _torch()
+        One call into Rust parses every stream once, one more decodes all of them in parallel
+        into one output buffer per dtype, the GIL released. ``device`` (e.g. "cuda") expands each
+        tensor there from its 2-bit form (see CompressedTensor.decode).
+        """
+        names = self.keys() if names is None else list(names)
+        for n in names:
+            if n not in self._keys:
+                raise KeyError(f"{n!r} is not in this expert")
+        want = None if dtype is None else _arrays.dtype_name(dtype)
+        comp = [n for n in names if n not in self._exact]
+        streams = self._parse(comp)
+        dtypes = [want or self._orig_dtype(n, s) for n, s in zip(comp, streams)]
+        out = _decode_parsed(comp, streams, dtypes, device)
+        for n in names:
+            if n in self._exact:
+                out[n] = self._lossless_on(n, device)
+        return {n: out[n] for n in names}
+
+    def _parse(self, names: List[str]) -> List[Any]:
+        return self._file.streams([self._keys[n] for n in names]) if names else []
+
+    def _orig_dtype(self, name: str, stream: Any) -> str:
+        return str(self._dtypes.get(name) or stream.dtype)
+
+    def _lossless_on(self, name: str, device: Any) -> Any:
+        t = self.lossless(name)
+        return t if _arrays.torch_device(device) is None else t.to(device)
+
+    def apply(self, base: Optional[Mapping[str, Any]] = None, *, device: Any = None) -> Dict[str, Any]:
+        """theta_init + reconstruction for every tensor: base[name] + tau for a full fine-tune's
+        residuals (``base`` required), 1 + tau for (IA)3 vectors, tau for LoRA factors, the stored
+        tensor for those kept exactly. Sums are taken in float32 (float64 for float64 bases) and
+        cast once. The result holds every key of ``base`` too (unchanged where the expert has
+        none)."""
         out: Dict[str, Any] = dict(base) if base is not None else {}
-        for name in self.keys():
-            if name in self._lossless:
-                out[name] = self.decode_tensor(name, device=device)
-                continue
-            tau = self.decode_tensor(name, device=device)
-            init = self.init_of(name)
+        names = self.compressed_keys()
+        streams = self._parse(names)
+        bases: Dict[str, Any] = {}
+        wide: List[str] = []
+        for n, s in zip(names, streams):
+            init = self.init_of(n)
             if init == "base":
-                if base is None or name not in base:
-                    raise ValueError(f"tensor {name!r} is a delta from a base checkpoint: pass base=... with it")
-                b = _as_torch(base[name])
-                if tuple(b.shape) != tuple(tau.shape):
-                    raise ValueError(f"tensor {name!r}: base shape {tuple(b.shape)} differs from {tuple(tau.shape)}")
-                wide = torch.float64 if b.dtype == torch.float64 else torch.float32
-                out[name] = (b.to(device=tau.device, dtype=wide) + tau.to(wide)).to(b.dtype)
-            elif init == "one":
-                out[name] = (1.0 + tau.to(torch.float32)).to(tau.dtype)
-            else:
-                out[name] = tau
+                if base is None or n not in base:
+                    raise ValueError(f"tensor {n!r} is a delta from a base checkpoint: pass base=... with it")
+                b = bases[n] = _as_torch(base[n])
+                if tuple(b.shape) != tuple(s.shape):
+                    raise ValueError(f"tensor {n!r}: base shape {tuple(b.shape)} differs from {tuple(s.shape)}")
+            wide.append(tau_dtype(init, self._orig_dtype(n, s), bases.get(n)))
+        taus = _decode_parsed(names, streams, wide, device)
+        for n, s in zip(names, streams):
+            out[n] = reconstruct(self.init_of(n), taus[n], bases.get(n), self._orig_dtype(n, s))
+        for n in self.lossless_keys():
+            out[n] = self._lossless_on(n, device)
         return out
 
     # -- files ------------------------------------------------------------------------------
-    def _metadata(self) -> Dict[str, str]:
-        info = dict(self._info, names=pack_names(self.keys()))
-        md = {"format": FILE_FORMAT, "compeft": json.dumps(info, separators=(",", ":"))}
-        if self.peft_config is not None:
-            md["peft_config"] = json.dumps(self.peft_config, separators=(",", ":"), default=list)
-        return md
-
-    def _tensors_for_file(self) -> Dict[str, Any]:
-        """Tensors under short keys, the position of their name in the packed name list."""
-        return {
-            str(i): _stream_tensor(self.stream(n)) if n in self._streams else self.lossless(n)
-            for i, n in enumerate(self.keys())
-        }
-
-    def save(self, path: PathLike) -> None:
-        """Writes one safetensors file (compressed streams as 1-D U8 tensors, codec parameters
-        in ``__metadata__``) through a temporary file renamed into place."""
-        atomic_write_bytes(path, self.to_bytes())
+    def save(self, path: PathLike) -> Path:
+        """Writes the expert file (a valid safetensors file) through a temporary file that is
+        synced and renamed into place."""
+        return atomic_file(path, lambda tmp: self._file.write_to(str(tmp)))
 
     def to_bytes(self) -> bytes:
-        """The same bytes :meth:`save` writes."""
-        from safetensors.torch import save
-
-        return save({k: v.contiguous() for k, v in self._tensors_for_file().items()}, metadata=self._metadata())
+        """The bytes :meth:`save` writes."""
+        return self._file.to_bytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CompressedExpert":
-        from safetensors.torch import load
-
-        md = _safetensors_metadata_from_bytes(data)
-        try:
-            stored = load(bytes(data))
-        except Exception as e:  # safetensors raises its own error types for bad bytes
-            raise CompeftError(f"not a readable safetensors file: {e}") from None
-        info, peft_config = _parse_metadata(md, "<bytes>")
-        keys = _file_key_map(info, stored.keys(), "<bytes>")
-        tensors = {n: stored[k] for n, k in keys.items()}
-        lossless_names = set(info.get("lossless", []))
-        streams = {
-            n: CompressedTensor.from_bytes(t.numpy().tobytes(), kind="torch")
-            for n, t in tensors.items()
-            if n not in lossless_names
-        }
-        lossless = {n: t for n, t in tensors.items() if n in lossless_names}
-        return cls(streams, lossless, info, peft_config=peft_config)
+    def from_bytes(cls, data: Union[bytes, bytearray, memoryview]) -> "CompressedExpert":
+        """An expert from the bytes of its file."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"expected bytes, got {type(data).__name__}")
+        return cls(ExpertFile.from_bytes(bytes(data)))
 
     # -- report -----------------------------------------------------------------------------
-    def summary(self, file_bytes: Optional[int] = None) -> ExpertSummary:
-        """Sizes per tensor and in total, against fp16 and the entropy bound."""
+    def summary(self) -> ExpertSummary:
+        """Sizes per tensor and in total, against fp16 and the entropy bound (no decoding)."""
         s = ExpertSummary()
         shapes: Dict[str, Tuple[int, ...]] = {}
+        parsed = dict(zip(self.compressed_keys(), self._parse(self.compressed_keys())))
         for name in self.keys():
-            if name in self._streams:
-                c = self.stream(name)
-                shape, numel, nbytes = c.shape, c.numel, c.nbytes
+            key = self._keys[name]
+            nbytes = int(self._entries[key][2])
+            if name in self._exact:
+                shape = tuple(self._entries[key][1])
+                numel = math.prod(shape)
+                row = {"name": name, "shape": shape, "density": 1.0, "lossless": True}
+            else:
+                c = CompressedTensor(parsed[name], "torch")
+                shape, numel = c.shape, c.numel
                 s.compressed_params += numel
                 s.entropy_bound_bytes += _entropy_bound_bits(numel, c.density) / 8 if numel else 0.0
                 row = {"name": name, "shape": shape, "density": c.density, "lossless": False}
-            else:
-                t = self.lossless(name)
-                shape, numel, nbytes = tuple(t.shape), t.numel(), t.numel() * t.element_size()
-                row = {"name": name, "shape": shape, "density": 1.0, "lossless": True}
             shapes[name] = shape
             s.total_params += numel
             row.update(
@@ -401,77 +411,85 @@ class CompressedExpert:
             )
             s.rows.append(row)
         s.fp16_file_bytes = fp16_file_size(shapes)
-        if file_bytes is None:
-            file_bytes = self._path.stat().st_size if self._path is not None else len(self.to_bytes())
-        s.file_bytes = file_bytes
+        s.file_bytes = self.nbytes
         return s
 
     def __repr__(self) -> str:
         return (
-            f"CompressedExpert({len(self._streams)} compressed + {len(self._lossless)} lossless tensors, "
+            f"CompressedExpert({len(self.compressed_keys())} compressed + {len(self._exact)} exact tensors, "
             f"k={self.k}, alpha={self.alpha}, scope={self.scope!r}, encoding={self.encoding!r})"
         )
 
 
-def _safetensors_metadata_from_bytes(data: bytes) -> Dict[str, str]:
-    if len(data) < 8:
-        raise CompeftError("not a safetensors file: shorter than its 8-byte header length")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise CompeftError("not a safetensors file: header length beyond the data")
-    try:
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except ValueError as e:
-        raise CompeftError(f"not a safetensors file: {e}") from None
-    md = header.get("__metadata__") or {}
-    return dict(md)
+def tau_dtype(init: Optional[str], dtype: str, base: Any = None) -> str:
+    """The dtype tau is decoded in before theta_init is added: float32 (float64 for a float64
+    base) where a sum follows, the tensor's own dtype for a delta from 0."""
+    if init == "base":
+        return "float64" if _dtype_str(base) == "float64" else "float32"
+    if init == "one":
+        return "float32"
+    return dtype
 
 
-def _parse_metadata(md: Mapping[str, str], where: str) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
-    if md.get("format") != FILE_FORMAT or "compeft" not in md:
-        raise CompeftError(f"{where} is a safetensors file but not a compeft expert (no compeft metadata)")
-    try:
-        info = json.loads(md["compeft"])
-        peft_config = json.loads(md["peft_config"]) if "peft_config" in md else None
-    except ValueError as e:
-        raise CompeftError(f"{where}: corrupt compeft metadata: {e}") from None
-    if info.get("file_version") != 1:
-        raise CompeftError(f"{where}: unsupported compeft file version {info.get('file_version')!r}")
-    return info, peft_config
+def _decode_parsed(names: List[str], streams: List[Any], dtypes: List[str], device: Any = None) -> Dict[str, Any]:
+    """Decodes parsed streams: on the CPU in one parallel call into Rust, into one buffer per
+    dtype; on a device by expanding each stream's 2-bit form there."""
+    if not names:
+        return {}
+    dev = _arrays.torch_device(device)
+    if dev is not None:
+        from ._tensor import _expand_on_device
+
+        return {n: _expand_on_device(s, dt, dev) for n, s, dt in zip(names, streams, dtypes)}
+    outs, views = _alloc_outputs([tuple(s.shape) for s in streams], dtypes)
+    _decode_streams(streams, names, views, dtypes)
+    return dict(zip(names, outs))
+
+
+def reconstruct(init: Optional[str], tau: Any, base: Any, dtype: str) -> Any:
+    """theta_init + tau in the dtype the tensor had: ``tau`` is float32 (float64 for a float64
+    base) except for deltas from 0, which are decoded straight into ``dtype``. The one rule used
+    by :meth:`CompressedExpert.apply` and :func:`compeft_rs.apply_checkpoint`."""
+    torch = _torch()
+    if init == "base":
+        return (base.to(device=tau.device, dtype=tau.dtype) + tau).to(base.dtype)
+    if init == "one":
+        return (tau + 1.0).to(getattr(torch, dtype))
+    return tau.to(getattr(torch, dtype))
+
+
+def _alloc_outputs(shapes: Sequence[Tuple[int, ...]], dtypes: Sequence[str]) -> Tuple[List[Any], List[np.ndarray]]:
+    """One torch buffer per dtype, cut into a view per tensor; and the flat numpy views Rust
+    writes into (uint16 for half types)."""
+    torch = _torch()
+    sizes = [math.prod(s) for s in shapes]
+    by_dtype: Dict[str, List[int]] = {}
+    for i, dt in enumerate(dtypes):
+        by_dtype.setdefault(dt, []).append(i)
+    outs: List[Any] = [None] * len(shapes)
+    views: List[Any] = [None] * len(shapes)
+    for dt, idx in by_dtype.items():
+        buf = torch.empty(sum(sizes[i] for i in idx), dtype=getattr(torch, dt))
+        flat = buf.view(torch.int16).numpy().view(np.uint16) if dt in ("float16", "bfloat16") else buf.numpy()
+        off = 0
+        for i in idx:
+            outs[i] = buf[off : off + sizes[i]].view(shapes[i])
+            views[i] = flat[off : off + sizes[i]]
+            off += sizes[i]
+    return outs, views
 
 
 def load_expert(path: PathLike) -> CompressedExpert:
-    """Opens a file written by :meth:`CompressedExpert.save`; tensors are read on access."""
-    from safetensors import safe_open
-
+    """Opens a file written by :meth:`CompressedExpert.save`: the file is memory-mapped and its
+    header checked; tensors are read when asked for."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist or is not a file")
     try:
-        with safe_open(str(p), framework="pt") as f:
-            md = f.metadata() or {}
-            names = list(f.keys())
-    except CompeftError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CompeftError(f"{p} is not a readable safetensors file: {e}") from None
-    info, peft_config = _parse_metadata(md, str(p))
-    keys = _file_key_map(info, names, str(p))
-    lossless_names = set(info.get("lossless", []))
-    streams = {n: None for n in keys if n not in lossless_names}
-    lossless = {n: None for n in keys if n in lossless_names}
-    return CompressedExpert(streams, lossless, info, path=p, peft_config=peft_config,  # type: ignore[arg-type]
-                            file_keys=keys)
-
-
-def _file_key_map(info: Dict[str, Any], stored: Iterable[str], where: str) -> Dict[str, str]:
-    """Tensor name -> key in the file, checked against the keys the file holds."""
-    stored = set(stored)
-    names = unpack_names(str(info.pop("names", "")), len(stored), where)
-    keys = {n: str(i) for i, n in enumerate(names)}
-    if set(keys.values()) != stored:
-        raise CompeftError(f"{where}: tensor keys do not match the name list")
-    return keys
+        storage = ExpertFile.open(str(p))
+    except CompeftError as e:
+        raise CompeftError(f"{p}: {e}") from None
+    return CompressedExpert(storage, path=p, where=str(p))
 
 
 def _check_scope(scope: Any) -> str:
@@ -480,66 +498,142 @@ def _check_scope(scope: Any) -> str:
     return scope
 
 
-def task_vectors(
-    tensors: Mapping[str, Any], base: Optional[Mapping[str, Any]], lossless: Iterable[str]
-) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, str], Dict[str, str]]:
-    """Splits an expert into (deltas, lossless tensors, init per name, original dtype per name)."""
+def _meta_of(tensors: Mapping[str, Any]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    return {n: (_dtype_str(_as_torch(t)), tuple(t.shape)) for n, t in tensors.items()}
+
+
+def residual(t: Any, b: Any) -> Any:
+    """t - b in float32 (float64 if either is), taken in chunks so that a half-precision pair
+    needs one float32 output and no float32 copies of both inputs."""
     torch = _torch()
-    keep = set(lossless)
-    deltas: Dict[str, Any] = {}
-    raw: Dict[str, Any] = {}
-    init: Dict[str, str] = {}
-    dtypes: Dict[str, str] = {}
-    for name in sorted(tensors):
-        t = _as_torch(tensors[name])
-        if name in keep or not _is_float(t):
-            raw[name] = t
-            continue
-        dtypes[name] = _dtype_str(t)
-        if base is not None and name in base:
-            b = _as_torch(base[name])
-            if tuple(b.shape) != tuple(t.shape):
-                raise ValueError(
-                    f"tensor {name!r}: shape {tuple(t.shape)} in the fine-tune but {tuple(b.shape)} in the base"
-                )
-            wide = torch.float64 if torch.float64 in (t.dtype, b.dtype) else torch.float32
-            deltas[name] = t.to(wide) - b.to(device=t.device, dtype=wide)
-            init[name] = "base"
-        elif base is not None and not is_ia3(name) and "lora_" not in name:
-            raise ValueError(f"tensor {name!r} is in the fine-tune but not in the base checkpoint")
-        elif is_ia3(name):
-            deltas[name] = t.to(torch.float32) - 1.0
-            init[name] = "one"
-        else:
-            deltas[name] = t
-            init[name] = "zero"
-    return deltas, raw, init, dtypes
+    wide = torch.float64 if torch.float64 in (t.dtype, b.dtype) else torch.float32
+    t, b = t.detach().reshape(-1), b.detach().to(t.device).reshape(-1)
+    out = torch.empty(t.numel(), dtype=wide, device=t.device)
+    for i in range(0, t.numel(), RESIDUAL_CHUNK):
+        j = i + RESIDUAL_CHUNK
+        out[i:j].copy_(t[i:j])
+        out[i:j].sub_(b[i:j])
+    return out
 
 
-def encode_named(name: str, arr: Any, dtype: str, shape: Tuple[int, ...], k: float, alpha: float,
-                 encoding: str) -> CompressedTensor:
-    """Per-tensor encode whose errors name the tensor."""
-    try:
-        return CompressedTensor(_encode(arr, dtype, list(shape), k, alpha, encoding), "torch")
-    except (ValueError, CompeftError) as e:
-        raise type(e)(f"tensor {name!r}: {e}") from None
+def delta_of(plan: TensorPlan, t: Any, base: Any = None) -> Any:
+    """The task vector of one tensor under its plan."""
+    torch = _torch()
+    if plan.init == "base":
+        return residual(t, base).reshape(t.shape)
+    if plan.init == "one":
+        return t.detach().to(torch.float32) - 1.0
+    return t
 
 
-def expert_info(k: float, alpha: float, scope: str, encoding: str, default_init: str, init: Mapping[str, str],
-                dtypes: Mapping[str, str], lossless: Iterable[str]) -> Dict[str, Any]:
+def encode_deltas(
+    names: Sequence[str],
+    source: Callable[[str], Any],
+    ks: Sequence[float],
+    alpha: float,
+    scope: str,
+    encoding: str,
+    progress: Callable[[Sequence[str], str], Iterable[str]] = lambda names, desc: names,
+) -> Dict[float, Dict[str, CompressedTensor]]:
+    """Compresses the task vectors ``source(name)`` for every density in ``ks``.
+
+    The one selection path: in global scope a streaming radix select over all tensors in sorted
+    name order (which also orders ties), fed one tensor at a time, its first-level histogram
+    shared by every k; in per-tensor scope one parallel call into Rust per k.
+    """
+    names = sorted(names)
+    out: Dict[float, Dict[str, CompressedTensor]] = {float(k): {} for k in ks}
+    if not names:
+        return out
+
+    def flat(n: str) -> Tuple[Any, str, Tuple[int, ...]]:
+        arr, dt, shape, _, _ = _arrays.flat_input(source(n))
+        return arr, dt, shape
+
+    if scope == "per_tensor":
+        items = []
+        for n in progress(names, "read"):
+            arr, dt, shape = flat(n)
+            items.append((n, arr, dt, list(shape)))
+        for k in ks:
+            streams = _encode_many(items, float(k), alpha, encoding)
+            out[float(k)] = {n: CompressedTensor(s, "torch") for n, s in zip(names, streams)}
+        return out
+
+    def feed(sel: Any, desc: str) -> None:
+        for n in progress(names, desc):
+            arr, dt, _ = flat(n)
+            try:
+                sel.feed(arr, dt)
+            except ValueError as e:
+                raise ValueError(f"tensor {n!r}: {e}") from None
+
+    dtypes, d = [], 0
+    for n in names:
+        arr, dt, _ = flat(n)
+        dtypes.append(dt)
+        d += arr.size
+    first = Selector(dtypes, d, float(ks[0]))
+    feed(first, "select (pass 1)")
+    for k in ks:
+        sel = first.with_density(float(k))
+        level = 1
+        while not sel.finish_level():
+            level += 1
+            feed(sel, f"select (pass {level})")
+        thr = sel.threshold()
+        ties, scale = thr.ties, alpha * sel.sigma
+        for n in progress(names, "encode"):
+            arr, dt, shape = flat(n)
+            s, ties = _encode_with_threshold(arr, dt, list(shape), thr, ties, scale, encoding)
+            out[float(k)][n] = CompressedTensor(s, "torch")
+    return out
+
+
+def _raw_entry(key: str, t: Any) -> Tuple[str, str, List[int], np.ndarray]:
+    torch = _torch()
+    name = _dtype_str(t)
+    if name not in _ST_BY_TORCH:
+        raise TypeError(f"cannot store a {name} tensor exactly; convert it to a supported dtype first")
+    t = t.detach().cpu().contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+    return key, _ST_BY_TORCH[name], list(t.shape), data
+
+
+def build_expert(
+    streams: Mapping[str, CompressedTensor],
+    exact: Mapping[str, Any],
+    info: Dict[str, Any],
+    peft_config: Optional[Dict[str, Any]] = None,
+) -> CompressedExpert:
+    """Serialises streams and exactly-kept tensors into an expert file in memory."""
+    names = sorted(set(streams) | set(exact))
+    keys = {n: str(i) for i, n in enumerate(names)}
+    info = dict(info, file_version=FILE_VERSION, names=pack_names(names))
+    md = {"format": FILE_FORMAT, "compeft": json.dumps(info, separators=(",", ":"))}
+    if peft_config is not None:
+        md["peft_config"] = json.dumps(peft_config, separators=(",", ":"), default=list)
+    raw = [_raw_entry(keys[n], _as_torch(t)) for n, t in exact.items()]
+    storage = ExpertFile.build([(keys[n], c._stream) for n, c in streams.items()], raw, md)
+    return CompressedExpert(storage)
+
+
+def expert_info(k: float, alpha: float, scope: str, encoding: str, plans: Mapping[str, TensorPlan],
+                streams: Mapping[str, CompressedTensor], dtypes: Mapping[str, str]) -> Dict[str, Any]:
     """The codec parameters stored in a file's metadata; only what differs from the defaults is
     listed per tensor, to keep small experts small."""
+    inits = [p.init for p in plans.values() if p.init is not None]
+    default = "base" if "base" in inits else "zero"
     return {
-        "file_version": 1,
         "library": "compeft-rs",
         "k": k,
         "alpha": alpha,
         "scope": scope,
         "encoding": encoding,
-        "default_init": default_init,
-        "init": {n: v for n, v in init.items() if v != default_init},
-        "dtypes": dict(dtypes),
-        "lossless": sorted(lossless),
+        "default_init": default,
+        "init": {n: p.init for n, p in plans.items() if p.init is not None and p.init != default},
+        "dtypes": {n: dtypes[n] for n, c in streams.items() if dtypes[n] != c.dtype_name},
+        "lossless": sorted(n for n, p in plans.items() if p.exact),
     }
 
 
@@ -548,48 +642,34 @@ def compress_expert_densities(
     ks: Sequence[float],
     alpha: float = 1.0,
     *,
+    base: Optional[Mapping[str, Any]] = None,
     scope: str = "global",
     encoding: str = "golomb",
     lossless: Iterable[str] = (),
     peft_config: Optional[Dict[str, Any]] = None,
 ) -> Dict[float, CompressedExpert]:
-    """compress_expert for several densities at once: the first-level magnitude histogram and the
-    moments are computed once (per expert in global scope, per tensor in per-tensor scope) and
-    shared by every k. Each result equals compress_expert(tensors, k, alpha, ...)."""
+    """compress_expert for several densities at once, one selection shared by all of them."""
+    checked = [check_k_alpha(k, alpha)[0] for k in ks]
+    alpha = check_k_alpha(checked[0] if checked else 1.0, alpha)[1]
     _check_scope(scope)
     _check_encoding(encoding)
-    deltas, raw, init, dtypes = task_vectors(tensors, None, lossless)
-    names = sorted(deltas)
-    flats = {n: _arrays.flat_input(deltas[n]) for n in names}
-    groups = [names] if scope == "global" else [[n] for n in names]
-    streams: Dict[float, Dict[str, CompressedTensor]] = {float(k): {} for k in ks}
-    for group in groups:
-        if not group:
-            continue
-        d = sum(int(np.prod(flats[n][2], dtype=np.int64)) for n in group)
-        first = Selector([flats[n][1] for n in group], d, float(ks[0]))
-        for n in group:
-            try:
-                first.feed(flats[n][0], flats[n][1])
-            except ValueError as e:
-                raise ValueError(f"tensor {n!r}: {e}") from None
-        for k in ks:
-            sel = first.with_density(float(k))
-            while not sel.finish_level():
-                for n in group:
-                    sel.feed(flats[n][0], flats[n][1])
-            thr = sel.threshold()
-            ties, scale = thr.ties, alpha * sel.sigma
-            for n in group:
-                arr, dt, shape, _, _ = flats[n]
-                s, ties = _encode_with_threshold(arr, dt, list(shape), thr, ties, scale, encoding)
-                streams[float(k)][n] = CompressedTensor(s, "torch")
-    out = {}
-    for k, st in streams.items():
-        changed = {n: dt for n, dt in dtypes.items() if dt != st[n].dtype_name}
-        info = expert_info(k, alpha, scope, encoding, "zero", init, changed, raw)
-        out[k] = CompressedExpert(st, raw, info, peft_config=peft_config)
-    return out
+    if base is not None:
+        base = {n: _as_torch(t) for n, t in base.items()}
+    tensors = {n: _as_torch(t) for n, t in tensors.items()}
+    plans = plan_expert(_meta_of(tensors), peft_config=peft_config, base=None if base is None else _meta_of(base))
+    for n in lossless:
+        if n not in plans:
+            raise KeyError(f"lossless names {n!r}, which is not among the tensors")
+        plans[n] = TensorPlan(None, "kept exactly on request")
+    deltas = {n: delta_of(p, tensors[n], None if base is None else base.get(n)) for n, p in plans.items()
+              if not p.exact}
+    exact = {n: tensors[n] for n, p in plans.items() if p.exact}
+    dtypes = {n: _dtype_str(tensors[n]) for n in deltas}
+    per_k = encode_deltas(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding)
+    return {
+        k: build_expert(st, exact, expert_info(k, alpha, scope, encoding, plans, st, dtypes), peft_config)
+        for k, st in per_k.items()
+    }
 
 
 def compress_expert(
@@ -608,12 +688,19 @@ def compress_expert(
     Args:
         tensors: name -> tensor (torch or numpy), or a safetensors file / checkpoint folder.
         k: density in (0, 1]. alpha: scale multiplier, finite and > 0.
-        base: the base checkpoint (dict or path) for a full fine-tune; the task vector is then
-            tensors - base. Without it the tensors are the task vector (LoRA factors,
-            theta_init = 0); (IA)3 vectors (names with ``ia3_l``) use theta_init = 1.
-        scope: "global" (one threshold and one sigma over all tensors, the paper's default,
-            in sorted name order) or "per_tensor".
-        lossless: names kept exactly (non-float tensors always are).
+        base: the base checkpoint (dict or path) of a full fine-tune; each tensor the base has
+            is compressed as tensors - base (in float32, float64 if either is), the rest kept
+            exactly.
+        scope: "global" (one threshold and one sigma over all compressed tensors, in sorted name
+            order: the paper's Algorithm 1) or "per_tensor".
+        lossless: names to keep exactly besides those the rules keep.
+        peft_config: the adapter config, stored in the file and used by the rules.
+
+    Which tensors are compressed from which theta_init, and which are kept exactly, is decided
+    by one rule for every path (see ``compeft_rs._plan``): LoRA factors from 0, (IA)3 vectors from
+    1, a fine-tune from its base; DoRA magnitudes, ``modules_to_save`` copies, non-float tensors
+    and, in an adapter, anything that is not a LoRA factor or (IA)3 vector, exactly; a plain dict
+    with no adapter tensor is a set of task vectors (from 0).
 
     >>> import torch, compeft_rs
     >>> sd = {"a.lora_A.weight": torch.randn(8, 64), "a.lora_B.weight": torch.randn(64, 8)}
@@ -622,24 +709,10 @@ def compress_expert(
     True
     """
     k, alpha = check_k_alpha(k, alpha)
-    _check_scope(scope)
-    _check_encoding(encoding)
     if isinstance(tensors, (str, os.PathLike)):
         tensors = load_tensors(tensors)
     if isinstance(base, (str, os.PathLike)):
         base = load_tensors(base)
-    deltas, raw, init, dtypes = task_vectors(tensors, base, lossless)
-    names = sorted(deltas)
-    flats = {n: _arrays.flat_input(deltas[n]) for n in names}
-    if scope == "global":
-        items = [(n, flats[n][0], flats[n][1], list(flats[n][2])) for n in names]
-        streams = _encode_global(items, k, alpha, encoding) if items else []
-        out = {n: CompressedTensor(s, "torch") for n, s in zip(names, streams)}
-    else:
-        out = {}
-        for n in names:
-            arr, dt, shape, _, _ = flats[n]
-            out[n] = encode_named(n, arr, dt, shape, k, alpha, encoding)
-    changed = {n: dt for n, dt in dtypes.items() if dt != out[n].dtype_name}
-    info = expert_info(k, alpha, scope, encoding, "zero", init, changed, raw)
-    return CompressedExpert(out, raw, info, peft_config=peft_config)
+    return compress_expert_densities(
+        tensors, [k], alpha, base=base, scope=scope, encoding=encoding, lossless=lossless, peft_config=peft_config
+    )[k]

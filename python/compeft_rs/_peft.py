@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from ._expert import CompressedExpert, PathLike, _torch, atomic_save_safetensors, compress_expert, load_expert
+from ._core import CompeftError
+from ._expert import CompressedExpert, PathLike, _torch, compress_expert, load_expert
+from ._io import atomic_dir
 
 __all__ = ["compress_peft", "save_peft", "load_peft", "is_peft_folder", "read_peft_folder"]
 
@@ -27,11 +27,19 @@ def read_peft_folder(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     p = Path(path)
     if not is_peft_folder(p):
         raise ValueError(f"{p} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    config = json.loads((p / ADAPTER_CONFIG).read_text())
+    try:
+        config = json.loads((p / ADAPTER_CONFIG).read_text())
+    except ValueError as e:
+        raise ValueError(f"{p / ADAPTER_CONFIG} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{p / ADAPTER_CONFIG} does not hold a JSON object")
     if (p / ADAPTER_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
-        sd = load_file(str(p / ADAPTER_WEIGHTS))
+        try:
+            sd = load_file(str(p / ADAPTER_WEIGHTS))
+        except Exception as e:  # safetensors raises its own error types for bad files
+            raise CompeftError(f"{p / ADAPTER_WEIGHTS} is not a readable safetensors file: {e}") from None
     elif (p / ADAPTER_WEIGHTS_BIN).is_file():
         sd = _torch().load(str(p / ADAPTER_WEIGHTS_BIN), map_location="cpu", weights_only=True)
     else:
@@ -45,16 +53,6 @@ def _config_dict(config: Any) -> Dict[str, Any]:
     return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
-# Adapter tensors that are deltas from a known theta_init (0 for LoRA factors, 1 for (IA)3).
-_DELTA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "ia3_l")
-
-
-def _lossless_names(sd: Dict[str, Any]) -> list:
-    """Everything that is not a LoRA factor or (IA)3 vector (modules_to_save copies, DoRA
-    magnitudes, biases, buffers) is not a delta from 0 or 1: keep it exactly."""
-    return [n for n in sd if not any(m in n for m in _DELTA_MARKERS)]
-
-
 def compress_peft(
     adapter: Union[PathLike, Any],
     k: float,
@@ -66,22 +64,23 @@ def compress_peft(
 ) -> CompressedExpert:
     """Compresses a PEFT adapter: a folder (adapter_config.json + weights) or a PeftModel in memory.
 
-    LoRA factors are compressed themselves (theta_init = 0), (IA)3 vectors from 1; modules_to_save
-    copies and non-float tensors are kept losslessly. The adapter config travels in the file.
+    LoRA factors are compressed themselves (theta_init = 0), (IA)3 vectors from 1; DoRA
+    magnitudes, modules_to_save copies, heads and non-float tensors are kept exactly; other PEFT
+    types and LoRA initialisations that change the base (PiSSA, OLoRA, CorDA, LoftQ) are refused.
+    The adapter config travels in the file. For a PeftModel, ``adapter_name`` defaults to the
+    active adapter.
     """
     if isinstance(adapter, (str, os.PathLike)):
         sd, config = read_peft_folder(adapter)
     else:
         from peft import get_peft_model_state_dict
 
-        name = adapter_name or getattr(adapter, "active_adapter", "default")
+        name = adapter_name or active_adapter(adapter)
         if not hasattr(adapter, "peft_config") or name not in adapter.peft_config:
             raise TypeError("expected a PEFT adapter folder or a peft.PeftModel")
         sd = {k_: v.detach().cpu() for k_, v in get_peft_model_state_dict(adapter, adapter_name=name).items()}
         config = _config_dict(adapter.peft_config[name])
-    return compress_expert(
-        sd, k, alpha, scope=scope, encoding=encoding, lossless=_lossless_names(sd), peft_config=config
-    )
+    return compress_expert(sd, k, alpha, scope=scope, encoding=encoding, peft_config=config)
 
 
 def adapter_state_dict(expert: CompressedExpert) -> Dict[str, Any]:
@@ -90,27 +89,30 @@ def adapter_state_dict(expert: CompressedExpert) -> Dict[str, Any]:
 
 
 def save_peft(expert: Union[CompressedExpert, PathLike], out_dir: PathLike, *, overwrite: bool = False) -> Path:
-    """Writes a folder that ``peft.PeftModel.from_pretrained`` loads. Built in a temporary folder
-    beside ``out_dir`` and renamed into place, so a failure leaves nothing behind."""
+    """Writes a folder that ``peft.PeftModel.from_pretrained`` loads (adapter_config.json and
+    adapter_model.safetensors). Built beside ``out_dir`` and renamed into place; with
+    ``overwrite`` an existing folder is replaced only if it holds nothing but those two files."""
     if not isinstance(expert, CompressedExpert):
         expert = load_expert(expert)
     if expert.peft_config is None:
         raise ValueError("this expert was not made from a PEFT adapter (no adapter config in it)")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--force) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(expert.peft_config, indent=2))
-        atomic_save_safetensors(adapter_state_dict(expert), tmp / ADAPTER_WEIGHTS, {"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    config = expert.peft_config
+
+    def build(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        save_file(adapter_state_dict(expert), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+    return atomic_dir(out_dir, build, (ADAPTER_CONFIG, ADAPTER_WEIGHTS), overwrite=overwrite)
+
+
+def active_adapter(model: Any) -> str:
+    """The name of a PeftModel's active adapter."""
+    name = getattr(model, "active_adapter", "default")
+    if isinstance(name, (list, tuple)):  # several active adapters: the first one
+        name = name[0]
+    return str(name)
 
 
 def load_peft(model: Any, source: Union[CompressedExpert, PathLike], adapter_name: str = "default") -> Any:

@@ -136,25 +136,26 @@ class CompressedTensor:
         return self._stream.to_bytes()
 
     @classmethod
-    def from_bytes(cls, data: BytesLike, *, kind: Optional[str] = None) -> "CompressedTensor":
+    def from_bytes(cls, data: BytesLike, *, framework: str = "pt") -> "CompressedTensor":
         """Parses bytes written by :meth:`to_bytes`. Raises CompeftError if they are corrupt.
 
-        ``kind`` ("torch" or "numpy") sets what :meth:`decode` returns; by default torch if torch
-        is imported, else numpy.
+        ``framework`` sets what :meth:`decode` returns: "pt" (torch tensors, the default) or
+        "np" (numpy arrays), as in safetensors.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"expected bytes, got {type(data).__name__}")
-        if kind is None:
-            kind = _arrays.default_kind()
-        if kind not in ("torch", "numpy"):
-            raise ValueError(f"kind must be 'torch' or 'numpy', got {kind!r}")
-        return cls(Stream.from_bytes(bytes(data)), kind)
+        return cls(Stream.from_bytes(bytes(data)), _arrays.kind_of(framework))
+
+    @property
+    def framework(self) -> str:
+        """What :meth:`decode` returns: "pt" (torch) or "np" (numpy)."""
+        return "pt" if self._kind == "torch" else "np"
 
     def __reduce__(self) -> Any:
-        return (_from_bytes_kind, (self.to_bytes(), self._kind))
+        return (_from_bytes_framework, (self.to_bytes(), self.framework))
 
     # -- decoding ---------------------------------------------------------------------------
-    def decode(self, dtype: Any = None, device: Any = None) -> Any:
+    def decode(self, *, dtype: Any = None, device: Any = None) -> Any:
         """The dense tensor: ``sign * scale`` at kept entries, 0 elsewhere, in ``dtype``
         (default: the original dtype) and of the original kind.
 
@@ -197,8 +198,8 @@ class CompressedTensor:
         )
 
 
-def _from_bytes_kind(data: bytes, kind: str) -> CompressedTensor:
-    return CompressedTensor.from_bytes(data, kind=kind)
+def _from_bytes_framework(data: bytes, framework: str) -> CompressedTensor:
+    return CompressedTensor.from_bytes(data, framework=framework)
 
 
 def _expand_on_device(stream: Stream, name: str, device: Any) -> Any:
@@ -254,10 +255,13 @@ def encode(tensor: Any, k: float, alpha: float = 1.0, *, encoding: str = "golomb
     return CompressedTensor(stream, kind)
 
 
-def decode(obj: Union[CompressedTensor, BytesLike], dtype: Any = None, device: Any = None) -> Any:
-    """Decodes a CompressedTensor or its bytes to a dense tensor (see CompressedTensor.decode)."""
+def decode(
+    obj: Union[CompressedTensor, BytesLike], *, dtype: Any = None, device: Any = None, framework: str = "pt"
+) -> Any:
+    """Decodes a CompressedTensor or its bytes to a dense tensor (see CompressedTensor.decode).
+    Bytes decode to ``framework``: "pt" (torch, the default) or "np" (numpy)."""
     if isinstance(obj, (bytes, bytearray, memoryview)):
-        obj = CompressedTensor.from_bytes(obj)
+        obj = CompressedTensor.from_bytes(obj, framework=framework)
     if not isinstance(obj, CompressedTensor):
         raise TypeError(f"expected a CompressedTensor or bytes, got {type(obj).__name__}")
     return obj.decode(dtype=dtype, device=device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from ._expert import CompressedExpert, _torch, compress_expert, compress_expert_densities
+from ._expert import CompressedExpert, _torch, compress_expert_densities, reconstruct
 
 __all__ = ["tune", "TunePoint", "TuneResult"]
 
@@ -75,16 +75,14 @@ def tune(
     if _is_peft_model(expert):
         from peft import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: F811
 
-        from ._peft import _config_dict, _lossless_names
+        from ._peft import _config_dict, active_adapter
 
         model = expert
-        name = getattr(model, "active_adapter", "default")
+        name = active_adapter(model)
         sd = {n: t.detach().cpu().clone() for n, t in get_peft_model_state_dict(model, adapter_name=name).items()}
-        lossless = _lossless_names(sd)
         config = _config_dict(model.peft_config[name])
     elif isinstance(expert, Mapping):
         sd = dict(expert)
-        lossless = []
     else:
         raise TypeError("expert must be a dict of tensors or a peft.PeftModel")
     if not ks or not alphas:
@@ -100,23 +98,20 @@ def tune(
         bar = tqdm(total=len(grid), desc="tune", unit="point", leave=False, disable=None)
     points: List[TunePoint] = []
     # One magnitude histogram for all k, one selection per k reused for every alpha.
-    per_k = compress_expert_densities(sd, ks, 1.0, scope=scope, encoding=encoding, lossless=lossless)
+    per_k = compress_expert_densities(sd, ks, 1.0, scope=scope, encoding=encoding, peft_config=config)
     try:
         for k in ks:
             unit = per_k[float(k)]
-            nbytes = len(unit.to_bytes())
-            tau64 = {n: unit.decode_tensor(n, dtype="float64") for n in unit.compressed_keys()}
+            nbytes = unit.nbytes
+            tau64 = unit.decode(unit.compressed_keys(), dtype="float64")
             for alpha in alphas:
                 weights: Dict[str, Any] = {n: unit.lossless(n) for n in unit.lossless_keys()}
                 for n, t in tau64.items():
-                    init = unit.init_of(n)
                     # sign * (alpha * sigma) in f64, then the decoder's cast through float32.
                     v = (t * float(alpha)).to(torch.float32)
-                    if init == "one":
-                        v = v + 1.0
-                    weights[n] = v.to(getattr(torch, unit.dtype_of(n)))
+                    weights[n] = reconstruct(unit.init_of(n), v, None, unit.dtype_of(n))
                 if model is not None:
-                    set_peft_model_state_dict(model, weights)
+                    set_peft_model_state_dict(model, weights, adapter_name=name)
                     score = float(evaluate(model))
                 else:
                     score = float(evaluate(weights))
@@ -127,8 +122,8 @@ def tune(
         if bar is not None:
             bar.close()
         if model is not None:
-            set_peft_model_state_dict(model, sd)
+            set_peft_model_state_dict(model, sd, adapter_name=name)
     best = max(points, key=lambda p: (p.score, -p.nbytes))
-    chosen = compress_expert(sd, best.k, best.alpha, scope=scope, encoding=encoding, lossless=lossless,
-                             peft_config=config)
+    chosen = compress_expert_densities(sd, [best.k], best.alpha, scope=scope, encoding=encoding,
+                                       peft_config=config)[best.k]
     return TuneResult(points=points, best=best, expert=chosen, pareto=pareto_front(points))

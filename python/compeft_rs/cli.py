@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         c = compeft_rs.encode(tau, k, alpha=args.alpha)
         blob = c.to_bytes()
         t1 = time.perf_counter()
-        back = compeft_rs.CompressedTensor.from_bytes(blob, kind="numpy").decode()
+        back = compeft_rs.CompressedTensor.from_bytes(blob, framework="np").decode()
         t2 = time.perf_counter()
         kept = np.count_nonzero(back)
         assert kept == c.nnz, "decoded pattern does not match"
@@ -82,22 +83,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
-    from ._expert import atomic_save_safetensors, load_expert
+    from safetensors.torch import save_file
+
+    from ._expert import load_expert
+    from ._io import atomic_file
     from ._peft import save_peft
 
     expert = load_expert(args.src)
     out = Path(args.output)
     if expert.peft_config is not None:
-        _check_out(out, args.force)
         save_peft(expert, out, overwrite=args.force)
-        what = "PEFT adapter folder"
+        what = f"PEFT adapter folder {out}"
     else:
         target = out / "task_vector.safetensors"
         _check_out(target, args.force)
-        atomic_save_safetensors(expert.decode(), target, {"format": "pt"})
+        tau = expert.decode()
+        atomic_file(target, lambda tmp: save_file(tau, str(tmp), metadata={"format": "pt"}))
         what = f"task vector {target}"
     if not args.quiet:
-        print(f"decompressed {args.src} -> {what} {out}")
+        print(f"decompressed {args.src} -> {what}")
     return 0
 
 
@@ -105,7 +109,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from ._checkpoint import apply_checkpoint
 
     out = Path(args.output)
-    _check_out(out, args.force)
     apply_checkpoint(args.src, args.base, out, overwrite=args.force, progress=not args.quiet)
     if not args.quiet:
         print(f"applied {args.src} onto {args.base} -> {out}")
@@ -167,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         "apply",
         help="write base + decompressed residual as a checkpoint with the base's sharding",
+        description="Write BASE + the residual in SRC (an expert compressed with --base) as a checkpoint "
+        "with BASE's sharding: a file for a file, a folder with the same shards, index and config files "
+        "for a folder. Tensors kept exactly are written as stored.",
     )
     a.add_argument("src", metavar="SRC")
     a.add_argument("--base", required=True, metavar="BASE", help="the base checkpoint (file or folder)")
@@ -174,11 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(a)
     a.set_defaults(func=cmd_apply)
 
-    i = sub.add_parser("inspect", help="per-tensor and total sizes, density, bits/param, entropy bound")
+    i = sub.add_parser(
+        "inspect",
+        help="per-tensor and total sizes, density, bits/param, entropy bound",
+        description="Print each tensor of a compressed expert (shape, density or 'exact', bytes, bits/param, "
+        "ratio against fp16) and the totals, against the fp16 safetensors file and the entropy bound.",
+    )
     i.add_argument("src", metavar="SRC")
     i.set_defaults(func=cmd_inspect)
 
-    m = sub.add_parser("demo", help="compress a built-in synthetic task vector and print size, ratio and time")
+    m = sub.add_parser(
+        "demo",
+        help="compress a built-in synthetic task vector and print size, ratio and time",
+        description="Compress a synthetic fp16 task vector at a few densities and print bytes, bits/param "
+        "against the entropy bound, the ratio against fp16 and encode/decode times.",
+    )
     m.add_argument("--numel", type=int, default=10_000_000, help="entries in the task vector (default 10M)")
     m.add_argument("-k", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="densities (default 0.05 0.1 0.2)")
     m.add_argument("--alpha", type=float, default=1.0, help="scale multiplier (default 1.0)")
@@ -188,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the CLI; every error is one line on stderr and an exit code (COMPEFT_DEBUG=1 shows
+    the traceback instead)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -195,21 +213,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args))
-    except FileExistsError as e:
-        print(f"compeft: error: {e}", file=sys.stderr)
-        return 3
-    except (FileNotFoundError, NotADirectoryError) as e:
-        print(f"compeft: error: {e}", file=sys.stderr)
-        return 4
-    except compeft_rs.CompeftError as e:
-        print(f"compeft: error: corrupt or unreadable input: {e}", file=sys.stderr)
-        return 5
-    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
-        print(f"compeft: error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        if os.environ.get("COMPEFT_DEBUG"):
+            raise
+        code = _exit_code(e)
+        msg = f"corrupt or unreadable input: {e}" if code == 5 else str(e)
+        if code == 1 and not isinstance(e, (ValueError, TypeError, KeyError, OSError)):
+            msg = f"{type(e).__name__}: {e}"
+        print(f"compeft: error: {' '.join(msg.split())}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("compeft: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_code(e: Exception) -> int:
+    """1 bad argument or data, 3 output exists, 4 input missing, 5 corrupt input."""
+    if isinstance(e, FileExistsError):
+        return 3
+    if isinstance(e, (FileNotFoundError, NotADirectoryError)):
+        return 4
+    if isinstance(e, compeft_rs.CompeftError) or type(e).__name__ == "SafetensorError":
+        return 5
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

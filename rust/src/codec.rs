@@ -450,19 +450,40 @@ impl BitmaskBody {
     }
 }
 
-fn decode_bitmask<T: Copy + Send + Sync>(m: &BitmaskBody, out: &mut [T], zero: T, pv: T, nv: T) {
+fn decode_bitmask<T: Copy>(m: &BitmaskBody, w0: usize, out: &mut [T], zero: T, pv: T, nv: T) {
     let table = [zero, pv, nv, zero];
-    out.par_chunks_mut(PASS_CHUNK)
-        .enumerate()
-        .for_each(|(ci, oc)| {
-            let w0 = ci * PASS_CHUNK / 64;
-            for (k, o) in oc.chunks_mut(64).enumerate() {
-                let (p, n) = (m.pos[w0 + k], m.neg[w0 + k]);
-                for (j, x) in o.iter_mut().enumerate() {
-                    *x = table[(((p >> j) & 1) | (((n >> j) & 1) << 1)) as usize];
-                }
-            }
-        });
+    for (k, o) in out.chunks_mut(64).enumerate() {
+        let (p, n) = (m.pos[w0 + k], m.neg[w0 + k]);
+        for (j, x) in o.iter_mut().enumerate() {
+            *x = table[(((p >> j) & 1) | (((n >> j) & 1) << 1)) as usize];
+        }
+    }
+}
+
+/// One independent piece of a decode: it owns a disjoint part of one output.
+type DecodeTask<'a> = Box<dyn FnOnce() -> Result<()> + Send + 'a>;
+
+/// Decodes many streams into their outputs in one parallel pass: the work is split across
+/// streams and, for large streams, across groups of blocks, so that an expert of hundreds of
+/// small tensors keeps every thread busy. On an error the index of the stream comes with it.
+pub fn decode_many<'a>(
+    jobs: Vec<(&'a Compressed, TensorMut<'a>)>,
+) -> std::result::Result<(), (usize, Error)> {
+    let threads = rayon::current_num_threads().max(1);
+    let total: u64 = jobs.iter().map(|(c, _)| c.numel.max(1)).sum();
+    // About 8 tasks per thread over the whole expert, a stream's share by its size.
+    let per_task = (total / (threads as u64 * 8)).max(1);
+    let mut tasks: Vec<(usize, DecodeTask<'a>)> = Vec::new();
+    for (i, (c, out)) in jobs.into_iter().enumerate() {
+        let parts = c.numel.div_ceil(per_task).clamp(1, threads as u64 * 8) as usize;
+        let mut mine = Vec::new();
+        c.push_decode_tasks(out, parts, &mut mine)
+            .map_err(|e| (i, e))?;
+        tasks.extend(mine.into_iter().map(|t| (i, t)));
+    }
+    tasks
+        .into_par_iter()
+        .try_for_each(|(i, t)| t().map_err(|e| (i, e)))
 }
 
 /// Asks the kernel for transparent huge pages on a large output buffer that is about to be
@@ -527,6 +548,19 @@ impl Compressed {
 
     /// Decodes into `out` (numel entries, any supported dtype): sign * scale, rounded to out's type.
     pub fn decode_into(&self, out: TensorMut<'_>) -> Result<()> {
+        let mut tasks = Vec::new();
+        self.push_decode_tasks(out, rayon::current_num_threads() * 4, &mut tasks)?;
+        tasks.into_par_iter().try_for_each(|t| t())
+    }
+
+    /// Checks `out` against this stream and appends the work of decoding into it, split into
+    /// about `parts` independent tasks (each owns a disjoint part of `out`).
+    fn push_decode_tasks<'a>(
+        &'a self,
+        out: TensorMut<'a>,
+        parts: usize,
+        tasks: &mut Vec<DecodeTask<'a>>,
+    ) -> Result<()> {
         if out.len() as u64 != self.numel {
             return Err(Error::InvalidArgument(format!(
                 "output holds {} entries, the stream {}",
@@ -534,47 +568,65 @@ impl Compressed {
                 self.numel
             )));
         }
+        self.check()?;
         match out {
             TensorMut::F16(o) => {
                 let p = half_bits(DType::F16, self.scale);
-                self.decode_generic(o, 0u16, p, p | 0x8000)
+                self.push_tasks(o, [0u16, p, p | 0x8000], parts, tasks)
             }
             TensorMut::BF16(o) => {
                 let p = half_bits(DType::BF16, self.scale);
-                self.decode_generic(o, 0u16, p, p | 0x8000)
+                self.push_tasks(o, [0u16, p, p | 0x8000], parts, tasks)
             }
             TensorMut::F32(o) => {
                 let p = self.scale as f32;
-                self.decode_generic(o, 0.0f32, p, -p)
+                self.push_tasks(o, [0.0f32, p, -p], parts, tasks)
             }
-            TensorMut::F64(o) => self.decode_generic(o, 0.0f64, self.scale, -self.scale),
+            TensorMut::F64(o) => {
+                self.push_tasks(o, [0.0f64, self.scale, -self.scale], parts, tasks)
+            }
         }
     }
 
-    fn decode_generic<T: Copy + Send + Sync>(
-        &self,
-        out: &mut [T],
-        zero: T,
-        pv: T,
-        nv: T,
+    /// `values` is [zero, +scale, -scale] in the output type.
+    fn push_tasks<'a, T: Copy + Send + Sync + 'a>(
+        &'a self,
+        out: &'a mut [T],
+        values: [T; 3],
+        parts: usize,
+        tasks: &mut Vec<DecodeTask<'a>>,
     ) -> Result<()> {
-        self.check()?;
+        let [zero, pv, nv] = values;
         advise_huge_pages(out);
+        let parts = parts.max(1);
         match &self.body {
             Body::Bitmask(m) => {
-                decode_bitmask(m, out, zero, pv, nv);
+                // Chunks of whole 64-entry words, at least one pass chunk each.
+                let per = (out.len().div_ceil(parts)).div_ceil(PASS_CHUNK).max(1) * PASS_CHUNK;
+                for (ci, oc) in out.chunks_mut(per).enumerate() {
+                    let w0 = ci * per / 64;
+                    tasks.push(Box::new(move || {
+                        decode_bitmask(m, w0, oc, zero, pv, nv);
+                        Ok(())
+                    }));
+                }
                 Ok(())
             }
             Body::Golomb(g) => {
                 let nb = g.block_count(self.nnz) as usize;
                 if nb == 0 {
-                    out.par_iter_mut().for_each(|x| *x = zero);
+                    let per = out.len().div_ceil(parts).max(PASS_CHUNK);
+                    for oc in out.chunks_mut(per) {
+                        tasks.push(Box::new(move || {
+                            oc.fill(zero);
+                            Ok(())
+                        }));
+                    }
                     return Ok(());
                 }
                 // Groups of consecutive blocks, each owning the output range up to the next group's
-                // first position, so that every thread writes zeros and values in one stream.
-                let groups = nb.min(rayon::current_num_threads() * 4).max(1);
-                let mut tasks = Vec::with_capacity(groups);
+                // first position, so that every task writes zeros and values in one stream.
+                let groups = nb.min(parts);
                 let mut rest = out;
                 let mut consumed = 0u64;
                 for gi in 0..groups {
@@ -588,28 +640,30 @@ impl Compressed {
                     if start != consumed || end < start {
                         return malformed("block index is not increasing");
                     }
-                    let (head, tail) = rest.split_at_mut((end - start) as usize);
+                    let (o, tail) = std::mem::take(&mut rest).split_at_mut((end - start) as usize);
                     rest = tail;
                     consumed = end;
-                    tasks.push((b0, b1, start, head));
+                    let (numel, nnz) = (self.numel, self.nnz);
+                    tasks.push(Box::new(move || {
+                        // Zero the output a window at a time, just ahead of the values written
+                        // into it, so that both writes hit the cache and memset runs in long
+                        // strides.
+                        const WIN: usize = 4096;
+                        let mut zeroed = 0usize;
+                        g.decode_blocks(numel, nnz, b0, b1, |pos, neg| {
+                            let i = (pos - start) as usize;
+                            if i >= zeroed {
+                                let end = ((i / WIN + 1) * WIN).min(o.len());
+                                o[zeroed..end].fill(zero);
+                                zeroed = end;
+                            }
+                            o[i] = if neg { nv } else { pv };
+                        })?;
+                        o[zeroed..].fill(zero);
+                        Ok(())
+                    }));
                 }
-                tasks.into_par_iter().try_for_each(|(b0, b1, start, o)| {
-                    // Zero the output a window at a time, just ahead of the values written into
-                    // it, so that both writes hit the cache and memset runs in long strides.
-                    const WIN: usize = 4096;
-                    let mut zeroed = 0usize;
-                    g.decode_blocks(self.numel, self.nnz, b0, b1, |pos, neg| {
-                        let i = (pos - start) as usize;
-                        if i >= zeroed {
-                            let end = ((i / WIN + 1) * WIN).min(o.len());
-                            o[zeroed..end].fill(zero);
-                            zeroed = end;
-                        }
-                        o[i] = if neg { nv } else { pv };
-                    })?;
-                    o[zeroed..].fill(zero);
-                    Ok(())
-                })
+                Ok(())
             }
         }
     }

@@ -18,6 +18,7 @@ mod bits;
 pub mod codec;
 pub mod dtype;
 pub mod error;
+pub mod expert;
 pub mod format;
 pub mod golomb;
 pub mod popcount;
@@ -26,7 +27,7 @@ pub mod selection;
 #[cfg(feature = "python")]
 mod python;
 
-pub use codec::{BitmaskBody, Body, Compressed, Encoding, GolombBody};
+pub use codec::{decode_many, BitmaskBody, Body, Compressed, Encoding, GolombBody};
 pub use dtype::{DType, Tensor, TensorMut};
 pub use error::{Error, Result};
 pub use popcount::{cosine, dot, hamming};
@@ -48,6 +49,24 @@ pub fn compress(
     let (thr, sigma) = select(&[t], k)?;
     let mut ties = thr.ties;
     codec::compress_with_threshold(t, shape, &thr, &mut ties, alpha * sigma, encoding)
+}
+
+/// Compresses many tensors, each on its own (per-tensor scope), in parallel across tensors: an
+/// expert of hundreds of small tensors in one call. On an error the index of the tensor comes
+/// with it.
+pub fn compress_many(
+    tensors: &[(Tensor<'_>, &[u64])],
+    k: f64,
+    alpha: f64,
+    encoding: Encoding,
+) -> std::result::Result<Vec<Compressed>, (Option<usize>, Error)> {
+    use rayon::prelude::*;
+    check_alpha(alpha).map_err(|e| (None, e))?;
+    tensors
+        .par_iter()
+        .enumerate()
+        .map(|(i, (t, shape))| compress(*t, shape, k, alpha, encoding).map_err(|e| (Some(i), e)))
+        .collect()
 }
 
 /// Compresses several tensors with one threshold and one sigma over all of them together (global

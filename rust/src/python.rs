@@ -5,11 +5,16 @@ use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use std::collections::HashMap;
+use std::path::PathBuf;
 
 use crate::codec::{Body, Compressed, Encoding};
 use crate::dtype::{DType, Tensor, TensorMut};
 use crate::error::Error;
+use crate::expert::{
+    dtype_name, parse_dtype as parse_st_dtype, serialize_expert, ExpertFile, Payload,
+};
 use crate::golomb::{entropy_bound_bits, expected_bits_per_nonzero, rice_parameter};
 use crate::selection::{KeySpace, Selector, Threshold};
 
@@ -60,6 +65,32 @@ fn tensor_of<'a>(a: &'a InArray<'_>, dtype: DType) -> PyResult<Tensor<'a>> {
             )))
         }
     })
+}
+
+fn tensor_mut<'a>(o: &'a mut OutArray<'_>, dtype: DType) -> PyResult<TensorMut<'a>> {
+    Ok(match (o, dtype) {
+        (OutArray::U16(x), DType::F16) => TensorMut::F16(x.as_slice_mut().map_err(not_contiguous)?),
+        (OutArray::U16(x), DType::BF16) => {
+            TensorMut::BF16(x.as_slice_mut().map_err(not_contiguous)?)
+        }
+        (OutArray::F32(x), DType::F32) => TensorMut::F32(x.as_slice_mut().map_err(not_contiguous)?),
+        (OutArray::F64(x), DType::F64) => TensorMut::F64(x.as_slice_mut().map_err(not_contiguous)?),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "output array element type does not match dtype {}",
+                dtype.name()
+            )))
+        }
+    })
+}
+
+/// An error about one of several named tensors: the name leads the message.
+fn named_error(names: &[String], (i, e): (Option<usize>, Error)) -> PyErr {
+    match i.and_then(|i| names.get(i)) {
+        Some(n) if e.is_argument_error() => PyValueError::new_err(format!("tensor '{n}': {e}")),
+        Some(n) => CompeftError::new_err(format!("tensor '{n}': {e}")),
+        None => to_py(e),
+    }
 }
 
 fn parse_dtype(name: &str) -> PyResult<DType> {
@@ -136,33 +167,10 @@ impl PyStream {
 
     /// Decodes into `out`, a contiguous 1-D array of numel entries (uint16 holds the bits of
     /// float16/bfloat16, named by `dtype`).
-    fn decode_into(&self, py: Python<'_>, out: OutArray<'_>, dtype: &str) -> PyResult<()> {
-        let dtype = parse_dtype(dtype)?;
+    fn decode_into(&self, py: Python<'_>, mut out: OutArray<'_>, dtype: &str) -> PyResult<()> {
+        let t = tensor_mut(&mut out, parse_dtype(dtype)?)?;
         let c = &self.inner;
-        match (out, dtype) {
-            (OutArray::U16(mut o), DType::F16) => {
-                let s = o.as_slice_mut().map_err(not_contiguous)?;
-                py.detach(|| c.decode_into(TensorMut::F16(s)))
-            }
-            (OutArray::U16(mut o), DType::BF16) => {
-                let s = o.as_slice_mut().map_err(not_contiguous)?;
-                py.detach(|| c.decode_into(TensorMut::BF16(s)))
-            }
-            (OutArray::F32(mut o), DType::F32) => {
-                let s = o.as_slice_mut().map_err(not_contiguous)?;
-                py.detach(|| c.decode_into(TensorMut::F32(s)))
-            }
-            (OutArray::F64(mut o), DType::F64) => {
-                let s = o.as_slice_mut().map_err(not_contiguous)?;
-                py.detach(|| c.decode_into(TensorMut::F64(s)))
-            }
-            _ => {
-                return Err(PyValueError::new_err(
-                    "output array element type does not match dtype",
-                ))
-            }
-        }
-        .map_err(to_py)
+        py.detach(|| c.decode_into(t)).map_err(to_py)
     }
 
     fn to_bitmask(&self, py: Python<'_>) -> PyResult<PyStream> {
@@ -322,11 +330,11 @@ fn encode(
     Ok(PyStream { inner })
 }
 
-/// Compresses tensors with one threshold and one sigma (global scope), in the order given.
-/// `items` holds (name, data, dtype, shape); names only label errors.
+/// Compresses many tensors, each on its own (per-tensor scope), in one call: parallel across
+/// tensors, the GIL released once. `items` holds (name, data, dtype, shape).
 #[pyfunction]
 #[pyo3(signature = (items, k, alpha, encoding))]
-fn encode_global(
+fn encode_many(
     py: Python<'_>,
     items: Vec<(String, InArray<'_>, String, Vec<u64>)>,
     k: f64,
@@ -343,19 +351,163 @@ fn encode_global(
         .zip(&items)
         .map(|(t, it)| (*t, it.3.as_slice()))
         .collect();
+    let names: Vec<String> = items.iter().map(|it| it.0.clone()).collect();
     let out = py
-        .detach(|| crate::compress_global(&pairs, k, alpha, encoding))
-        .map_err(|(i, e)| {
-            let err = to_py(e.clone());
-            match i {
-                Some(i) if e.is_argument_error() => {
-                    PyValueError::new_err(format!("tensor '{}': {e}", items[i].0))
-                }
-                Some(i) => CompeftError::new_err(format!("tensor '{}': {e}", items[i].0)),
-                None => err,
-            }
-        })?;
+        .detach(|| crate::compress_many(&pairs, k, alpha, encoding))
+        .map_err(|e| named_error(&names, e))?;
     Ok(out.into_iter().map(|inner| PyStream { inner }).collect())
+}
+
+/// Decodes many streams into their outputs in one parallel pass (GIL released once). `names`
+/// label errors; `dtypes` name each output's type.
+#[pyfunction]
+fn decode_streams(
+    py: Python<'_>,
+    streams: Vec<Bound<'_, PyStream>>,
+    names: Vec<String>,
+    mut outs: Vec<OutArray<'_>>,
+    dtypes: Vec<String>,
+) -> PyResult<()> {
+    if streams.len() != outs.len() || streams.len() != dtypes.len() || streams.len() != names.len()
+    {
+        return Err(PyValueError::new_err(
+            "streams, names, outputs and dtypes differ in length",
+        ));
+    }
+    let mut views = Vec::with_capacity(outs.len());
+    for (o, d) in outs.iter_mut().zip(&dtypes) {
+        views.push(tensor_mut(o, parse_dtype(d)?)?);
+    }
+    let jobs: Vec<(&Compressed, TensorMut<'_>)> =
+        streams.iter().map(|s| &s.get().inner).zip(views).collect();
+    py.detach(|| crate::decode_many(jobs))
+        .map_err(|(i, e)| named_error(&names, (Some(i), e)))
+}
+
+/// An expert file, memory-mapped or in memory: its safetensors header parsed and checked once.
+#[pyclass(module = "compeft_rs._core", name = "ExpertFile", frozen)]
+pub struct PyExpertFile {
+    inner: ExpertFile,
+}
+
+#[pymethods]
+impl PyExpertFile {
+    /// Maps the file at `path` (OSError if it cannot be opened, CompeftError if it is not a
+    /// readable safetensors file).
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf) -> PyResult<PyExpertFile> {
+        let inner = py.detach(|| ExpertFile::open(&path))?.map_err(to_py)?;
+        Ok(PyExpertFile { inner })
+    }
+
+    /// Parses bytes (copied once).
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<PyExpertFile> {
+        let v = data.to_vec();
+        let inner = py.detach(|| ExpertFile::from_vec(v)).map_err(to_py)?;
+        Ok(PyExpertFile { inner })
+    }
+
+    /// Builds a new expert file in memory from compressed streams, tensors kept exactly as
+    /// (key, safetensors dtype, shape, uint8 bytes), and the `__metadata__` strings.
+    #[staticmethod]
+    fn build(
+        py: Python<'_>,
+        streams: Vec<(String, Bound<'_, PyStream>)>,
+        raws: Vec<(String, String, Vec<usize>, PyReadonlyArray1<'_, u8>)>,
+        metadata: HashMap<String, String>,
+    ) -> PyResult<PyExpertFile> {
+        let mut items: Vec<(String, Payload<'_>)> = Vec::with_capacity(streams.len() + raws.len());
+        for (k, s) in &streams {
+            items.push((k.clone(), Payload::Stream(&s.get().inner)));
+        }
+        for (k, dt, shape, data) in &raws {
+            items.push((
+                k.clone(),
+                Payload::Raw {
+                    dtype: parse_st_dtype(dt).map_err(to_py)?,
+                    shape: shape.clone(),
+                    data: data.as_slice().map_err(not_contiguous)?,
+                },
+            ));
+        }
+        let inner = py
+            .detach(|| serialize_expert(&items, metadata).and_then(ExpertFile::from_vec))
+            .map_err(to_py)?;
+        Ok(PyExpertFile { inner })
+    }
+
+    /// Size of the file in bytes.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.bytes().len()
+    }
+
+    /// The `__metadata__` strings.
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.inner.metadata() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    /// key -> (safetensors dtype, shape, nbytes) for every tensor of the file.
+    fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, e) in self.inner.entries() {
+            let shape = PyTuple::new(py, e.shape.iter().copied())?;
+            d.set_item(k, (dtype_name(e.dtype), shape, e.end - e.start))?;
+        }
+        Ok(d)
+    }
+
+    /// The compressed stream under `key`.
+    fn stream(&self, py: Python<'_>, key: &str) -> PyResult<PyStream> {
+        let inner = py.detach(|| self.inner.stream(key)).map_err(to_py)?;
+        Ok(PyStream { inner })
+    }
+
+    /// Copies the bytes of tensor `key` into `out` (a uint8 array of exactly that size).
+    fn read_raw(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        mut out: PyReadwriteArray1<'_, u8>,
+    ) -> PyResult<()> {
+        let src = self.inner.tensor_bytes(key).map_err(to_py)?;
+        let dst = out.as_slice_mut().map_err(not_contiguous)?;
+        if dst.len() != src.len() {
+            return Err(PyValueError::new_err(format!(
+                "output holds {} bytes, tensor {key:?} {}",
+                dst.len(),
+                src.len()
+            )));
+        }
+        py.detach(|| dst.copy_from_slice(src));
+        Ok(())
+    }
+
+    /// Parses the streams under `keys` in one parallel pass, the GIL released once.
+    fn streams(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<Vec<PyStream>> {
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let inner = &self.inner;
+        let parsed = py
+            .detach(|| inner.streams(&refs))
+            .map_err(|(i, e)| named_error(&keys, (Some(i), e)))?;
+        Ok(parsed.into_iter().map(|inner| PyStream { inner }).collect())
+    }
+
+    /// Writes the file's bytes to `path` (the caller syncs and renames it).
+    fn write_to(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let data = self.inner.bytes();
+        py.detach(|| std::fs::write(&path, data))?;
+        Ok(())
+    }
+
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.bytes())
+    }
 }
 
 #[pyfunction]
@@ -415,7 +567,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CompeftError", m.py().get_type::<CompeftError>())?;
     m.add("FORMAT_VERSION", crate::format::VERSION)?;
     m.add_function(wrap_pyfunction!(encode, m)?)?;
-    m.add_function(wrap_pyfunction!(encode_global, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_many, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_streams, m)?)?;
+    m.add_class::<PyExpertFile>()?;
     m.add_function(wrap_pyfunction!(dot, m)?)?;
     m.add_function(wrap_pyfunction!(cosine, m)?)?;
     m.add_function(wrap_pyfunction!(hamming, m)?)?;

@@ -147,7 +147,11 @@ def test_cli_bad_inputs(pair):
     fails(["compress", tmp / "ft", "-o", tmp / "good.safetensors", "-k", "0.1"], 3, "--force")
     r = run(["compress", tmp / "ft", "-o", tmp / "good.safetensors", "-k", "0.2", "--force", "-q"])
     assert r.returncode == 0
-    fails(["apply", tmp / "good.safetensors", "--base", tmp / "wrong.safetensors", "-o", out], 1, "lacks")
+    # An expert made without a base is not a residual; a residual needs its own base.
+    fails(["apply", tmp / "good.safetensors", "--base", tmp / "base", "-o", out], 1, "without --base")
+    r = run(["compress", tmp / "ft", "--base", tmp / "base", "-o", tmp / "res.safetensors", "-k", "0.1", "-q"])
+    assert r.returncode == 0, r.stderr
+    fails(["apply", tmp / "res.safetensors", "--base", tmp / "wrong.safetensors", "-o", out], 1, "lacks")
 
 
 def test_cli_inspect_and_help(pair):
@@ -156,7 +160,7 @@ def test_cli_inspect_and_help(pair):
     assert r.returncode == 0, r.stderr
     r = run(["inspect", tmp / "r.safetensors"])
     assert r.returncode == 0 and "bits/param" in r.stdout and "entropy bound" in r.stdout
-    assert "lossless" in r.stdout  # position_ids
+    assert "exact" in r.stdout  # position_ids
     r = run(["--help"])
     assert r.returncode == 0 and "compress" in r.stdout and "inspect" in r.stdout
     r = run([])

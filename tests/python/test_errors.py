@@ -68,7 +68,7 @@ def test_non_finite_input(bad, dtype):
 
 def test_numpy_bfloat16_output_needs_a_dtype():
     c = compeft_rs.encode(torch.ones(4, dtype=torch.bfloat16), 0.5)
-    c_np = CompressedTensor.from_bytes(c.to_bytes(), kind="numpy")
+    c_np = CompressedTensor.from_bytes(c.to_bytes(), framework="np")
     try:
         import ml_dtypes  # noqa: F401
     except ImportError:

@@ -53,7 +53,7 @@ def cases():
 @pytest.mark.parametrize("name,x,k,alpha,enc", cases(), ids=[c[0] for c in cases()])
 def test_golden(name, x, k, alpha, enc):
     data = (GOLDEN / f"{name}.cpft").read_bytes()
-    c = compeft_rs.CompressedTensor.from_bytes(data, kind="numpy")
+    c = compeft_rs.CompressedTensor.from_bytes(data, framework="np")
     values = (x.to(torch.float64).numpy() if isinstance(x, torch.Tensor) else x.astype(np.float64)).reshape(-1)
     assert c.shape == tuple(x.shape)
     assert c.encoding == enc
