@@ -2,6 +2,7 @@
 
     python benches/bench.py                 # 100M-entry fp16 task vector + a real LoRA adapter
     python benches/bench.py --numel 10000000 --quick
+    python benches/bench.py --experts-only     # whole LoRA experts (7B- and 70B-shaped) only
 
 Prints a table and writes JSON (default bench-results/bench.json). Every figure is from this run:
 ratios compare rows measured seconds apart on the same machine. The single-thread rows come from a
@@ -265,6 +266,79 @@ def fmt(x, unit=""):
     return f"{x:,}" if isinstance(x, int) else f"{x:.3f}"
 
 
+# -- whole experts ------------------------------------------------------------------------------
+def lora_expert(layers, width, r=16, seed=0):
+    """A LoRA adapter shaped like one on q/k/v/o of `layers` layers `width` wide, in fp16."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(layers):
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            pre = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            sd[f"{pre}.lora_A.weight"] = (torch.randn(r, width, generator=g) * 0.01).half()
+            sd[f"{pre}.lora_B.weight"] = (torch.randn(width, r, generator=g) * 0.002).half()
+    return sd
+
+
+def torch_way_per_tensor(sd, k):
+    """The authors' code per tensor: kthvalue threshold, mask, sign, std."""
+    return {n: torch_compeft(t, k) for n, t in sd.items()}
+
+
+def bench_experts(repeat, k=0.1, tmp=Path("bench-results/experts")):
+    """Whole-expert load, decode and compress against the dense fp16 file and the torch way."""
+    from safetensors.torch import load_file, save_file
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, layers, width in (("7B-shaped", 32, 4096), ("70B-shaped", 80, 8192)):
+        sd = lora_expert(layers, width)
+        params = sum(t.numel() for t in sd.values())
+        dense = tmp / f"{label}.fp16.safetensors"
+        save_file(sd, str(dense))
+        t_torch, _ = best_of(lambda: torch_way_per_tensor(sd, k), max(1, repeat // 2))
+        t_pt, e = best_of(lambda: compeft_rs.compress_expert(sd, k, scope="per_tensor"), repeat)
+        t_gl, eg = best_of(lambda: compeft_rs.compress_expert(sd, k, scope="global"), repeat)
+        path = tmp / f"{label}.cpft.safetensors"
+        e.save(path)
+        blob = path.read_bytes()
+        load_file(str(dense)), compeft_rs.load_expert(path).decode()  # page cache, first touch
+        t_dense, _ = best_of(lambda: load_file(str(dense)), repeat)
+        t_file, _ = best_of(lambda: compeft_rs.load_expert(path).decode(), repeat)
+        t_bytes, _ = best_of(lambda: compeft_rs.CompressedExpert.from_bytes(blob).decode(), repeat)
+        dense_bytes, comp_bytes = dense.stat().st_size, len(blob)
+        links = {}
+        for gbit in (10, 1, 0.1):
+            bps = gbit * 1e9
+            d_s, c_s = dense_bytes * 8 / bps + t_dense, comp_bytes * 8 / bps + t_file
+            links[f"{gbit:g}"] = dict(dense_s=d_s, compressed_s=c_s, speedup=d_s / c_s)
+        rows.append(dict(
+            expert=label, tensors=len(sd), params=params, k=k, dense_fp16_bytes=dense_bytes,
+            compressed_bytes=comp_bytes, ratio_vs_fp16=dense_bytes / comp_bytes,
+            dense_load_s=t_dense, load_expert_decode_s=t_file, from_bytes_decode_s=t_bytes,
+            load_vs_dense=t_dense / t_file, compress_per_tensor_s=t_pt, compress_global_s=t_gl,
+            torch_way_per_tensor_s=t_torch, compress_speedup_vs_torch=t_torch / t_pt, links=links,
+        ))
+        del sd, e, eg, blob
+        gc.collect()
+    return rows
+
+
+def print_experts(rows):
+    print("\nwhole LoRA experts (r=16 on q/k/v/o, fp16), k=0.1 per-tensor; load = read + decode every tensor:")
+    print(f"{'expert':<11} {'tensors':>7} {'params':>11} {'fp16 file':>12} {'compressed':>11} {'ratio':>6} "
+          f"{'dense load':>10} {'load_expert':>11} {'from_bytes':>10} {'load ratio':>10} {'compress':>9} "
+          f"{'torch way':>9} {'speed-up':>8}")
+    for r in rows:
+        print(f"{r['expert']:<11} {r['tensors']:>7} {r['params']:>11,} {r['dense_fp16_bytes']:>12,} "
+              f"{r['compressed_bytes']:>11,} {r['ratio_vs_fp16']:>5.1f}x {r['dense_load_s'] * 1e3:>8.1f}ms "
+              f"{r['load_expert_decode_s'] * 1e3:>9.1f}ms {r['from_bytes_decode_s'] * 1e3:>8.1f}ms "
+              f"{r['load_vs_dense']:>9.2f}x {r['compress_per_tensor_s'] * 1e3:>7.0f}ms "
+              f"{r['torch_way_per_tensor_s'] * 1e3:>7.0f}ms {r['compress_speedup_vs_torch']:>7.1f}x")
+        print("            transfer-limited total (bytes / link + load), dense vs compressed: " + ", ".join(
+            f"{g} Gbit/s {v['dense_s'] * 1e3:.0f} vs {v['compressed_s'] * 1e3:.0f} ms = {v['speedup']:.1f}x"
+            for g, v in r["links"].items()))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--numel", type=int, default=100_000_000)
@@ -272,8 +346,16 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, no adapter case")
     ap.add_argument("--json", default="bench-results/bench.json")
+    ap.add_argument("--experts-only", action="store_true", help="only the whole-expert scenario")
     args = ap.parse_args()
     repeat = 1 if args.quick else args.repeat
+    if args.experts_only:
+        rows = bench_experts(repeat)
+        print_experts(rows)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(experts=rows), indent=2))
+        print(f"\nwrote {args.json}")
+        return
 
     machine = dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
                    python=platform.python_version(), torch=torch.__version__, compeft_rs=compeft_rs.__version__,
@@ -342,8 +424,12 @@ def main():
                   f"{a['fp16_file_bytes']:,} B = {a['ratio_vs_fp16_file']:.1f}x, vs fp32 file {a['fp32_file_bytes']:,} B = "
                   f"{a['ratio_vs_fp32_file']:.1f}x; compress {a['encode_s'] * 1e3:.1f} ms, load+apply {a['decode_s'] * 1e3:.1f} ms")
 
+    experts = bench_experts(repeat)
+    print_experts(experts)
+
     result = dict(machine=machine, memcpy_gbps=gbps, memcpy_s=t_copy, vector_rows=rows, speed=speed,
-                  transfer=links, ops=ops, threads=threads, encode_memory=mem, adapter=adapter, numel=args.numel)
+                  transfer=links, ops=ops, threads=threads, encode_memory=mem, adapter=adapter, numel=args.numel,
+                  experts=experts)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")

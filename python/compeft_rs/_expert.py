@@ -459,23 +459,21 @@ def reconstruct(init: Optional[str], tau: Any, base: Any, dtype: str) -> Any:
 
 
 def _alloc_outputs(shapes: Sequence[Tuple[int, ...]], dtypes: Sequence[str]) -> Tuple[List[Any], List[np.ndarray]]:
-    """One torch buffer per dtype, cut into a view per tensor; and the flat numpy views Rust
+    """A new torch tensor per output, as safetensors loads them (memory freed by one load is
+    reused by the next, and no tensor shares storage with another); and the numpy views Rust
     writes into (uint16 for half types)."""
     torch = _torch()
-    sizes = [math.prod(s) for s in shapes]
-    by_dtype: Dict[str, List[int]] = {}
-    for i, dt in enumerate(dtypes):
-        by_dtype.setdefault(dt, []).append(i)
-    outs: List[Any] = [None] * len(shapes)
-    views: List[Any] = [None] * len(shapes)
-    for dt, idx in by_dtype.items():
-        buf = torch.empty(sum(sizes[i] for i in idx), dtype=getattr(torch, dt))
-        flat = buf.view(torch.int16).numpy().view(np.uint16) if dt in ("float16", "bfloat16") else buf.numpy()
-        off = 0
-        for i in idx:
-            outs[i] = buf[off : off + sizes[i]].view(shapes[i])
-            views[i] = flat[off : off + sizes[i]]
-            off += sizes[i]
+    outs: List[Any] = []
+    views: List[Any] = []
+    for shape, dt in zip(shapes, dtypes):
+        t = torch.empty(shape, dtype=getattr(torch, dt))
+        outs.append(t)
+        if dt == "float16":
+            views.append(t.numpy().view(np.uint16))
+        elif dt == "bfloat16":
+            views.append(t.view(torch.int16).numpy().view(np.uint16))
+        else:
+            views.append(t.numpy())
     return outs, views
 
 

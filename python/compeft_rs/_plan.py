@@ -73,13 +73,15 @@ def _segments(name: str) -> Sequence[str]:
     return name.split(".")
 
 
+_PREFIXES = tuple(FOREIGN_PREFIXES)
+
+
 def _foreign(name: str) -> Optional[str]:
     for seg in _segments(name):
         if seg in FOREIGN_SEGMENTS:
             return FOREIGN_SEGMENTS[seg]
-        for prefix, method in FOREIGN_PREFIXES.items():
-            if seg.startswith(prefix):
-                return method
+        if seg.startswith(_PREFIXES):
+            return next(m for p, m in FOREIGN_PREFIXES.items() if seg.startswith(p))
     return None
 
 

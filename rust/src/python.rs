@@ -1,7 +1,7 @@
 //! PyO3 bindings: the extension module `compeft_rs._core`. The Python package wraps it; users
 //! never import it directly. Long work runs with the GIL released (`py.detach`).
 
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadwriteArray1};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArrayDyn};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -41,11 +41,12 @@ enum InArray<'py> {
     F64(PyReadonlyArray1<'py, f64>),
 }
 
+/// An output array of any shape, C-contiguous (u16 holds float16 or bfloat16 bits).
 #[derive(FromPyObject)]
 enum OutArray<'py> {
-    U16(PyReadwriteArray1<'py, u16>),
-    F32(PyReadwriteArray1<'py, f32>),
-    F64(PyReadwriteArray1<'py, f64>),
+    U16(PyReadwriteArrayDyn<'py, u16>),
+    F32(PyReadwriteArrayDyn<'py, f32>),
+    F64(PyReadwriteArrayDyn<'py, f64>),
 }
 
 fn not_contiguous(_: impl std::fmt::Debug) -> PyErr {

@@ -193,6 +193,25 @@ impl Moments {
             .reduce(Moments::default, Moments::merge)
     }
 
+    /// Moments of a small half-precision slice straight from the data, converted to f32 a block
+    /// at a time (vectorised) and merged in order: cheaper than a 2^16-bin histogram when the
+    /// slice holds fewer entries than the histogram has bins, and the same for every thread count.
+    fn of_small_half(s: &[u16], dtype: DType) -> Moments {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        let mut buf = [0f32; 1024];
+        let mut m = Moments::default();
+        for c in s.chunks(buf.len()) {
+            let out = &mut buf[..c.len()];
+            if dtype == DType::BF16 {
+                c.reinterpret_cast::<bf16>().convert_to_f32_slice(out);
+            } else {
+                c.reinterpret_cast::<f16>().convert_to_f32_slice(out);
+            }
+            m = m.merge(Moments::of_chunk(out.iter().map(|&x| x as f64)));
+        }
+        m
+    }
+
     /// Two-pass moments from a histogram of all 2^16 bit patterns of a half type.
     fn of_half_histogram(hist: &[u64], to_f64: impl Fn(u16) -> f64) -> Moments {
         let (mut n, mut sum) = (0u64, 0.0f64);
@@ -326,6 +345,10 @@ impl KeyVisitor for &HistPass {
 }
 
 /// Histogram of all 2^16 bit patterns of a half-precision slice.
+/// Half-precision slices shorter than this take their moments from the data instead of from a
+/// histogram of all 2^16 bit patterns (LoRA factors: tens of thousands of entries each).
+const SMALL_HALF: usize = 1 << 17;
+
 fn half_histogram(s: &[u16]) -> Vec<u64> {
     s.par_chunks(PASS_CHUNK)
         .fold(
@@ -446,6 +469,14 @@ impl Selector {
                 (Tensor::F16(_), KeySpace::F16) | (Tensor::BF16(_), KeySpace::BF16)
             );
             match t {
+                Tensor::F16(s) | Tensor::BF16(s) if s.len() < SMALL_HALF => {
+                    self.moments = self.moments.merge(Moments::of_small_half(s, t.dtype()));
+                    if native {
+                        for &x in s {
+                            self.hist[(x & 0x7fff) as usize] += 1;
+                        }
+                    }
+                }
                 Tensor::F16(s) | Tensor::BF16(s) => {
                     let full = half_histogram(s);
                     let m = if t.dtype() == DType::F16 {
