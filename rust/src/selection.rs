@@ -207,9 +207,40 @@ impl Moments {
             } else {
                 c.reinterpret_cast::<f16>().convert_to_f32_slice(out);
             }
-            m = m.merge(Moments::of_chunk(out.iter().map(|&x| x as f64)));
+            m = m.merge(Moments::of_f32_lanes(out));
         }
         m
+    }
+
+    /// Shifted sums over a block in 8 fixed lanes (so the adds vectorise and do not wait on
+    /// each other), combined in a fixed order.
+    fn of_f32_lanes(xs: &[f32]) -> Moments {
+        const L: usize = 8;
+        let Some(&c) = xs.first() else {
+            return Moments::default();
+        };
+        let c = c as f64;
+        let (mut s, mut q) = ([0f64; L], [0f64; L]);
+        let mut blocks = xs.chunks_exact(L);
+        for b in &mut blocks {
+            for j in 0..L {
+                let y = b[j] as f64 - c;
+                s[j] += y;
+                q[j] += y * y;
+            }
+        }
+        for (j, &x) in blocks.remainder().iter().enumerate() {
+            let y = x as f64 - c;
+            s[j] += y;
+            q[j] += y * y;
+        }
+        let (s, q): (f64, f64) = (s.iter().sum(), q.iter().sum());
+        let nf = xs.len() as f64;
+        Moments {
+            n: xs.len() as u64,
+            mean: c + s / nf,
+            m2: (q - s * s / nf).max(0.0),
+        }
     }
 
     /// Two-pass moments from a histogram of all 2^16 bit patterns of a half type.
@@ -641,11 +672,21 @@ pub(crate) fn group_masks<T: Elem, U: Key, K: Fn(T) -> U>(
     t: U,
 ) -> (u64, u64, u64) {
     let (mut g, mut e, mut s) = ([0u8; 64], [0u8; 64], [0u8; 64]);
-    for (j, &x) in xs.iter().enumerate().take(64) {
-        let k = key(x);
-        g[j] = (k > t) as u8;
-        e[j] = (k == t) as u8;
-        s[j] = x.negative() as u8;
+    if let Ok(full) = <&[T; 64]>::try_from(xs) {
+        // A fixed trip count: this is the form the compiler turns into vector compares.
+        for j in 0..64 {
+            let k = key(full[j]);
+            g[j] = (k > t) as u8;
+            e[j] = (k == t) as u8;
+            s[j] = full[j].negative() as u8;
+        }
+    } else {
+        for (j, &x) in xs.iter().enumerate().take(64) {
+            let k = key(x);
+            g[j] = (k > t) as u8;
+            e[j] = (k == t) as u8;
+            s[j] = x.negative() as u8;
+        }
     }
     (pack_bools(&g), pack_bools(&e), pack_bools(&s))
 }
