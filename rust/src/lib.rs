@@ -46,7 +46,7 @@ pub fn compress(
 ) -> Result<Compressed> {
     check_alpha(alpha)?;
     codec::check_shape(shape, t.len() as u64)?;
-    let (thr, sigma) = select(&[t], k)?;
+    let (thr, sigma) = selection::select_one(t, k)?;
     let mut ties = thr.ties;
     codec::compress_with_threshold(t, shape, &thr, &mut ties, alpha * sigma, encoding)
 }

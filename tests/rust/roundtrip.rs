@@ -162,6 +162,35 @@ fn non_finite_is_rejected_with_index() {
     assert_eq!(e, compeft::Error::NonFinite { index: 42 });
     let h = vec![f16::INFINITY.to_bits(); 3];
     assert!(compress(Tensor::F16(&h), &[3], 0.1, 1.0, Encoding::Golomb).is_err());
+    // Half tensors: -inf, NaN and the largest finite value at the edges of the key space.
+    for (bf, bad) in [
+        (false, f16::NEG_INFINITY.to_bits()),
+        (false, f16::NAN.to_bits()),
+        (true, bf16::INFINITY.to_bits()),
+        (true, bf16::NAN.to_bits()),
+    ] {
+        let mut h = vec![0x3c00u16; 5000];
+        let t = |h: &[u16]| compress(tensor(bf, h), &[5000], 0.1, 1.0, Encoding::Golomb);
+        h[4321] = if bf {
+            bf16::MAX.to_bits()
+        } else {
+            f16::MAX.to_bits()
+        };
+        assert!(t(&h).is_ok(), "largest finite value refused (bf16: {bf})");
+        h[4000] = bad;
+        assert_eq!(
+            t(&h).unwrap_err(),
+            compeft::Error::NonFinite { index: 4000 }
+        );
+    }
+}
+
+fn tensor(bf: bool, bits: &[u16]) -> Tensor<'_> {
+    if bf {
+        Tensor::BF16(bits)
+    } else {
+        Tensor::F16(bits)
+    }
 }
 
 #[test]
@@ -247,6 +276,30 @@ proptest! {
             prop_assert_eq!(signs_of(&back), rs);
         } else {
             prop_assert_eq!(c.nnz as usize, rs.iter().filter(|&&s| s != 0).count());
+        }
+    }
+
+    /// Per-tensor half-precision selection (two small histograms) against the reference:
+    /// magnitudes from a few exponents with many ties and zeros, both half types.
+    #[test]
+    fn prop_half_per_tensor_matches_reference(
+        vals in prop::collection::vec((-3i32..=3, 0u16..8), 0..3000),
+        k in 0.001f64..=1.0,
+        bf in any::<bool>(),
+    ) {
+        let xs: Vec<f64> = vals.iter().map(|&(m, e)| m as f64 * 2f64.powi(e as i32 - 4)).collect();
+        let bits: Vec<u16> = xs
+            .iter()
+            .map(|&x| if bf { bf16::from_f64(x).to_bits() } else { f16::from_f64(x).to_bits() })
+            .collect();
+        let t = if bf { Tensor::BF16(&bits) } else { Tensor::F16(&bits) };
+        let (rs, sigma) = reference(&xs, k);
+        let c = compress(t, &[bits.len() as u64], k, 1.0, Encoding::Golomb).unwrap();
+        prop_assert!((c.scale - sigma).abs() <= 1e-12 * sigma.max(1e-300));
+        let nnz = rs.iter().filter(|&&s| s != 0).count();
+        prop_assert_eq!(c.nnz as usize, nnz);
+        if c.scale > 0.0 {
+            prop_assert_eq!(signs_of(&c), rs);
         }
     }
 
