@@ -32,6 +32,7 @@ from ._expert import (
 )
 from ._io import atomic_dir, atomic_file
 from ._plan import plan_expert
+from ._scale import check_scale
 from ._tensor import _check_encoding, check_k_alpha
 
 __all__ = ["compress_checkpoint", "apply_checkpoint"]
@@ -84,7 +85,8 @@ def compress_checkpoint(
     alpha: float = 1.0,
     *,
     base: Optional[PathLike] = None,
-    scope: str = "global",
+    scope: str = "per_tensor",
+    scale: str = "pair",
     encoding: str = "golomb",
     progress: bool = False,
 ) -> CompressedExpert:
@@ -92,10 +94,12 @@ def compress_checkpoint(
 
     With ``base`` each tensor the base has is compressed as finetuned - base (float32, float64 if
     either is), and the tensors it lacks are kept exactly; without it the tensors are taken as
-    task vectors under the same rules as :func:`compeft_rs.compress_expert`.
+    task vectors under the same rules as :func:`compeft_rs.compress_expert`; ``scope`` and
+    ``scale`` as there.
     """
     k, alpha = check_k_alpha(k, alpha)
     _check_scope(scope)
+    check_scale(scale)
     _check_encoding(encoding)
     ft = _Checkpoint(finetuned)
     bs = _Checkpoint(base) if base is not None else None
@@ -111,9 +115,9 @@ def compress_checkpoint(
     def source(n: str) -> Any:
         return delta_of(plans[n], ft.get(n), bs.get(n) if plans[n].init == "base" else None)  # type: ignore[union-attr]
 
-    streams = encode_deltas(deltas, source, [k], alpha, scope, encoding, _progress(progress))[k]
+    streams = encode_deltas(deltas, source, [k], alpha, scope, encoding, _progress(progress), scale=scale)[k]
     exact = {n: ft.get(n) for n, p in plans.items() if p.exact}
-    info = expert_info(k, alpha, scope, encoding, plans, streams, {n: ft.meta[n][0] for n in deltas})
+    info = expert_info(k, alpha, scope, encoding, plans, streams, {n: ft.meta[n][0] for n in deltas}, scale)
     if bs is not None:
         info["sharding"] = [f.name for f in ft.files]
     return build_expert(streams, exact, info)

@@ -24,6 +24,8 @@ from ._core import CompeftError, ExpertFile, Selector
 from ._core import decode_streams as _decode_streams
 from ._core import encode_many as _encode_many
 from ._core import encode_with_threshold as _encode_with_threshold
+from ._core import kept_abs_sum as _kept_abs_sum
+from ._scale import check_scale, pair_rescale
 from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._io import atomic_file
 from ._plan import FLOAT_NAMES, TensorPlan, plan_expert
@@ -254,6 +256,11 @@ class CompressedExpert:
         return str(self._info["scope"])
 
     @property
+    def scale(self) -> str:
+        """How the streams' scales were chosen ("std" for files written before the rule was stored)."""
+        return str(self._info.get("scale", "std"))
+
+    @property
     def encoding(self) -> str:
         return str(self._info["encoding"])
 
@@ -417,7 +424,8 @@ class CompressedExpert:
     def __repr__(self) -> str:
         return (
             f"CompressedExpert({len(self.compressed_keys())} compressed + {len(self._exact)} exact tensors, "
-            f"k={self.k}, alpha={self.alpha}, scope={self.scope!r}, encoding={self.encoding!r})"
+            f"k={self.k}, alpha={self.alpha}, scope={self.scope!r}, scale={self.scale!r}, "
+            f"encoding={self.encoding!r})"
         )
 
 
@@ -532,17 +540,22 @@ def encode_deltas(
     scope: str,
     encoding: str,
     progress: Callable[[Sequence[str], str], Iterable[str]] = lambda names, desc: names,
+    scale: str = "std",
 ) -> Dict[float, Dict[str, CompressedTensor]]:
     """Compresses the task vectors ``source(name)`` for every density in ``ks``.
 
     The one selection path: in global scope a streaming radix select over all tensors in sorted
     name order (which also orders ties), fed one tensor at a time, its first-level histogram
-    shared by every k; in per-tensor scope one parallel call into Rust per k.
+    shared by every k; in per-tensor scope one parallel call into Rust per k. ``scale`` is "std"
+    (alpha * sigma) or "mean" (alpha * mean |tau| of the kept entries, over the tensor or, in
+    global scope, over all of them).
     """
     names = sorted(names)
     out: Dict[float, Dict[str, CompressedTensor]] = {float(k): {} for k in ks}
     if not names:
         return out
+    # "pair" starts from the norm scale of every tensor, then sets each LoRA pair's product.
+    base_rule = "norm" if scale == "pair" else scale
 
     def flat(n: str) -> Tuple[Any, str, Tuple[int, ...]]:
         arr, dt, shape, _, _ = _arrays.flat_input(source(n))
@@ -554,8 +567,10 @@ def encode_deltas(
             arr, dt, shape = flat(n)
             items.append((n, arr, dt, list(shape)))
         for k in ks:
-            streams = _encode_many(items, float(k), alpha, encoding)
+            streams = _encode_many(items, float(k), alpha, encoding, base_rule)
             out[float(k)] = {n: CompressedTensor(s, "torch") for n, s in zip(names, streams)}
+            if scale == "pair":
+                out[float(k)] = pair_rescale(out[float(k)], source, alpha)
         return out
 
     def feed(sel: Any, desc: str) -> None:
@@ -580,12 +595,34 @@ def encode_deltas(
             level += 1
             feed(sel, f"select (pass {level})")
         thr = sel.threshold()
-        ties, scale = thr.ties, alpha * sel.sigma
+        ties = thr.ties
+        value = alpha * sel.sigma if base_rule == "std" else 0.0
+        streams, kept_sum, nnz = {}, 0.0, 0
         for n in progress(names, "encode"):
             arr, dt, shape = flat(n)
-            s, ties = _encode_with_threshold(arr, dt, list(shape), thr, ties, scale, encoding)
-            out[float(k)][n] = CompressedTensor(s, "torch")
+            s, left = _encode_with_threshold(arr, dt, list(shape), thr, ties, value, encoding)
+            if base_rule != "std":
+                kept_sum += _kept_abs_sum(arr, dt, thr, ties - left)
+                nnz += s.nnz
+            ties = left
+            streams[n] = s
+        if base_rule != "std" and nnz:
+            value = alpha * _scale_value(base_rule, kept_sum, nnz, sel.norm)
+            streams = {n: s.with_scale(value) for n, s in streams.items()}
+        out[float(k)] = {n: CompressedTensor(s, "torch") for n, s in streams.items()}
+        if scale == "pair":
+            out[float(k)] = pair_rescale(out[float(k)], source, alpha)
     return out
+
+
+def _scale_value(rule: str, kept_sum: float, nnz: int, norm: float) -> float:
+    """The data-free scales of one group of kept entries (as the Rust side computes them per
+    tensor): mean |tau| of the kept, ||tau|| / sqrt(nnz), or ||tau||^2 / sum of the kept |tau|."""
+    if rule == "mean":
+        return kept_sum / nnz
+    if rule == "norm":
+        return norm / math.sqrt(nnz)
+    return norm * norm / kept_sum if kept_sum > 0 else 0.0
 
 
 def _raw_entry(key: str, t: Any) -> Tuple[str, str, List[int], np.ndarray]:
@@ -617,7 +654,8 @@ def build_expert(
 
 
 def expert_info(k: float, alpha: float, scope: str, encoding: str, plans: Mapping[str, TensorPlan],
-                streams: Mapping[str, CompressedTensor], dtypes: Mapping[str, str]) -> Dict[str, Any]:
+                streams: Mapping[str, CompressedTensor], dtypes: Mapping[str, str],
+                scale: str = "std") -> Dict[str, Any]:
     """The codec parameters stored in a file's metadata; only what differs from the defaults is
     listed per tensor, to keep small experts small."""
     inits = [p.init for p in plans.values() if p.init is not None]
@@ -627,6 +665,7 @@ def expert_info(k: float, alpha: float, scope: str, encoding: str, plans: Mappin
         "k": k,
         "alpha": alpha,
         "scope": scope,
+        "scale": scale,
         "encoding": encoding,
         "default_init": default,
         "init": {n: p.init for n, p in plans.items() if p.init is not None and p.init != default},
@@ -641,7 +680,8 @@ def compress_expert_densities(
     alpha: float = 1.0,
     *,
     base: Optional[Mapping[str, Any]] = None,
-    scope: str = "global",
+    scope: str = "per_tensor",
+    scale: str = "pair",
     encoding: str = "golomb",
     lossless: Iterable[str] = (),
     peft_config: Optional[Dict[str, Any]] = None,
@@ -650,6 +690,7 @@ def compress_expert_densities(
     checked = [check_k_alpha(k, alpha)[0] for k in ks]
     alpha = check_k_alpha(checked[0] if checked else 1.0, alpha)[1]
     _check_scope(scope)
+    check_scale(scale)
     _check_encoding(encoding)
     if base is not None:
         base = {n: _as_torch(t) for n, t in base.items()}
@@ -663,9 +704,9 @@ def compress_expert_densities(
               if not p.exact}
     exact = {n: tensors[n] for n, p in plans.items() if p.exact}
     dtypes = {n: _dtype_str(tensors[n]) for n in deltas}
-    per_k = encode_deltas(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding)
+    per_k = encode_deltas(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding, scale=scale)
     return {
-        k: build_expert(st, exact, expert_info(k, alpha, scope, encoding, plans, st, dtypes), peft_config)
+        k: build_expert(st, exact, expert_info(k, alpha, scope, encoding, plans, st, dtypes, scale), peft_config)
         for k, st in per_k.items()
     }
 
@@ -676,7 +717,8 @@ def compress_expert(
     alpha: float = 1.0,
     *,
     base: Union[Mapping[str, Any], PathLike, None] = None,
-    scope: str = "global",
+    scope: str = "per_tensor",
+    scale: str = "pair",
     encoding: str = "golomb",
     lossless: Iterable[str] = (),
     peft_config: Optional[Dict[str, Any]] = None,
@@ -689,8 +731,13 @@ def compress_expert(
         base: the base checkpoint (dict or path) of a full fine-tune; each tensor the base has
             is compressed as tensors - base (in float32, float64 if either is), the rest kept
             exactly.
-        scope: "global" (one threshold and one sigma over all compressed tensors, in sorted name
-            order: the paper's Algorithm 1) or "per_tensor".
+        scope: "per_tensor" (the default: each tensor keeps its own top k) or "global" (one
+            threshold over all compressed tensors, in sorted name order).
+        scale: how each stream's one magnitude is chosen, times alpha (see ``compeft_rs._scale``):
+            "pair" (the default: each LoRA pair's product B.A keeps its L2 norm, other tensors
+            ||tau|| / sqrt(nnz)), "norm", "proj", "mean" or "std".
+            ``scope="global", scale="std"`` is the paper's Algorithm 1 (tune alpha with it). The
+            defaults were chosen by the study in README ("Fidelity").
         lossless: names to keep exactly besides those the rules keep.
         peft_config: the adapter config, stored in the file and used by the rules.
 
@@ -712,5 +759,6 @@ def compress_expert(
     if isinstance(base, (str, os.PathLike)):
         base = load_tensors(base)
     return compress_expert_densities(
-        tensors, [k], alpha, base=base, scope=scope, encoding=encoding, lossless=lossless, peft_config=peft_config
+        tensors, [k], alpha, base=base, scope=scope, scale=scale, encoding=encoding, lossless=lossless,
+        peft_config=peft_config,
     )[k]

@@ -58,7 +58,8 @@ def compress_peft(
     k: float,
     alpha: float = 1.0,
     *,
-    scope: str = "global",
+    scope: str = "per_tensor",
+    scale: str = "pair",
     encoding: str = "golomb",
     adapter_name: Optional[str] = None,
 ) -> CompressedExpert:
@@ -68,7 +69,7 @@ def compress_peft(
     magnitudes, modules_to_save copies, heads and non-float tensors are kept exactly; other PEFT
     types and LoRA initialisations that change the base (PiSSA, OLoRA, CorDA, LoftQ) are refused.
     The adapter config travels in the file. For a PeftModel, ``adapter_name`` defaults to the
-    active adapter.
+    active adapter. ``scope`` and ``scale`` as in :func:`compeft_rs.compress_expert`.
     """
     if isinstance(adapter, (str, os.PathLike)):
         sd, config = read_peft_folder(adapter)
@@ -80,7 +81,7 @@ def compress_peft(
             raise TypeError("expected a PEFT adapter folder or a peft.PeftModel")
         sd = {k_: v.detach().cpu() for k_, v in get_peft_model_state_dict(adapter, adapter_name=name).items()}
         config = _config_dict(adapter.peft_config[name])
-    return compress_expert(sd, k, alpha, scope=scope, encoding=encoding, peft_config=config)
+    return compress_expert(sd, k, alpha, scope=scope, scale=scale, encoding=encoding, peft_config=config)
 
 
 def adapter_state_dict(expert: CompressedExpert) -> Dict[str, Any]:

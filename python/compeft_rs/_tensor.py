@@ -229,17 +229,21 @@ def _expand_on_device(stream: Stream, name: str, device: Any) -> Any:
     return out.reshape(tuple(stream.shape))
 
 
-def encode(tensor: Any, k: float, alpha: float = 1.0, *, encoding: str = "golomb") -> CompressedTensor:
+def encode(tensor: Any, k: float, alpha: float = 1.0, *, encoding: str = "golomb",
+           scale: str = "std") -> CompressedTensor:
     """Compresses a task vector with ComPEFT.
 
     Keeps the signs of the ``n = floor(k*d + 0.5)`` entries of largest magnitude (ties to the lower
-    row-major index, zeros never) and one scale ``alpha * std(tensor)`` (unbiased, in f64).
+    row-major index, zeros never) and one scale, by default ``alpha * std(tensor)`` (unbiased, in
+    f64) as in the paper.
 
     Args:
         tensor: a torch tensor (any device) or numpy array of float16, bfloat16, float32 or float64.
         k: density, a fraction in (0, 1] (0.1 keeps 10% of the entries).
-        alpha: multiplier of the standard deviation, finite and > 0.
+        alpha: multiplier of the scale, finite and > 0.
         encoding: "golomb" (smallest, for storage and transfer) or "bitmask" (for dot/cosine).
+        scale: "std" (the paper's), or a data-free rule: "norm" (||tau|| / sqrt(nnz)), "proj"
+            (||tau||^2 / sum of the kept |tau|) or "mean" (mean |tau| of the kept entries).
 
     >>> import numpy as np, compeft_rs
     >>> c = compeft_rs.encode(np.linspace(-1, 1, 1000, dtype=np.float32), 0.1)
@@ -249,8 +253,10 @@ def encode(tensor: Any, k: float, alpha: float = 1.0, *, encoding: str = "golomb
     k = _real("k", k)
     alpha = _real("alpha", alpha)
     _check_encoding(encoding)
+    if scale not in ("std", "norm", "proj", "mean"):
+        raise ValueError(f"scale must be one of 'std', 'norm', 'proj', 'mean' for one tensor, got {scale!r}")
     arr, name, shape, kind, keep = _arrays.flat_input(tensor)
-    stream = _encode(arr, name, list(shape), k, alpha, encoding)
+    stream = _encode(arr, name, list(shape), k, alpha, encoding, scale)
     del keep
     return CompressedTensor(stream, kind)
 

@@ -12,6 +12,7 @@ from typing import List, Optional
 import numpy as np
 
 import compeft_rs
+from compeft_rs._scale import SCALES
 
 
 def _fmt_bytes(n: float) -> str:
@@ -64,11 +65,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if src.is_dir() and is_peft_folder(src):
         if args.base is not None:
             raise ValueError("--base is for full fine-tunes; a PEFT adapter is compressed on its own")
-        expert = compress_peft(src, args.k, args.alpha, scope=args.scope, encoding=args.encoding)
+        expert = compress_peft(src, args.k, args.alpha, scope=args.scope, scale=args.scale, encoding=args.encoding)
         kind = "PEFT adapter"
     else:
         expert = compress_checkpoint(
-            src, args.k, args.alpha, base=args.base, scope=args.scope, encoding=args.encoding, progress=not args.quiet
+            src, args.k, args.alpha, base=args.base, scope=args.scope, scale=args.scale, encoding=args.encoding,
+            progress=not args.quiet,
         )
         kind = "checkpoint residual" if args.base else "tensors"
     expert.save(out)
@@ -149,8 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, metavar="OUT", help="the compressed file to write")
     c.add_argument("-k", type=float, required=True, metavar="K", help="density in (0, 1], e.g. 0.1")
     c.add_argument("--alpha", type=float, default=1.0, metavar="A", help="scale multiplier (default 1.0)")
-    c.add_argument("--scope", choices=["global", "per_tensor"], default="global",
-                   help="one threshold and sigma for all tensors (default) or one per tensor")
+    c.add_argument("--scope", choices=["per_tensor", "global"], default="per_tensor",
+                   help="top k of each tensor (default) or one threshold over all tensors")
+    c.add_argument("--scale", choices=list(SCALES), default="pair",
+                   help="how each tensor's one magnitude is chosen, times --alpha (default pair: each LoRA "
+                        "product B.A keeps its L2 norm; --scope global --scale std is the paper's "
+                        "Algorithm 1)")
     c.add_argument("--encoding", choices=["golomb", "bitmask"], default="golomb")
     c.add_argument("--base", metavar="BASE", help="base checkpoint (file or folder) of a full fine-tune")
     common(c)

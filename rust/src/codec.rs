@@ -9,7 +9,7 @@ use crate::dtype::{half_bits, DType, Elem, Tensor, TensorMut};
 use crate::error::{malformed, try_zeroed, Error, Result};
 use crate::golomb::{decode_block, rice_parameter, stitch, BlockStart, ChunkEncoder, EncodedChunk};
 use crate::selection::{
-    group_masks, take_ties, visit_keys, Key, KeyVisitor, Threshold, PASS_CHUNK,
+    group_masks, take_ties, visit_keys, Key, KeySpace, KeyVisitor, Threshold, PASS_CHUNK,
 };
 
 /// Nonzeros per block of the golomb index, as log2: a block is the unit of parallel decoding.
@@ -151,6 +151,62 @@ impl KeyVisitor for &CountPass {
             })
             .collect()
     }
+}
+
+/// Sum of the magnitudes above a threshold, per chunk (summed in chunk order by the caller, so
+/// the result does not depend on the thread count).
+struct AboveSumPass {
+    t: u64,
+    space: KeySpace,
+}
+
+impl KeyVisitor for &AboveSumPass {
+    type Out = Vec<f64>;
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
+        self,
+        data: &[T],
+        key: K,
+    ) -> Self::Out {
+        let Some(t) = U::narrow(self.t) else {
+            return Vec::new();
+        };
+        data.par_chunks(PASS_CHUNK)
+            .map(|c| {
+                let mut s = 0.0;
+                for &x in c {
+                    let k = key(x);
+                    if k > t {
+                        s += self.space.magnitude(k.to_u64());
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+}
+
+/// Sum of |x| over the entries of `t` that `thr` keeps when `ties_taken` of its tied entries are
+/// kept here (all tied entries have the threshold's magnitude). Exact in the key space, in f64.
+pub fn kept_abs_sum(t: Tensor<'_>, thr: &Threshold, ties_taken: u64) -> Result<f64> {
+    if thr.key == u64::MAX {
+        return Ok(0.0);
+    }
+    let above: f64 = visit_keys(
+        t,
+        thr.space,
+        &AboveSumPass {
+            t: thr.key,
+            space: thr.space,
+        },
+    )?
+    .iter()
+    .sum();
+    let tied = if thr.key == 0 {
+        0.0
+    } else {
+        ties_taken as f64 * thr.space.magnitude(thr.key)
+    };
+    Ok(above + tied)
 }
 
 struct MaskPass<'a> {

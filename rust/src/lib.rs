@@ -27,13 +27,30 @@ pub mod selection;
 #[cfg(feature = "python")]
 mod python;
 
-pub use codec::{decode_many, BitmaskBody, Body, Compressed, Encoding, GolombBody};
+pub use codec::{decode_many, kept_abs_sum, BitmaskBody, Body, Compressed, Encoding, GolombBody};
 pub use dtype::{DType, Tensor, TensorMut};
 pub use error::{Error, Result};
 pub use popcount::{cosine, dot, hamming};
 pub use selection::{select, KeySpace, Selector, Threshold};
 
 use selection::check_alpha;
+
+/// How the one magnitude of a stream is chosen; the stored scale always means "every kept entry
+/// decodes to sign * scale".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scale {
+    /// alpha * std(tensor), unbiased: the paper's rule.
+    Std,
+    /// alpha * mean |x| over the kept entries: for alpha = 1 the scale closest to the kept
+    /// entries in L2 for their sign pattern.
+    KeptMean,
+    /// alpha * ||x||_2 / sqrt(nnz): for alpha = 1 the decoded tensor has the L2 norm of the
+    /// input.
+    Norm,
+    /// alpha * ||x||^2 / sum |x| over the kept entries: for alpha = 1 the decoded tensor's
+    /// projection on the input is the input (<decoded, x> = ||x||^2).
+    Proj,
+}
 
 /// Compresses one tensor on its own (per-tensor scope): keeps floor(k*d + 0.5) entries of largest
 /// magnitude (ties to the lower index, zeros never), with scale alpha * std(tensor).
@@ -44,11 +61,42 @@ pub fn compress(
     alpha: f64,
     encoding: Encoding,
 ) -> Result<Compressed> {
+    compress_scaled(t, shape, k, alpha, Scale::Std, encoding)
+}
+
+/// [`compress`] with the scale chosen by `scale`.
+pub fn compress_scaled(
+    t: Tensor<'_>,
+    shape: &[u64],
+    k: f64,
+    alpha: f64,
+    scale: Scale,
+    encoding: Encoding,
+) -> Result<Compressed> {
     check_alpha(alpha)?;
     codec::check_shape(shape, t.len() as u64)?;
-    let (thr, sigma) = selection::select_one(t, k)?;
+    let (thr, spread) = selection::select_one(t, k)?;
     let mut ties = thr.ties;
-    codec::compress_with_threshold(t, shape, &thr, &mut ties, alpha * sigma, encoding)
+    if scale == Scale::Std {
+        let s = alpha * spread.sigma;
+        return codec::compress_with_threshold(t, shape, &thr, &mut ties, s, encoding);
+    }
+    let mut c = codec::compress_with_threshold(t, shape, &thr, &mut ties, 0.0, encoding)?;
+    if c.nnz > 0 {
+        let kept = || codec::kept_abs_sum(t, &thr, thr.ties - ties);
+        let per_entry = match scale {
+            Scale::KeptMean => kept()? / c.nnz as f64,
+            Scale::Norm => spread.norm / (c.nnz as f64).sqrt(),
+            _ => spread.norm * spread.norm / kept()?,
+        };
+        c.scale = alpha * per_entry;
+        if !c.scale.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "alpha {alpha} times the {scale:?} scale overflows; use a smaller alpha"
+            )));
+        }
+    }
+    Ok(c)
 }
 
 /// Compresses many tensors, each on its own (per-tensor scope), in parallel across tensors: an
@@ -58,6 +106,7 @@ pub fn compress_many(
     tensors: &[(Tensor<'_>, &[u64])],
     k: f64,
     alpha: f64,
+    scale: Scale,
     encoding: Encoding,
 ) -> std::result::Result<Vec<Compressed>, (Option<usize>, Error)> {
     use rayon::prelude::*;
@@ -65,7 +114,9 @@ pub fn compress_many(
     tensors
         .par_iter()
         .enumerate()
-        .map(|(i, (t, shape))| compress(*t, shape, k, alpha, encoding).map_err(|e| (Some(i), e)))
+        .map(|(i, (t, shape))| {
+            compress_scaled(*t, shape, k, alpha, scale, encoding).map_err(|e| (Some(i), e))
+        })
         .collect()
 }
 

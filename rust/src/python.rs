@@ -17,6 +17,7 @@ use crate::expert::{
 };
 use crate::golomb::{entropy_bound_bits, expected_bits_per_nonzero, rice_parameter};
 use crate::selection::{KeySpace, Selector, Threshold};
+use crate::Scale;
 
 create_exception!(
     _core,
@@ -98,6 +99,20 @@ fn parse_dtype(name: &str) -> PyResult<DType> {
     DType::from_name(name).map_err(to_py)
 }
 
+fn parse_scale(name: &str) -> PyResult<Scale> {
+    match name {
+        "std" => Ok(Scale::Std),
+        "mean" => Ok(Scale::KeptMean),
+        "norm" => Ok(Scale::Norm),
+        "proj" => Ok(Scale::Proj),
+        _ => Err(PyValueError::new_err(format!(
+            "unknown scale rule {name:?}; use \"std\" (alpha * std, the paper's), \"mean\" \
+             (mean |x| of the kept entries), \"norm\" (||x|| / sqrt(nnz)) or \"proj\" \
+             (||x||^2 / sum of the kept |x|)"
+        ))),
+    }
+}
+
 fn parse_encoding(name: &str) -> PyResult<Encoding> {
     Encoding::from_name(name).map_err(to_py)
 }
@@ -172,6 +187,21 @@ impl PyStream {
         let t = tensor_mut(&mut out, parse_dtype(dtype)?)?;
         let c = &self.inner;
         py.detach(|| c.decode_into(t)).map_err(to_py)
+    }
+
+    /// The same stream with another scale (finite and >= 0): every kept entry decodes to
+    /// sign * scale.
+    fn with_scale(&self, py: Python<'_>, scale: f64) -> PyResult<PyStream> {
+        if !(scale.is_finite() && scale >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "scale must be finite and >= 0, got {scale}"
+            )));
+        }
+        let inner = py.detach(|| Compressed {
+            scale,
+            ..self.inner.clone()
+        });
+        Ok(PyStream { inner })
     }
 
     fn to_bitmask(&self, py: Python<'_>) -> PyResult<PyStream> {
@@ -251,6 +281,12 @@ impl PySelector {
         self.inner.sigma()
     }
 
+    /// L2 norm of everything fed in the first level.
+    #[getter]
+    fn norm(&self) -> f64 {
+        self.inner.spread().norm
+    }
+
     /// How many entries are kept in all.
     #[getter]
     fn target(&self) -> u64 {
@@ -311,9 +347,26 @@ fn encode_with_threshold(
     Ok((PyStream { inner }, ties))
 }
 
+/// Sum of |x| over the entries of `data` that `threshold` keeps, `ties_taken` of its tied
+/// entries among them (as `encode_with_threshold` took them).
+#[pyfunction]
+fn kept_abs_sum(
+    py: Python<'_>,
+    data: InArray<'_>,
+    dtype: &str,
+    threshold: &PyThreshold,
+    ties_taken: u64,
+) -> PyResult<f64> {
+    let t = tensor_of(&data, parse_dtype(dtype)?)?;
+    let thr = threshold.inner;
+    py.detach(|| crate::kept_abs_sum(t, &thr, ties_taken))
+        .map_err(to_py)
+}
+
 /// Compresses one tensor (per-tensor scope).
 #[pyfunction]
-#[pyo3(signature = (data, dtype, shape, k, alpha, encoding))]
+#[pyo3(signature = (data, dtype, shape, k, alpha, encoding, scale="std"))]
+#[allow(clippy::too_many_arguments)]
 fn encode(
     py: Python<'_>,
     data: InArray<'_>,
@@ -322,11 +375,16 @@ fn encode(
     k: f64,
     alpha: f64,
     encoding: &str,
+    scale: &str,
 ) -> PyResult<PyStream> {
-    let (dtype, encoding) = (parse_dtype(dtype)?, parse_encoding(encoding)?);
+    let (dtype, encoding, scale) = (
+        parse_dtype(dtype)?,
+        parse_encoding(encoding)?,
+        parse_scale(scale)?,
+    );
     let t = tensor_of(&data, dtype)?;
     let inner = py
-        .detach(|| crate::compress(t, &shape, k, alpha, encoding))
+        .detach(|| crate::compress_scaled(t, &shape, k, alpha, scale, encoding))
         .map_err(to_py)?;
     Ok(PyStream { inner })
 }
@@ -334,15 +392,16 @@ fn encode(
 /// Compresses many tensors, each on its own (per-tensor scope), in one call: parallel across
 /// tensors, the GIL released once. `items` holds (name, data, dtype, shape).
 #[pyfunction]
-#[pyo3(signature = (items, k, alpha, encoding))]
+#[pyo3(signature = (items, k, alpha, encoding, scale="std"))]
 fn encode_many(
     py: Python<'_>,
     items: Vec<(String, InArray<'_>, String, Vec<u64>)>,
     k: f64,
     alpha: f64,
     encoding: &str,
+    scale: &str,
 ) -> PyResult<Vec<PyStream>> {
-    let encoding = parse_encoding(encoding)?;
+    let (encoding, scale) = (parse_encoding(encoding)?, parse_scale(scale)?);
     let mut tensors = Vec::with_capacity(items.len());
     for (_, a, dt, _) in &items {
         tensors.push(tensor_of(a, parse_dtype(dt)?)?);
@@ -354,7 +413,7 @@ fn encode_many(
         .collect();
     let names: Vec<String> = items.iter().map(|it| it.0.clone()).collect();
     let out = py
-        .detach(|| crate::compress_many(&pairs, k, alpha, encoding))
+        .detach(|| crate::compress_many(&pairs, k, alpha, scale, encoding))
         .map_err(|e| named_error(&names, e))?;
     Ok(out.into_iter().map(|inner| PyStream { inner }).collect())
 }
@@ -569,6 +628,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FORMAT_VERSION", crate::format::VERSION)?;
     m.add_function(wrap_pyfunction!(encode, m)?)?;
     m.add_function(wrap_pyfunction!(encode_many, m)?)?;
+    m.add_function(wrap_pyfunction!(kept_abs_sum, m)?)?;
     m.add_function(wrap_pyfunction!(decode_streams, m)?)?;
     m.add_class::<PyExpertFile>()?;
     m.add_function(wrap_pyfunction!(dot, m)?)?;

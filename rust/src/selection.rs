@@ -59,6 +59,16 @@ impl KeySpace {
         }
     }
 
+    /// The magnitude a key stands for (keys are the bits of |x| in this space).
+    pub fn magnitude(self, key: u64) -> f64 {
+        match self {
+            KeySpace::F16 => f16::from_bits(key as u16).to_f64(),
+            KeySpace::BF16 => bf16::from_bits(key as u16).to_f64(),
+            KeySpace::F32 => f32::from_bits(key as u32) as f64,
+            KeySpace::F64 => f64::from_bits(key),
+        }
+    }
+
     /// The key of +infinity: every key at or above it is Inf or NaN.
     fn inf_key(self) -> u64 {
         match self {
@@ -246,6 +256,23 @@ impl Moments {
 /// The unbiased standard deviation of `d` entries with these moments, as `torch.std`.
 /// d = 0 gives 0; d = 1 has no unbiased estimate, and we use |x| (the single entry then decodes
 /// to itself at alpha = 1) instead of NaN.
+/// The spread of the data a scale rule may use: its standard deviation (the paper's sigma) and
+/// its L2 norm.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub sigma: f64,
+    pub norm: f64,
+}
+
+impl Spread {
+    fn of(m: &Moments, single: Option<f64>) -> Spread {
+        Spread {
+            sigma: sigma_of(m, single),
+            norm: (m.m2 + m.n as f64 * m.mean * m.mean).sqrt(),
+        }
+    }
+}
+
 pub fn sigma_of(m: &Moments, single: Option<f64>) -> f64 {
     match m.n {
         0 => 0.0,
@@ -601,6 +628,11 @@ impl Selector {
     pub fn sigma(&self) -> f64 {
         sigma_of(&self.moments, self.first_value)
     }
+
+    /// Sigma and L2 norm of everything fed in the first level.
+    pub fn spread(&self) -> Spread {
+        Spread::of(&self.moments, self.first_value)
+    }
 }
 
 fn first_non_finite(t: Tensor<'_>) -> u64 {
@@ -612,6 +644,14 @@ fn first_non_finite(t: Tensor<'_>) -> u64 {
 /// Selects over tensors held in memory (in the given order); returns the threshold and sigma.
 pub fn select(tensors: &[Tensor<'_>], k: f64) -> Result<(Threshold, f64)> {
     let space = KeySpace::for_dtypes(tensors.iter().map(|t| t.dtype()));
+    let s = run_selector(tensors, space, k)?;
+    Ok((
+        s.threshold().expect("finished selector has a threshold"),
+        s.sigma(),
+    ))
+}
+
+fn run_selector(tensors: &[Tensor<'_>], space: KeySpace, k: f64) -> Result<Selector> {
     let d = tensors.iter().map(|t| t.len() as u64).sum();
     let mut s = Selector::new(space, d, k)?;
     loop {
@@ -619,14 +659,9 @@ pub fn select(tensors: &[Tensor<'_>], k: f64) -> Result<(Threshold, f64)> {
             s.feed(t)?;
         }
         if s.finish_level()? {
-            break;
+            return Ok(s);
         }
     }
-    let sigma = s.sigma();
-    Ok((
-        s.threshold().expect("finished selector has a threshold"),
-        sigma,
-    ))
 }
 
 /// Per-tensor selection of a half-precision tensor shorter than 2^21 entries (a LoRA factor):
@@ -634,14 +669,18 @@ pub fn select(tensors: &[Tensor<'_>], k: f64) -> Result<(Threshold, f64)> {
 /// bins on the top 8 bits of the magnitude, then 128 bins over the entries of the threshold's
 /// bin) instead of one 2^15-bin table, which for such tensors costs more than the data.
 /// Falls back to [`select`] for other tensors.
-pub fn select_one(t: Tensor<'_>, k: f64) -> Result<(Threshold, f64)> {
+pub fn select_one(t: Tensor<'_>, k: f64) -> Result<(Threshold, Spread)> {
     let (s, space) = match t {
         Tensor::F16(s) if s.len() < SMALL_HALF => (s, KeySpace::F16),
         Tensor::BF16(s) if s.len() < SMALL_HALF => (s, KeySpace::BF16),
-        _ => return select(&[t], k),
+        _ => {
+            let s = run_selector(&[t], KeySpace::for_dtypes([t.dtype()].into_iter()), k)?;
+            let thr = s.threshold().expect("finished selector has a threshold");
+            return Ok((thr, s.spread()));
+        }
     };
     check_density(k)?;
-    let sigma = sigma_of(
+    let spread = Spread::of(
         &Moments::of_small_half(s, t.dtype()),
         (!s.is_empty()).then(|| t.get_f64(0)),
     );
@@ -660,7 +699,7 @@ pub fn select_one(t: Tensor<'_>, k: f64) -> Result<(Threshold, f64)> {
     }
     let n = target_count(k, s.len() as u64);
     if n == 0 {
-        return Ok((Threshold::keep_nothing(space), sigma));
+        return Ok((Threshold::keep_nothing(space), spread));
     }
     // From the largest magnitudes down to the bin holding the n-th largest; `remaining` is then
     // how many of that bin's entries are kept.
@@ -685,7 +724,7 @@ pub fn select_one(t: Tensor<'_>, k: f64) -> Result<(Threshold, f64)> {
     let key = ((top << 7) | walk(&fine, &mut remaining)) as u64;
     // Zeros are never kept: their sign is 0.
     let ties = if key == 0 { 0 } else { remaining };
-    Ok((Threshold { space, key, ties }, sigma))
+    Ok((Threshold { space, key, ties }, spread))
 }
 
 /// Lanes of the moment sums: entry i of a block adds to lane i % LANES, so the adds vectorise

@@ -50,7 +50,8 @@ def run(args):
 
 def test_sharded_round_trip(pair):
     tmp, base, ft = pair
-    r = run(["compress", tmp / "ft", "--base", tmp / "base", "-o", tmp / "res.safetensors", "-k", "0.1", "-q"])
+    r = run(["compress", tmp / "ft", "--base", tmp / "base", "-o", tmp / "res.safetensors", "-k", "0.1", "-q",
+             "--scope", "global", "--scale", "std"])
     assert r.returncode == 0, r.stderr
     r = run(["apply", tmp / "res.safetensors", "--base", tmp / "base", "-o", tmp / "out", "-q"])
     assert r.returncode == 0, r.stderr
@@ -149,7 +150,8 @@ def test_cli_bad_inputs(pair):
     assert r.returncode == 0
     # An expert made without a base is not a residual; a residual needs its own base.
     fails(["apply", tmp / "good.safetensors", "--base", tmp / "base", "-o", out], 1, "without --base")
-    r = run(["compress", tmp / "ft", "--base", tmp / "base", "-o", tmp / "res.safetensors", "-k", "0.1", "-q"])
+    r = run(["compress", tmp / "ft", "--base", tmp / "base", "-o", tmp / "res.safetensors", "-k", "0.1", "-q",
+             "--scope", "global", "--scale", "std"])
     assert r.returncode == 0, r.stderr
     fails(["apply", tmp / "res.safetensors", "--base", tmp / "wrong.safetensors", "-o", out], 1, "lacks")
 

@@ -68,7 +68,7 @@ def test_expert_matches_reference(sizes, k, scope, seed, dtype):
 def test_save_load_lazy_and_safetensors_compatible(tmp_path):
     sd = {"a.lora_A.weight": torch.randn(8, 64), "a.lora_B.weight": torch.randn(64, 8, dtype=torch.float16),
           "step": torch.tensor([7], dtype=torch.int64)}
-    e = compeft_rs.compress_expert(sd, 0.2)
+    e = compeft_rs.compress_expert(sd, 0.2, scope="global", scale="std")
     path = tmp_path / "expert.safetensors"
     e.save(path)
     # safetensors orders metadata keys freely, so compare contents, not bytes.
@@ -97,7 +97,7 @@ def test_save_load_lazy_and_safetensors_compatible(tmp_path):
 def test_ia3_and_base_and_apply():
     torch.manual_seed(0)
     ia3 = {"m.ia3_l.weight": 1 + 0.1 * torch.randn(1, 50), "m.lora_A.weight": torch.randn(4, 50)}
-    e = compeft_rs.compress_expert(ia3, 0.2, scope="per_tensor")
+    e = compeft_rs.compress_expert(ia3, 0.2, scope="per_tensor", scale="std")
     assert e.init_of("m.ia3_l.weight") == "one" and e.init_of("m.lora_A.weight") == "zero"
     tau = f64(ia3["m.ia3_l.weight"]) - 1
     s = reference_signs(tau, 0.2)
@@ -107,7 +107,7 @@ def test_ia3_and_base_and_apply():
 
     base = {"w": torch.randn(30, 30), "b": torch.randn(30), "untouched": torch.ones(3)}
     ft = {"w": base["w"] + 0.01 * torch.randn(30, 30), "b": base["b"] + 0.01 * torch.randn(30)}
-    e = compeft_rs.compress_expert(ft, 0.1, base=base)
+    e = compeft_rs.compress_expert(ft, 0.1, base=base, scope="global", scale="std")
     ref = reference_expert({n: f64(ft[n]) - f64(base[n]) for n in ft}, 0.1, 1.0, "global")
     out = e.apply(base)
     assert set(out) == set(base) and torch.equal(out["untouched"], base["untouched"])

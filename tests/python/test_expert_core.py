@@ -138,11 +138,11 @@ def test_tune_uses_the_active_adapter_and_leaves_others_alone():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.randn(5, 16)
     res = compeft_rs.tune(model, lambda m: float(m(x).abs().sum()), ks=(0.5,), alphas=(0.5, 1.0, 4.0),
-                          progress=False)
+                          scopes=("global",), scales=("std",), progress=False)
     assert len({p.score for p in res.points}) == 3  # alpha changes the scored adapter
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n  # both adapters as they were
-    want = compeft_rs.compress_peft(model, 0.5, res.best.alpha, adapter_name="other")
+    want = compeft_rs.compress_peft(model, 0.5, res.best.alpha, adapter_name="other", scope="global", scale="std")
     for n in want.compressed_keys():
         assert want.stream(n) == res.expert.stream(n)
 
@@ -295,7 +295,7 @@ def global_reference(taus, k):
 def test_global_scope_orders_ties_by_sorted_name_not_insertion():
     taus = tied_tensors()
     ref, sigma = global_reference(taus, 0.55)
-    e = compeft_rs.compress_expert(taus, 0.55)  # inserted z, m, a, q
+    e = compeft_rs.compress_expert(taus, 0.55, scope="global", scale="std")  # inserted z, m, a, q
     for n in taus:
         assert np.array_equal(pattern_of(e.stream(n)), ref[n]), n
         assert e.stream(n).scale == pytest.approx(sigma, rel=1e-12)
@@ -311,7 +311,7 @@ def test_checkpoint_global_scope_orders_ties_by_sorted_name_not_shard(tmp_path):
         save_file({n: taus[n]}, str(tmp_path / "ck" / f"s{i}.safetensors"))
         wm[n] = f"s{i}.safetensors"
     (tmp_path / "ck" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
-    e = compeft_rs.compress_checkpoint(tmp_path / "ck", 0.55)
+    e = compeft_rs.compress_checkpoint(tmp_path / "ck", 0.55, scope="global", scale="std")
     for n in taus:
         assert np.array_equal(pattern_of(e.stream(n)), ref[n]), n
 

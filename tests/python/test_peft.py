@@ -73,10 +73,11 @@ def test_cli_and_api_round_trip(adapter, tmp_path):
     ref = reference_weights(path)
     out_file = tmp_path / "adapter.cpft.safetensors"
     cli = [sys.executable, "-m", "compeft_rs.cli"]
-    r = subprocess.run(cli + ["compress", str(path), "-o", str(out_file), "-k", str(K), "-q"],
+    r = subprocess.run(cli + ["compress", str(path), "-o", str(out_file), "-k", str(K), "-q", "--scope", "global",
+                              "--scale", "std"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    api = compeft_rs.compress_peft(path, K)
+    api = compeft_rs.compress_peft(path, K, scope="global", scale="std")
     for name, want in ref.items():
         got = api.apply()[name].numpy()
         assert np.allclose(got, want, rtol=1e-6, atol=0), name

@@ -17,7 +17,8 @@ def test_tune_dict_finds_the_best_alpha():
         # Negative squared error to the uncompressed weights: higher is better.
         return -sum(float(((weights[n] - target[n]) ** 2).sum()) for n in target)
 
-    r = compeft_rs.tune(target, evaluate, ks=(0.1, 0.5), alphas=(0.25, 1, 2, 4), progress=False)
+    r = compeft_rs.tune(target, evaluate, ks=(0.1, 0.5), alphas=(0.25, 1, 2, 4), scopes=("global",), scales=("std",),
+                        progress=False)
     assert len(r.points) == 8 == len(calls)
     assert r.best == max(r.points, key=lambda p: p.score)
     # The chosen expert is the compressed expert at the best point.
@@ -26,9 +27,35 @@ def test_tune_dict_finds_the_best_alpha():
     assert evaluate(e.apply()) == pytest.approx(r.best.score, rel=1e-6)
     # A point's score equals evaluating a fresh compression at that (k, alpha).
     p = next(p for p in r.points if p.k == 0.5 and p.alpha == 2)
-    assert evaluate(compeft_rs.compress_expert(target, 0.5, 2).apply()) == pytest.approx(p.score, rel=1e-6)
+    assert evaluate(compeft_rs.compress_expert(target, 0.5, 2, scope="global", scale="std").apply()) == pytest.approx(p.score, rel=1e-6)
     # Bytes depend on k only.
     assert len({p.nbytes for p in r.points if p.k == 0.1}) == 1
+
+
+def test_default_tune_searches_scopes_and_scale_rules():
+    g = torch.Generator().manual_seed(3)
+    target = {"w.lora_A.weight": torch.randn(8, 40, generator=g), "w.lora_B.weight": torch.randn(40, 8, generator=g) / 30,
+              "v.ia3_l.weight": 1 + torch.randn(1, 40, generator=g) / 10}
+    dense = {n: t.double() for n, t in target.items()}
+
+    def evaluate(weights):  # negative error of the product B.A and of the (IA)3 vector
+        prod = weights["w.lora_B.weight"].double() @ weights["w.lora_A.weight"].double()
+        want = dense["w.lora_B.weight"] @ dense["w.lora_A.weight"]
+        return -float(((prod - want) ** 2).sum() + ((weights["v.ia3_l.weight"].double() - dense["v.ia3_l.weight"]) ** 2).sum())
+
+    r = compeft_rs.tune(target, evaluate, progress=False)
+    combos = {(p.scope, p.scale) for p in r.points}
+    assert combos == {(s, c) for s in ("per_tensor", "global") for c in compeft_rs._scale.SCALES}
+    assert {p.k for p in r.points} == {0.1}
+    assert {p.alpha for p in r.points if p.scale == "std"} == {1, 2, 4, 8, 16, 32}
+    assert 1.0 in {p.alpha for p in r.points if p.scale == "pair"}
+    # Every point scores what a fresh compression at its (scope, scale, alpha) scores: alpha
+    # multiplies every stored scale, the pair rule's included.
+    for p in r.points:
+        e = compeft_rs.compress_expert(target, p.k, p.alpha, scope=p.scope, scale=p.scale)
+        assert evaluate(e.apply()) == pytest.approx(p.score, rel=1e-6), p
+    e = r.expert
+    assert (e.scope, e.scale, e.alpha) == (r.best.scope, r.best.scale, r.best.alpha)
 
 
 def test_pareto_front():
@@ -60,7 +87,7 @@ def test_tune_peft_model_restores_weights():
         assert m is model
         return float(m(x).sum())
 
-    r = compeft_rs.tune(model, evaluate, ks=(0.5,), alphas=(1, 3), progress=False)
+    r = compeft_rs.tune(model, evaluate, ks=(0.5,), alphas=(1, 3), scopes=("global",), scales=("std",), progress=False)
     assert len(r.points) == 2 and r.expert.peft_config is not None
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n

@@ -4,7 +4,9 @@ mod common;
 
 use common::{gaussian_like, reference};
 use compeft::popcount::{counts_with, Kernel};
-use compeft::{compress, compress_global, Compressed, Encoding, Tensor, TensorMut};
+use compeft::{
+    compress, compress_global, compress_scaled, Compressed, Encoding, Scale, Tensor, TensorMut,
+};
 use half::{bf16, f16};
 use proptest::prelude::*;
 
@@ -299,6 +301,48 @@ proptest! {
         let nnz = rs.iter().filter(|&&s| s != 0).count();
         prop_assert_eq!(c.nnz as usize, nnz);
         if c.scale > 0.0 {
+            prop_assert_eq!(signs_of(&c), rs);
+        }
+    }
+
+    /// The data-free scales against plain sums over the input: the kept-mean scale is the mean
+    /// |x| of exactly the entries the reference keeps, the norm scale ||x|| / sqrt(nnz), the
+    /// projection scale ||x||^2 / sum of the kept |x|; for
+    /// every dtype and per-tensor path (small half tensors, f32, f64).
+    #[test]
+    fn prop_data_free_scales_match_reference(
+        vals in prop::collection::vec((-3i32..=3, 0u16..8), 0..3000),
+        k in 0.001f64..=1.0,
+        alpha in 0.25f64..4.0,
+        which in 0usize..4,
+        rule in prop::sample::select(vec![Scale::KeptMean, Scale::Norm, Scale::Proj]),
+    ) {
+        let xs: Vec<f64> = vals.iter().map(|&(m, e)| m as f64 * 2f64.powi(e as i32 - 4)).collect();
+        let (rs, _) = reference(&xs, k);
+        let bits16: Vec<u16> = xs
+            .iter()
+            .map(|&x| if which == 1 { bf16::from_f64(x).to_bits() } else { f16::from_f64(x).to_bits() })
+            .collect();
+        let xs32: Vec<f32> = xs.iter().map(|&x| x as f32).collect();
+        let t = match which {
+            0 => Tensor::F16(&bits16),
+            1 => Tensor::BF16(&bits16),
+            2 => Tensor::F32(&xs32),
+            _ => Tensor::F64(&xs),
+        };
+        let c = compress_scaled(t, &[xs.len() as u64], k, alpha, rule, Encoding::Golomb).unwrap();
+        let kept: Vec<f64> = xs.iter().zip(&rs).filter(|(_, &s)| s != 0).map(|(x, _)| x.abs()).collect();
+        prop_assert_eq!(c.nnz as usize, kept.len());
+        let nnz = kept.len() as f64;
+        let (kept_sum, squares) = (kept.iter().sum::<f64>(), xs.iter().map(|x| x * x).sum::<f64>());
+        let want = alpha * match rule {
+            _ if kept.is_empty() => 0.0,
+            Scale::KeptMean => kept_sum / nnz,
+            Scale::Norm => squares.sqrt() / nnz.sqrt(),
+            _ => squares / kept_sum,
+        };
+        prop_assert!((c.scale - want).abs() <= 1e-12 * want, "scale {} want {}", c.scale, want);
+        if c.nnz > 0 {
             prop_assert_eq!(signs_of(&c), rs);
         }
     }

@@ -1,0 +1,136 @@
+"""Scale rules (python/compeft_rs/_scale.py) against plain numpy: the kept signs from the reference
+top-k, the scale from sums over the data, the pair rule from the dense product B @ A."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import reference_sigma, reference_signs
+
+import compeft_rs
+
+
+def _rule(rule, tau, signs):
+    kept = np.abs(tau[signs != 0])
+    if kept.size == 0:
+        return 0.0
+    return {
+        "std": reference_sigma(tau),
+        "mean": kept.mean(),
+        "norm": np.sqrt((tau**2).sum()) / np.sqrt(kept.size),
+        "proj": (tau**2).sum() / kept.sum(),
+    }[rule]
+
+
+def _pair(draw_seed, r, d_in, d_out, b_scale):
+    g = np.random.default_rng(draw_seed)
+    a = g.standard_normal((r, d_in))
+    b = g.standard_normal((d_out, r)) * b_scale
+    return a, b
+
+
+@given(seed=st.integers(0, 2**32 - 1), r=st.integers(1, 6), d_in=st.integers(2, 40), d_out=st.integers(2, 40),
+       k=st.sampled_from([0.05, 0.1, 0.3, 1.0]), alpha=st.sampled_from([0.5, 1.0, 3.0]),
+       rule=st.sampled_from(["std", "mean", "norm", "proj"]))
+def test_per_tensor_rules_match_numpy(seed, r, d_in, d_out, k, alpha, rule):
+    a, b = _pair(seed, r, d_in, d_out, 0.01)
+    sd = {"m.lora_A.weight": torch.from_numpy(a), "m.lora_B.weight": torch.from_numpy(b)}
+    e = compeft_rs.compress_expert(sd, k, alpha, scale=rule)
+    for name, tau in (("m.lora_A.weight", a), ("m.lora_B.weight", b)):
+        signs = reference_signs(tau, k).reshape(tau.shape)
+        s = e.stream(name)
+        assert s.scale == pytest.approx(alpha * _rule(rule, tau, signs), rel=1e-9, abs=1e-300)
+        got = e.decode([name])[name].numpy()
+        np.testing.assert_array_equal(np.sign(got), signs)
+
+
+@given(seed=st.integers(0, 2**32 - 1), r=st.integers(1, 6), d_in=st.integers(2, 40), d_out=st.integers(2, 40),
+       k=st.sampled_from([0.05, 0.1, 0.3]), alpha=st.sampled_from([0.5, 1.0, 3.0]))
+def test_pair_rule_keeps_the_products_norm(seed, r, d_in, d_out, k, alpha):
+    a, b = _pair(seed, r, d_in, d_out, 0.01)
+    sd = {"x.lora_A.weight": torch.from_numpy(a), "x.lora_B.weight": torch.from_numpy(b)}
+    e = compeft_rs.compress_expert(sd, k, alpha)  # the defaults: per_tensor, pair
+    assert (e.scope, e.scale) == ("per_tensor", "pair")
+    sa_, sb_ = (reference_signs(t, k).reshape(t.shape) for t in (a, b))
+    # A keeps its norm scale; B's makes ||s_A s_B Bt At|| = alpha^2 ||BA||.
+    s_a = alpha * _rule("norm", a, sa_)
+    assert e.stream("x.lora_A.weight").scale == pytest.approx(s_a, rel=1e-9)
+    q = sb_.astype(np.float64) @ sa_.astype(np.float64)
+    s_b = e.stream("x.lora_B.weight").scale
+    if np.abs(q).sum() > 0:
+        assert s_a * s_b * np.linalg.norm(q) == pytest.approx(alpha**2 * np.linalg.norm(b @ a), rel=1e-9)
+    else:  # the signs cancel in the product: B keeps its own norm scale
+        assert s_b == pytest.approx(alpha * _rule("norm", b, sb_), rel=1e-9, abs=1e-300)
+    dec = e.decode()
+    np.testing.assert_array_equal(np.sign(dec["x.lora_B.weight"].numpy()), sb_)
+
+
+def test_pair_rule_is_matched_by_segment_and_spares_lonely_factors():
+    g = np.random.default_rng(0)
+    sd = {
+        "m.0.lora_A.weight": torch.from_numpy(g.standard_normal((4, 30))),
+        "m.0.lora_B.weight": torch.from_numpy(g.standard_normal((20, 4)) * 0.01),
+        # No partner (its B is missing): keeps the per-tensor norm scale.
+        "m.1.lora_A.weight": torch.from_numpy(g.standard_normal((4, 30))),
+        # Embedding factors pair with each other.
+        "e.lora_embedding_A.default": torch.from_numpy(g.standard_normal((4, 50))),
+        "e.lora_embedding_B.default": torch.from_numpy(g.standard_normal((16, 4)) * 0.01),
+    }
+    pair = compeft_rs.compress_expert(sd, 0.2)
+    norm = compeft_rs.compress_expert(sd, 0.2, scale="norm")
+    for n in sd:
+        changed = pair.stream(n).scale != norm.stream(n).scale
+        assert changed == (n in ("m.0.lora_B.weight", "e.lora_embedding_B.default")), n
+
+
+def test_global_std_is_the_papers_algorithm():
+    g = np.random.default_rng(1)
+    sd = {f"t{i}": g.standard_normal(50 + i) for i in range(3)}
+    e = compeft_rs.compress_expert(sd, 0.1, 2.0, scope="global", scale="std")
+    flat = np.concatenate([sd[n] for n in sorted(sd)])
+    signs = reference_signs(flat, 0.1)
+    off = 0
+    for n in sorted(sd):
+        d = sd[n].size
+        assert e.stream(n).scale == pytest.approx(2.0 * reference_sigma(flat), rel=1e-12)
+        np.testing.assert_array_equal(np.sign(e.decode([n])[n].numpy()), signs[off:off + d])
+        off += d
+
+
+@pytest.mark.parametrize("rule", ["mean", "norm", "proj"])
+def test_global_data_free_rules_use_all_kept_entries(rule):
+    g = np.random.default_rng(2)
+    sd = {f"t{i}": g.standard_normal(40 + 7 * i) * (i + 1) for i in range(3)}
+    e = compeft_rs.compress_expert(sd, 0.2, 1.5, scope="global", scale=rule)
+    flat = np.concatenate([sd[n] for n in sorted(sd)])
+    want = 1.5 * _rule(rule, flat, reference_signs(flat, 0.2))
+    for n in sd:
+        assert e.stream(n).scale == pytest.approx(want, rel=1e-12)
+
+
+def test_scale_rule_is_stored_and_checked(tmp_path):
+    sd = {"a.lora_A.weight": torch.randn(4, 16), "a.lora_B.weight": torch.randn(16, 4)}
+    e = compeft_rs.compress_expert(sd, 0.25, scale="norm")
+    e.save(tmp_path / "e.safetensors")
+    assert compeft_rs.load_expert(tmp_path / "e.safetensors").scale == "norm"
+    with pytest.raises(ValueError, match="scale must be one of"):
+        compeft_rs.compress_expert(sd, 0.25, scale="sigma")
+
+
+@given(values=st.lists(st.integers(-6, 6), min_size=1, max_size=400),
+       dtype=st.sampled_from(["float16", "bfloat16", "float32", "float64"]),
+       k=st.sampled_from([0.01, 0.1, 0.5, 1.0]), rule=st.sampled_from(["mean", "norm", "proj"]))
+def test_encode_one_tensor_with_a_data_free_scale(values, dtype, k, rule):
+    # Small multiples of 1/4: exact in every dtype, with many ties.
+    tau = np.array(values, dtype=np.float64) / 4
+    t = torch.from_numpy(tau).to(getattr(torch, dtype))
+    c = compeft_rs.encode(t, k, 2.0, scale=rule)
+    signs = reference_signs(tau, k)
+    assert c.scale == pytest.approx(2.0 * _rule(rule, tau, signs), rel=1e-9, abs=1e-300)
+    np.testing.assert_array_equal(np.sign(c.decode(dtype="float64").numpy()), signs)
+
+
+def test_encode_refuses_the_pair_rule_for_one_tensor():
+    with pytest.raises(ValueError, match="for one tensor"):
+        compeft_rs.encode(torch.ones(4), 0.5, scale="pair")
