@@ -10,7 +10,7 @@ from ._scale import SCALES, check_scale
 
 # Default alpha grids: the data-free rules are calibrated (alpha 1 is their own choice), the
 # paper's sigma rule needs alpha to be searched over a wide range.
-DATA_FREE_ALPHAS = (1.0, 0.5, 0.7, 1.4, 2.0)
+DATA_FREE_ALPHAS = (1.0, 0.7, 1.4)
 STD_ALPHAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 __all__ = ["tune", "TunePoint", "TuneResult"]

@@ -1,6 +1,6 @@
-"""The shortened accuracy study (examples/accuracy_study.py --quick): a real LoRA expert on Rotten
-Tomatoes sentences keeps a clear margin over no adapter after ComPEFT compression, and stays close
-to the uncompressed adapter."""
+"""The shortened fidelity study (examples/accuracy_study.py --quick): on each of the three tasks a
+real LoRA expert compressed with the library's defaults (no tuning) keeps a clear margin over no
+adapter and stays within a bounded gap of the uncompressed adapter."""
 
 import sys
 from pathlib import Path
@@ -15,17 +15,18 @@ import accuracy_study  # noqa: E402
 
 
 def test_quick_study():
-    res = accuracy_study.run(quick=True, log=lambda *a: None)
-    full = res["uncompressed"]["test"]
-    none = res["no_lora_trained_head"]["test"]
-    assert full > none + 0.05, res
-    # Global scope over raw LoRA factors loses more (the B factors are small next to A and few of
-    # their entries pass the shared threshold); per-tensor stays close. Measured on this split:
-    # uncompressed 0.747, no LoRA 0.628, global 0.678, per-tensor 0.727.
-    gap = {"global": 0.10, "per_tensor": 0.05}
-    for scope, s in res["scopes"].items():
-        row = s["rows"][0]
-        assert row["k"] == 0.1
-        assert row["test"] > none + 0.03, (scope, res)
-        assert row["test"] > full - gap[scope], (scope, res)
-        assert row["ratio_vs_fp16"] > 10
+    results = accuracy_study.run(quick=True, log=lambda *a: None)
+    assert [r["task"] for r in results] == ["movies", "amazon", "tweets"]
+    for r in results:
+        rows = {row["method"]: row for row in r["rows"]}
+        full = rows["uncompressed adapter"]["test"]
+        none = rows["no adapter (LoRA removed, head kept)"]["test"]
+        default = rows["defaults, no tuning"]
+        assert full > none + 0.08, r
+        assert (default["scope"], default["scale"], default["k"]) == ("per_tensor", "pair", 0.1)
+        # Quick adapters (20 steps) on 300 test sentences: a 1-point gap is 3 sentences, so the
+        # bounds leave room for noise. Measured: defaults within 1-9 points of the adapter and
+        # 10-15 points above no adapter on every task.
+        assert default["test"] > none + 0.05, r
+        assert default["test"] > full - 0.12, r
+        assert default["ratio_vs_fp16"] > 12, r
