@@ -296,8 +296,8 @@ def bench_experts(repeat, k=0.1, tmp=Path("bench-results/experts")):
         dense = tmp / f"{label}.fp16.safetensors"
         save_file(sd, str(dense))
         t_torch, _ = best_of(lambda: torch_way_per_tensor(sd, k), max(1, repeat // 2))
-        t_pt, e = best_of(lambda: compeft_rs.compress_expert(sd, k, scope="per_tensor"), repeat)
-        t_gl, eg = best_of(lambda: compeft_rs.compress_expert(sd, k, scope="global"), repeat)
+        t_pt, e = best_of(lambda: compeft_rs.compress_expert(sd, k, scope="per_tensor", scale="std"), repeat)
+        t_gl, eg = best_of(lambda: compeft_rs.compress_expert(sd, k, scope="global", scale="std"), repeat)
         path = tmp / f"{label}.cpft.safetensors"
         e.save(path)
         blob = path.read_bytes()

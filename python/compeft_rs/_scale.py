@@ -19,6 +19,9 @@ import math
 
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
+import numpy as np
+
+from . import _arrays
 from ._tensor import CompressedTensor
 
 __all__ = ["SCALES", "check_scale", "lora_pairs", "pair_rescale"]
@@ -53,26 +56,39 @@ def lora_pairs(names: Sequence[str]) -> List[Tuple[str, str]]:
     return pairs
 
 
+def _f64(x: Any) -> np.ndarray:
+    """A factor as float64 numpy, exactly (half types through float32: numpy has no bfloat16)."""
+    if _arrays.is_torch_tensor(x):
+        x = x.detach().cpu()
+        x = (x.float() if x.element_size() == 2 else x).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _signs(c: CompressedTensor) -> np.ndarray:
+    """The kept signs (-1, 0, 1) as float64, from the two bitmasks (no dense decode)."""
+    pos, neg = c._stream.masks()
+    d = c.numel
+    p = np.unpackbits(pos.view(np.uint8), bitorder="little")[:d]
+    n = np.unpackbits(neg.view(np.uint8), bitorder="little")[:d]
+    return p.astype(np.float64) - n
+
+
 def pair_rescale(streams: Dict[str, CompressedTensor], source: Callable[[str], Any],
                  alpha: float) -> Dict[str, CompressedTensor]:
     """Sets the scale of each LoRA pair's B stream so that the product the model applies keeps
     its L2 norm, A's scale unchanged (``alpha`` multiplies each stream's scale, so the product
     carries alpha^2). ``source(name)`` gives the uncompressed factor."""
-    import torch
-
     out = dict(streams)
     for a, b in lora_pairs(list(streams)):
         sa, sb = streams[a], streams[b]
         if sa.scale == 0 or sa.nnz == 0 or sb.nnz == 0:
             continue
-        A = torch.as_tensor(source(a)).detach().cpu().to(torch.float64)
-        B = torch.as_tensor(source(b)).detach().cpu().to(torch.float64)
+        A, B = _f64(source(a)), _f64(source(b))
         A = A.reshape(A.shape[0], -1)
         B = B.reshape(B.shape[0], -1)
         if A.shape[0] != B.shape[1]:
             continue  # not a factor pair of one rank (checked, not assumed)
-        At = torch.as_tensor(sa.decode(dtype="float32")).to(torch.float64).reshape(A.shape).sign()
-        Bt = torch.as_tensor(sb.decode(dtype="float32")).to(torch.float64).reshape(B.shape).sign()
+        At, Bt = _signs(sa).reshape(A.shape), _signs(sb).reshape(B.shape)
         # ||BA||^2 = tr((B^T B)(A A^T)), the same for the signs: r x r each.
         pp = float(((B.T @ B) * (A @ A.T)).sum())
         qq = float(((Bt.T @ Bt) * (At @ At.T)).sum())
