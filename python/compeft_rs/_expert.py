@@ -35,7 +35,7 @@ __all__ = ["CompressedExpert", "compress_expert", "load_expert", "ExpertSummary"
 
 PathLike = Union[str, "os.PathLike[str]"]
 FILE_FORMAT = "compeft"
-FILE_VERSION = 2
+FILE_VERSION = 3
 # Elements per chunk when residuals of half-precision checkpoints are taken in float32.
 RESIDUAL_CHUNK = 1 << 22
 
@@ -102,11 +102,16 @@ def load_tensors(path: PathLike) -> Dict[str, Any]:
     return out
 
 
-def pack_names(names: List[str]) -> str:
-    """Tensor names as a JSON list, deflated: they share long prefixes, and in a small expert
-    they would otherwise outweigh the compressed streams. JSON keeps any character a name has."""
-    raw = json.dumps(names, separators=(",", ":"), ensure_ascii=False).encode()
+def deflate_json(obj: Any) -> str:
+    """JSON, deflated and base64-coded: tensor names share long prefixes and an adapter config
+    is mostly defaults; as text they would outweigh a small expert's streams."""
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=list).encode()
     return base64.b64encode(zlib.compress(raw, 9)).decode()
+
+
+def pack_names(names: List[str]) -> str:
+    """Tensor names as a deflated JSON list (JSON keeps any character a name has)."""
+    return deflate_json(names)
 
 
 def unpack_names(packed: str, count: int, where: str, version: int = FILE_VERSION) -> List[str]:
@@ -177,15 +182,21 @@ def _parse_metadata(md: Mapping[str, str], where: str) -> Tuple[Dict[str, Any], 
         raise CompeftError(f"{where} is a safetensors file but not a compeft expert (no compeft metadata)")
     try:
         info = json.loads(md["compeft"])
-        peft_config = json.loads(md["peft_config"]) if "peft_config" in md else None
-    except ValueError as e:
+        peft_config = None
+        if "peft_config" in md:
+            raw = md["peft_config"]
+            # Version 3 deflates it; earlier versions stored the JSON text.
+            if isinstance(info, dict) and info.get("file_version") == FILE_VERSION:
+                raw = zlib.decompress(base64.b64decode(raw, validate=True)).decode()
+            peft_config = json.loads(raw)
+    except (ValueError, zlib.error) as e:
         raise CompeftError(f"{where}: corrupt compeft metadata: {e}") from None
     if not isinstance(info, dict) or (peft_config is not None and not isinstance(peft_config, dict)):
         raise CompeftError(f"{where}: corrupt compeft metadata: not a JSON object")
-    if info.get("file_version") not in (1, FILE_VERSION):
+    if info.get("file_version") not in (1, 2, FILE_VERSION):
         raise CompeftError(
             f"{where}: unsupported compeft file version {info.get('file_version')!r}; "
-            f"this library reads versions 1 and {FILE_VERSION}, upgrade compeft-rs to read newer files"
+            f"this library reads versions 1 to {FILE_VERSION}, upgrade compeft-rs to read newer files"
         )
     return info, peft_config
 
@@ -647,9 +658,9 @@ def build_expert(
     info = dict(info, file_version=FILE_VERSION, names=pack_names(names))
     md = {"format": FILE_FORMAT, "compeft": json.dumps(info, separators=(",", ":"))}
     if peft_config is not None:
-        md["peft_config"] = json.dumps(peft_config, separators=(",", ":"), default=list)
+        md["peft_config"] = deflate_json(peft_config)
     raw = [_raw_entry(keys[n], _as_torch(t)) for n, t in exact.items()]
-    storage = ExpertFile.build([(keys[n], c._stream) for n, c in streams.items()], raw, md)
+    storage = ExpertFile.build([(keys[n], streams[n]._stream) for n in names if n in streams], raw, md)
     return CompressedExpert(storage)
 
 

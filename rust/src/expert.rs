@@ -1,4 +1,5 @@
-//! Whole experts: one safetensors file whose 1-D `U8` tensors are compressed streams and whose
+//! Whole experts: one safetensors file whose compressed streams are packed into one 1-D `U8`
+//! tensor (file version 3; earlier versions stored each stream as its own `U8` tensor) and whose
 //! other tensors are kept exactly (docs/FORMAT.md, "The expert file").
 //!
 //! The file is opened once and memory-mapped (or held in memory), its header is parsed and checked
@@ -7,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -14,6 +16,11 @@ use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use crate::codec::Compressed;
 use crate::error::{Error, Result};
+use crate::pack::{write_pack, Pack};
+
+/// The safetensors key of the stream pack. Stream keys are the decimal positions of the
+/// tensor names, so this never clashes with one.
+pub const PACK_KEY: &str = "streams";
 
 /// The bytes of an expert file: mapped from disk or owned.
 enum Storage {
@@ -31,13 +38,22 @@ impl std::ops::Deref for Storage {
     }
 }
 
-/// One tensor of the file: its safetensors dtype, shape and absolute byte range.
+/// One tensor of the file: its safetensors dtype, shape and where its bytes are. A packed
+/// stream shows as a 1-D `U8` tensor of its header and payload bytes.
 #[derive(Clone, Debug)]
 pub struct Entry {
     pub dtype: Dtype,
     pub shape: Vec<usize>,
-    pub start: usize,
-    pub end: usize,
+    pub at: Location,
+    pub nbytes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum Location {
+    /// A safetensors tensor: its absolute byte range in the file.
+    Tensor { start: usize, end: usize },
+    /// Stream `i` of the pack.
+    Packed(usize),
 }
 
 /// A parsed expert file. The header is checked once (offsets contiguous, inside the data,
@@ -46,6 +62,8 @@ pub struct ExpertFile {
     storage: Storage,
     entries: HashMap<String, Entry>,
     metadata: HashMap<String, String>,
+    /// The stream pack and its absolute byte range, when the file has one.
+    pack: Option<(Pack, Range<usize>)>,
 }
 
 fn bad_file(e: impl std::fmt::Display) -> Error {
@@ -101,16 +119,50 @@ impl ExpertFile {
                 Entry {
                     dtype: info.dtype,
                     shape: info.shape.clone(),
-                    start,
-                    end,
+                    at: Location::Tensor { start, end },
+                    nbytes: end - start,
                 },
             );
+        }
+        let mut pack = None;
+        if let Some(e) = entries.remove(PACK_KEY) {
+            let Location::Tensor { start, end } = e.at else {
+                unreachable!("safetensors entries are tensors")
+            };
+            if e.dtype != Dtype::U8 || e.shape.len() != 1 {
+                return Err(Error::Malformed(format!(
+                    "the stream pack should be a 1-D U8 tensor but is {} {:?}",
+                    dtype_name(e.dtype),
+                    e.shape
+                )));
+            }
+            let p = Pack::parse(&storage[start..end])?;
+            for (i, pe) in p.entries().iter().enumerate() {
+                let nbytes = p.stream_nbytes(i);
+                let old = entries.insert(
+                    pe.key.clone(),
+                    Entry {
+                        dtype: Dtype::U8,
+                        shape: vec![nbytes],
+                        at: Location::Packed(i),
+                        nbytes,
+                    },
+                );
+                if old.is_some() {
+                    return Err(Error::Malformed(format!(
+                        "key {:?} is both in the stream pack and elsewhere in the file",
+                        pe.key
+                    )));
+                }
+            }
+            pack = Some((p, start..end));
         }
         let metadata = md.metadata().clone().unwrap_or_default();
         Ok(ExpertFile {
             storage,
             entries,
             metadata,
+            pack,
         })
     }
 
@@ -133,17 +185,25 @@ impl ExpertFile {
             .ok_or_else(|| Error::Malformed(format!("the file has no tensor {key:?}")))
     }
 
-    /// The raw bytes of tensor `key`.
+    /// The raw bytes of tensor `key` (not of a packed stream).
     pub fn tensor_bytes(&self, key: &str) -> Result<&[u8]> {
         let e = self.entry(key)?;
+        let Location::Tensor { start, end } = e.at else {
+            return Err(Error::InvalidArgument(format!(
+                "{key:?} is a compressed stream in the pack, not a tensor kept exactly"
+            )));
+        };
         self.storage
-            .get(e.start..e.end)
+            .get(start..end)
             .ok_or_else(|| bad_file(format!("tensor {key:?} points past the data")))
     }
 
-    /// Parses the compressed stream stored under `key` (a 1-D U8 tensor).
+    /// Parses the compressed stream stored under `key` (in the pack, or a 1-D U8 tensor).
     pub fn stream(&self, key: &str) -> Result<Compressed> {
         let e = self.entry(key)?;
+        if let (Location::Packed(i), Some((p, range))) = (&e.at, &self.pack) {
+            return p.stream(&self.storage[range.clone()], *i);
+        }
         if e.dtype != Dtype::U8 || e.shape.len() != 1 {
             return Err(Error::Malformed(format!(
                 "tensor {key:?} should hold a compressed stream (1-D U8) but is {} {:?}",
@@ -166,7 +226,7 @@ impl ExpertFile {
 
 /// What one tensor of a new expert file holds.
 pub enum Payload<'a> {
-    /// A compressed stream, serialised only when it is written.
+    /// A compressed stream, written into the file's stream pack.
     Stream(&'a Compressed),
     /// A tensor kept exactly: its dtype, shape and little-endian bytes.
     Raw {
@@ -176,63 +236,80 @@ pub enum Payload<'a> {
     },
 }
 
-struct PayloadView<'a> {
-    payload: &'a Payload<'a>,
+struct RawView<'a> {
+    dtype: Dtype,
     shape: Vec<usize>,
+    data: &'a [u8],
 }
 
-impl View for PayloadView<'_> {
+impl View for RawView<'_> {
     fn dtype(&self) -> Dtype {
-        match self.payload {
-            Payload::Stream(_) => Dtype::U8,
-            Payload::Raw { dtype, .. } => *dtype,
-        }
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        match self.payload {
-            Payload::Stream(c) => Cow::Owned(c.to_bytes()),
-            Payload::Raw { data, .. } => Cow::Borrowed(data),
-        }
+        Cow::Borrowed(self.data)
     }
     fn data_len(&self) -> usize {
-        match self.payload {
-            Payload::Stream(c) => c.nbytes(),
-            Payload::Raw { data, .. } => data.len(),
-        }
+        self.data.len()
     }
 }
 
-/// Serialises an expert file: each stream is turned into bytes as it is written, so the peak
-/// is the output plus one stream.
+/// Serialises an expert file (version 3): the streams packed into one tensor under
+/// [`PACK_KEY`], each raw tensor as itself.
 pub fn serialize_expert(
     items: &[(String, Payload<'_>)],
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let mut views = Vec::with_capacity(items.len());
+    let packed: Vec<(&str, &Compressed)> = items
+        .iter()
+        .filter_map(|(name, p)| match p {
+            Payload::Stream(c) => Some((name.as_str(), *c)),
+            Payload::Raw { .. } => None,
+        })
+        .collect();
+    let pack = (!packed.is_empty()).then(|| write_pack(&packed));
+    let mut views = Vec::with_capacity(items.len() + 1);
+    if let Some(p) = &pack {
+        views.push((
+            PACK_KEY,
+            RawView {
+                dtype: Dtype::U8,
+                shape: vec![p.len()],
+                data: p,
+            },
+        ));
+    }
     for (name, p) in items {
-        let shape = match p {
-            Payload::Stream(c) => vec![c.nbytes()],
-            Payload::Raw {
-                dtype, shape, data, ..
-            } => {
-                let numel = shape.iter().try_fold(1usize, |a, &s| a.checked_mul(s));
-                let want = numel
-                    .and_then(|n| n.checked_mul(dtype.bitsize()))
-                    .map(|b| b / 8);
-                if want != Some(data.len()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "tensor {name:?}: {} bytes for a {} tensor of shape {shape:?}",
-                        data.len(),
-                        dtype_name(*dtype)
-                    )));
-                }
-                shape.clone()
-            }
+        let Payload::Raw { dtype, shape, data } = p else {
+            continue;
         };
-        views.push((name.as_str(), PayloadView { payload: p, shape }));
+        if name == PACK_KEY {
+            return Err(Error::InvalidArgument(format!(
+                "{PACK_KEY:?} is reserved for the stream pack"
+            )));
+        }
+        let numel = shape.iter().try_fold(1usize, |a, &s| a.checked_mul(s));
+        let want = numel
+            .and_then(|n| n.checked_mul(dtype.bitsize()))
+            .map(|b| b / 8);
+        if want != Some(data.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "tensor {name:?}: {} bytes for a {} tensor of shape {shape:?}",
+                data.len(),
+                dtype_name(*dtype)
+            )));
+        }
+        views.push((
+            name.as_str(),
+            RawView {
+                dtype: *dtype,
+                shape: shape.clone(),
+                data,
+            },
+        ));
     }
     safetensors::tensor::serialize(views, Some(metadata))
         .map_err(|e| Error::InvalidArgument(e.to_string()))

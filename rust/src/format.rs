@@ -25,7 +25,7 @@ fn varint_len(mut v: u64) -> usize {
     n
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -70,39 +70,80 @@ impl Compressed {
         let mut out = Vec::with_capacity(self.nbytes());
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        out.push(self.encoding() as u8);
-        out.push(self.dtype as u8);
-        out.push(self.shape.len() as u8);
-        for &s in &self.shape {
-            put_varint(&mut out, s);
-        }
-        put_varint(&mut out, self.numel);
-        put_varint(&mut out, self.nnz);
-        out.extend_from_slice(&self.scale.to_le_bytes());
-        match &self.body {
-            Body::Golomb(g) => {
-                out.push(g.rice_b);
-                out.push(g.block_log2);
-                put_varint(&mut out, g.gap_bits);
-                put_varint(&mut out, g.index.len() as u64);
-                let mut prev = BlockStart { bit: 0, next: 0 };
-                for s in &g.index {
-                    put_varint(&mut out, s.bit - prev.bit);
-                    put_varint(&mut out, s.next - prev.next);
-                    prev = *s;
-                }
-                put_bits(&mut out, &g.gaps, g.gap_bits);
-                put_bits(&mut out, &g.signs, self.nnz);
-            }
-            Body::Bitmask(m) => {
-                put_bits(&mut out, &m.pos, self.numel);
-                put_bits(&mut out, &m.neg, self.numel);
-            }
-        }
+        self.write_head(&mut out);
+        self.write_payload(&mut out);
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         debug_assert_eq!(out.len(), self.nbytes());
         out
+    }
+
+    /// The fields after the version up to the payload: encoding through the block index.
+    /// An expert file's stream pack stores these apart from the payloads (docs/FORMAT.md).
+    pub fn write_head(&self, out: &mut Vec<u8>) {
+        out.push(self.encoding() as u8);
+        out.push(self.dtype as u8);
+        out.push(self.shape.len() as u8);
+        for &s in &self.shape {
+            put_varint(out, s);
+        }
+        put_varint(out, self.numel);
+        put_varint(out, self.nnz);
+        out.extend_from_slice(&self.scale.to_le_bytes());
+        if let Body::Golomb(g) = &self.body {
+            out.push(g.rice_b);
+            out.push(g.block_log2);
+            put_varint(out, g.gap_bits);
+            put_varint(out, g.index.len() as u64);
+            let mut prev = BlockStart { bit: 0, next: 0 };
+            for s in &g.index {
+                put_varint(out, s.bit - prev.bit);
+                put_varint(out, s.next - prev.next);
+                prev = *s;
+            }
+        }
+    }
+
+    /// The payload: gap codes and sign bits, or the two masks.
+    pub fn write_payload(&self, out: &mut Vec<u8>) {
+        match &self.body {
+            Body::Golomb(g) => {
+                put_bits(out, &g.gaps, g.gap_bits);
+                put_bits(out, &g.signs, self.nnz);
+            }
+            Body::Bitmask(m) => {
+                put_bits(out, &m.pos, self.numel);
+                put_bits(out, &m.neg, self.numel);
+            }
+        }
+    }
+
+    /// Size of [`Compressed::write_payload`]'s output.
+    pub fn payload_nbytes(&self) -> usize {
+        match &self.body {
+            Body::Golomb(g) => (g.gap_bits.div_ceil(8) + self.nnz.div_ceil(8)) as usize,
+            Body::Bitmask(_) => 2 * self.numel.div_ceil(8) as usize,
+        }
+    }
+
+    /// Parses and checks a stream stored in two parts, as in an expert file's pack: `head` as
+    /// written by [`Compressed::write_head`], `payload` by [`Compressed::write_payload`]. The
+    /// caller has verified the checksum that covers both.
+    pub fn from_parts(head: &[u8], payload: &[u8]) -> Result<Compressed> {
+        let mut h = Reader { data: head, pos: 0 };
+        let fields = Head::parse(&mut h)?;
+        if h.remaining() != 0 {
+            return malformed(format!(
+                "{} unexpected bytes after the stream header",
+                h.remaining()
+            ));
+        }
+        let c = fields.with_payload(&mut Reader {
+            data: payload,
+            pos: 0,
+        })?;
+        c.check()?;
+        Ok(c)
     }
 
     /// Parses and fully checks a byte string written by [`Compressed::to_bytes`].
@@ -141,6 +182,24 @@ impl Compressed {
     /// Parses the bytes before the checksum, checking every length against what remains.
     fn parse_unchecked(body: &[u8]) -> Result<Compressed> {
         let mut r = Reader { data: body, pos: 5 };
+        Head::parse(&mut r)?.with_payload(&mut r)
+    }
+}
+
+/// The header fields of a stream, read before its payload.
+struct Head {
+    encoding: Encoding,
+    dtype: DType,
+    shape: Vec<u64>,
+    numel: u64,
+    nnz: u64,
+    scale: f64,
+    /// Golomb only: rice_b, block_log2, gap_bits and the block index.
+    golomb: Option<(u8, u8, u64, Vec<BlockStart>)>,
+}
+
+impl Head {
+    fn parse(r: &mut Reader<'_>) -> Result<Head> {
         let encoding = Encoding::from_code(r.u8("encoding")?)?;
         let dtype = DType::from_code(r.u8("dtype")?)?;
         let ndim = r.u8("ndim")? as usize;
@@ -169,7 +228,7 @@ impl Compressed {
             return malformed(format!("{nnz} nonzeros in {numel} entries"));
         }
         let scale = f64::from_le_bytes(r.take(8, "scale")?.try_into().expect("8 bytes"));
-        let body = match encoding {
+        let golomb = match encoding {
             Encoding::Golomb => {
                 let rice_b = r.u8("Rice parameter")?;
                 let block_log2 = r.u8("block size")?;
@@ -196,6 +255,34 @@ impl Compressed {
                     prev = BlockStart { bit, next };
                     index.push(prev);
                 }
+                Some((rice_b, block_log2, gap_bits, index))
+            }
+            Encoding::Bitmask => None,
+        };
+        Ok(Head {
+            encoding,
+            dtype,
+            shape,
+            numel,
+            nnz,
+            scale,
+            golomb,
+        })
+    }
+
+    /// Reads the payload the header announces; `r` must end exactly there.
+    fn with_payload(self, r: &mut Reader<'_>) -> Result<Compressed> {
+        let Head {
+            encoding,
+            dtype,
+            shape,
+            numel,
+            nnz,
+            scale,
+            golomb,
+        } = self;
+        let body = match (encoding, golomb) {
+            (Encoding::Golomb, Some((rice_b, block_log2, gap_bits, index))) => {
                 let gap_bytes = gap_bits.div_ceil(8);
                 if gap_bytes > r.remaining() as u64 {
                     return Err(Error::Truncated { what: "gap codes" });
@@ -211,7 +298,7 @@ impl Compressed {
                     index,
                 })
             }
-            Encoding::Bitmask => {
+            _ => {
                 let pos = r.bits(numel, "positive mask")?;
                 let neg = r.bits(numel, "negative mask")?;
                 Body::Bitmask(BitmaskBody { pos, neg })
@@ -234,17 +321,17 @@ impl Compressed {
     }
 }
 
-struct Reader<'a> {
-    data: &'a [u8],
-    pos: usize,
+pub(crate) struct Reader<'a> {
+    pub(crate) data: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.data.len() - self.pos
     }
 
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
         if n > self.remaining() {
             return Err(Error::Truncated { what });
         }
@@ -253,11 +340,11 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn u8(&mut self, what: &'static str) -> Result<u8> {
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8> {
         Ok(self.take(1, what)?[0])
     }
 
-    fn varint(&mut self, what: &'static str) -> Result<u64> {
+    pub(crate) fn varint(&mut self, what: &'static str) -> Result<u64> {
         let mut v = 0u64;
         for i in 0..10 {
             let b = self.u8(what)?;

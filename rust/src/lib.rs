@@ -21,6 +21,7 @@ pub mod error;
 pub mod expert;
 pub mod format;
 pub mod golomb;
+pub mod pack;
 pub mod popcount;
 pub mod selection;
 

@@ -517,7 +517,7 @@ impl PyExpertFile {
         let d = PyDict::new(py);
         for (k, e) in self.inner.entries() {
             let shape = PyTuple::new(py, e.shape.iter().copied())?;
-            d.set_item(k, (dtype_name(e.dtype), shape, e.end - e.start))?;
+            d.set_item(k, (dtype_name(e.dtype), shape, e.nbytes))?;
         }
         Ok(d)
     }

@@ -75,13 +75,14 @@ def test_save_load_lazy_and_safetensors_compatible(tmp_path):
     from_bytes = compeft_rs.CompressedExpert.from_bytes(path.read_bytes())
     assert all(from_bytes.stream(n) == e.stream(n) for n in e.compressed_keys())
     with safe_open(str(path), framework="pt") as f:
-        # Short keys; the names travel once, deflated, in the metadata.
-        assert set(f.keys()) == {"0", "1", "2"}
+        # The streams are packed into one tensor; kept tensors sit under their name's position;
+        # the names travel once, deflated, in the metadata.
+        assert set(f.keys()) == {"streams", "2"}
+        assert f.get_tensor("streams").dtype == torch.uint8
         meta = json.loads(f.metadata()["compeft"])
         assert meta["k"] == 0.2 and meta["scope"] == "global" and meta["lossless"] == ["step"]
         names = compeft_rs._expert.unpack_names(meta["names"], 3, "test")
         assert names == sorted(sd)
-        assert f.get_tensor(str(names.index("a.lora_A.weight"))).dtype == torch.uint8
         assert f.get_tensor(str(names.index("step"))).dtype == torch.int64
     loaded = compeft_rs.load_expert(path)
     assert torch.equal(loaded["step"], sd["step"])
@@ -176,3 +177,29 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         e.save(tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_of_version_2_still_read(tmp_path):
+    """Version 2 stored each stream as its own U8 tensor and the adapter config as JSON text."""
+    from safetensors.numpy import save_file
+
+    sd = {"m.lora_A.weight": torch.randn(4, 32), "m.lora_B.weight": torch.randn(32, 4),
+          "head.weight": torch.randn(2, 4)}
+    config = {"peft_type": "LORA", "r": 4}
+    e = compeft_rs.compress_expert(sd, 0.25, peft_config=config)
+    names = sorted(sd)
+    info = json.loads(e._file.metadata()["compeft"])
+    assert info["file_version"] == 3
+    info["file_version"] = 2
+    tensors = {str(i): np.frombuffer(e.stream(n).to_bytes(), np.uint8) for i, n in enumerate(names)
+               if n in e.compressed_keys()}
+    tensors[str(names.index("head.weight"))] = sd["head.weight"].numpy()
+    path = tmp_path / "v2.safetensors"
+    save_file(tensors, str(path), metadata={"format": "compeft", "compeft": json.dumps(info),
+                                             "peft_config": json.dumps(config)})
+    old = compeft_rs.load_expert(path)
+    assert old.peft_config == config
+    assert old.keys() == e.keys()
+    for n in names:
+        assert torch.equal(old[n], e[n])
+    assert old.nbytes > e.nbytes

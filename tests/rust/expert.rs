@@ -6,7 +6,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::{gaussian_like, reference};
-use compeft::expert::{serialize_expert, ExpertFile, Payload};
+use compeft::expert::{serialize_expert, ExpertFile, Payload, PACK_KEY};
+use compeft::pack::{write_pack, Pack};
 use compeft::{compress, decode_many, Compressed, Encoding, Error, Tensor, TensorMut};
 use half::{bf16, f16};
 
@@ -142,11 +143,42 @@ fn expert_file_round_trip() {
     let keys: Vec<String> = (0..streams.len()).map(|i| i.to_string()).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     assert_eq!(f.streams(&refs).unwrap(), streams);
-    // A raw tensor is not a stream.
+    // A raw tensor is not a stream, a packed stream not a raw tensor.
     assert!(matches!(f.stream("head"), Err(Error::Malformed(_))));
-    // The bytes are a safetensors file any reader opens.
+    assert!(f.tensor_bytes("3").is_err());
+    // The bytes are a safetensors file any reader opens: the streams are one U8 tensor.
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(st.tensor("3").unwrap().data(), &streams[3].to_bytes()[..]);
+    let mut names = st.names();
+    names.sort();
+    assert_eq!(names, ["head", PACK_KEY]);
+    let pack = st.tensor(PACK_KEY).unwrap();
+    assert_eq!(pack.dtype(), safetensors::Dtype::U8);
+    let p = Pack::parse(pack.data()).unwrap();
+    let pkeys: Vec<&str> = p.entries().iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(pkeys, refs);
+    for (i, c) in streams.iter().enumerate() {
+        assert_eq!(&p.stream(pack.data(), i).unwrap(), c);
+        // Header and payload are the stream's own bytes less magic, version and checksum.
+        let whole = c.to_bytes();
+        assert_eq!(p.stream_nbytes(i), whole.len() - 9);
+        assert_eq!(f.entries()[&i.to_string()].nbytes, whole.len() - 9);
+    }
+    // Files written before the pack (version 2: one U8 tensor per stream) still read.
+    let old: Vec<(String, Vec<u8>)> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i.to_string(), c.to_bytes()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = old
+        .iter()
+        .map(|(k, b)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![b.len()], b);
+            (k.clone(), v.unwrap())
+        })
+        .collect();
+    let v2 = safetensors::tensor::serialize(views, None).unwrap();
+    let f2 = ExpertFile::from_vec(v2).unwrap();
+    assert_eq!(f2.streams(&refs).unwrap(), streams);
     // Wrong raw sizes are refused before anything is written.
     let bad = [(
         "x".to_string(),
@@ -183,13 +215,168 @@ fn hostile_expert_files_are_errors_not_panics() {
         b[..8].copy_from_slice(&n.to_le_bytes());
         assert!(ExpertFile::from_vec(b).is_err());
     }
-    // A flipped byte in a stream is caught by that stream's checksum, when it is parsed.
+    // A flipped byte in the pack is caught by its checksum when the file is opened.
     let mut b = bytes.clone();
     let last = b.len() - 10;
     b[last] ^= 0x40;
-    let f = ExpertFile::from_vec(b).unwrap();
-    let keys: Vec<String> = (0..streams.len()).map(|i| i.to_string()).collect();
-    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let (i, _) = f.streams(&refs).unwrap_err();
-    assert!(i < streams.len());
+    assert!(matches!(
+        ExpertFile::from_vec(b),
+        Err(Error::ChecksumMismatch { .. })
+    ));
+}
+
+/// A pack with a valid checksum over whatever `body` holds.
+fn sealed(body: &[u8]) -> Vec<u8> {
+    let mut b = body.to_vec();
+    b.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    b
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A pack built by hand from an index (inflated) and the payload bytes, with a valid checksum.
+fn hand_pack(count: u64, index: &[u8], payloads: &[u8]) -> Vec<u8> {
+    let z = miniz_oxide::deflate::compress_to_vec(index, 6);
+    let mut b = b"CPFK\x01".to_vec();
+    put_varint(&mut b, count);
+    put_varint(&mut b, z.len() as u64);
+    b.extend_from_slice(&z);
+    b.extend_from_slice(payloads);
+    sealed(&b)
+}
+
+#[test]
+fn hostile_stream_packs_are_errors_not_panics() {
+    let streams = expert_streams();
+    let items: Vec<(String, &Compressed)> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i.to_string(), c))
+        .collect();
+    let refs: Vec<(&str, &Compressed)> = items.iter().map(|(k, c)| (k.as_str(), *c)).collect();
+    let good = write_pack(&refs);
+    assert!(Pack::parse(&good).is_ok());
+    // Every truncation (the checksum, or a length check, refuses it).
+    for cut in 0..good.len() {
+        assert!(Pack::parse(&good[..cut]).is_err(), "cut {cut}");
+    }
+    // Same bytes under a valid checksum but a lying count, version or trailing bytes.
+    let body = &good[..good.len() - 4];
+    let mut b = body.to_vec();
+    b[4] = 2;
+    assert!(Pack::parse(&sealed(&b))
+        .unwrap_err()
+        .to_string()
+        .contains("version 2"));
+    let mut b = body.to_vec();
+    b.push(0);
+    assert!(Pack::parse(&sealed(&b))
+        .unwrap_err()
+        .to_string()
+        .contains("unexpected bytes"));
+    // One stream: key "0", the head of streams[0], its payload length.
+    let c = &streams[0];
+    let mut head = Vec::new();
+    c.write_head(&mut head);
+    let mut payload = Vec::new();
+    c.write_payload(&mut payload);
+    let entry = |plen: u64, extra_head: &[u8]| {
+        let mut ix = vec![1u8, b'0'];
+        put_varint(&mut ix, (head.len() + extra_head.len()) as u64);
+        ix.extend_from_slice(&head);
+        ix.extend_from_slice(extra_head);
+        put_varint(&mut ix, plen);
+        ix
+    };
+    let ok = hand_pack(1, &entry(payload.len() as u64, &[]), &payload);
+    let p = Pack::parse(&ok).unwrap();
+    assert_eq!(&p.stream(&ok, 0).unwrap(), c);
+    // More streams announced than the index holds; a count no index can hold.
+    assert!(Pack::parse(&hand_pack(2, &entry(payload.len() as u64, &[]), &payload)).is_err());
+    assert!(Pack::parse(&hand_pack(
+        u64::MAX,
+        &entry(payload.len() as u64, &[]),
+        &payload
+    ))
+    .is_err());
+    // A payload length past the end, or short of it.
+    let e = Pack::parse(&hand_pack(
+        1,
+        &entry(payload.len() as u64 + 1, &[]),
+        &payload,
+    ))
+    .unwrap_err();
+    assert!(matches!(e, Error::Truncated { .. }), "{e}");
+    assert!(Pack::parse(&hand_pack(
+        1,
+        &entry(payload.len() as u64 - 1, &[]),
+        &payload
+    ))
+    .is_err());
+    // A header with a byte too many parses as a pack but not as a stream.
+    let extra = hand_pack(1, &entry(payload.len() as u64, &[0]), &payload);
+    let p = Pack::parse(&extra).unwrap();
+    assert!(p
+        .stream(&extra, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("after the stream header"));
+    // An index that is not deflate data.
+    let mut b = b"CPFK\x01\x01\x04".to_vec();
+    b.extend_from_slice(&[0xff; 4]);
+    assert!(Pack::parse(&sealed(&b))
+        .unwrap_err()
+        .to_string()
+        .contains("inflate"));
+    // A deflate bomb: 64 MiB of zeros in a few kB of index is refused by the size limit.
+    let bomb = miniz_oxide::deflate::compress_to_vec(&vec![0u8; 64 << 20], 9);
+    let mut b = b"CPFK\x01\x01".to_vec();
+    put_varint(&mut b, bomb.len() as u64);
+    b.extend_from_slice(&bomb);
+    assert!(Pack::parse(&sealed(&b)).is_err());
+    // A pack key that is also a raw tensor's key.
+    let raw = [0u8; 4];
+    let items = [
+        ("0".to_string(), Payload::Stream(c)),
+        (
+            "x".to_string(),
+            Payload::Raw {
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                data: &raw,
+            },
+        ),
+    ];
+    let bytes = serialize_expert(&items, HashMap::new()).unwrap();
+    assert!(ExpertFile::from_vec(bytes).is_ok());
+    let clash = [
+        ("0".to_string(), Payload::Stream(c)),
+        (
+            "0".to_string(),
+            Payload::Raw {
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                data: &raw,
+            },
+        ),
+    ];
+    let Err(e) = ExpertFile::from_vec(serialize_expert(&clash, HashMap::new()).unwrap()) else {
+        panic!("a key both packed and raw was accepted");
+    };
+    assert!(e.to_string().contains("both in the stream pack"), "{e}");
+    let reserved = [(
+        PACK_KEY.to_string(),
+        Payload::Raw {
+            dtype: safetensors::Dtype::F32,
+            shape: vec![1],
+            data: &raw,
+        },
+    )];
+    assert!(serialize_expert(&reserved, HashMap::new()).is_err());
 }
