@@ -175,6 +175,12 @@ def fp16_file_bytes(state) -> int:
     return len(save({n: t.half().contiguous() for n, t in state.items()}))
 
 
+def save_fp16(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file({n: t.half().contiguous() for n, t in load_file(str(path)).items()}, str(path))
+
+
 def magnitude_pruned(state, k):
     """Baseline: the top-k entries of each LoRA factor kept as fp16 values, the rest zero; bytes
     as Rice-coded positions (the bound ComPEFT's golomb stream meets) plus 16 bits per value."""
@@ -231,6 +237,14 @@ def run_task(task: str, quick: bool, log=print):
     alpha_on_validation("Algorithm 1 (global, std, alpha tuned)", "global", "std", std_alphas)
     e = compeft_rs.compress_peft(study.model, K)  # the defaults, no tuning
     add("defaults, no tuning", e.apply(), k=K, scope=e.scope, scale=e.scale, alpha=e.alpha, nbytes=e.nbytes)
+    # The adapter as an fp16 file (the size baseline), compressed with the defaults: its head is
+    # then kept exactly in fp16, as that file has it, instead of the trained fp32.
+    with tempfile.TemporaryDirectory() as tmp:
+        study.model.save_pretrained(tmp)
+        save_fp16(Path(tmp) / "adapter_model.safetensors")
+        e = compeft_rs.compress_peft(tmp, K)
+        add("defaults, from the fp16 adapter file", e.apply(), k=K, scope=e.scope, scale=e.scale, alpha=e.alpha,
+            nbytes=e.nbytes)
     if not quick:
         alpha_on_validation("per-tensor std, alpha tuned", "per_tensor", "std", STD_ALPHAS)
         for rule in RULES:

@@ -24,7 +24,12 @@ def test_quick_study():
         default = rows["defaults, no tuning"]
         assert full > none + 0.08, r
         assert (default["scope"], default["scale"], default["k"]) == ("per_tensor", "pair", 0.1)
-        assert default["ratio_vs_fp16"] > 12, r
+        # Sizes against the fp16 adapter file, head included: at least 20x when the head is kept
+        # in fp16 as that file has it; 19x with the trained fp32 head kept exactly.
+        assert default["ratio_vs_fp16"] > 18.5, r
+        from_fp16 = rows["defaults, from the fp16 adapter file"]
+        assert from_fp16["ratio_vs_fp16"] >= 20, r
+        assert abs(from_fp16["test"] - default["test"]) <= 0.01, r
         # Never harmful, and never worse than the paper's Algorithm 1 with alpha tuned.
         assert default["test"] >= none - 0.01, r
         assert default["test"] >= rows["Algorithm 1 (global, std, alpha tuned)"]["test"] - 0.02, r
