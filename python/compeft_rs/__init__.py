@@ -21,18 +21,22 @@ from ._expert import CompressedExpert, ExpertSummary, compress_expert, load_expe
 from ._peft import compress_peft, load_peft, save_peft
 from ._checkpoint import apply_checkpoint, compress_checkpoint
 from ._tune import TunePoint, TuneResult, tune
+from ._serve import load_into
+from ._store import ExpertStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompeftError",
     "CompressedExpert",
+    "ExpertStore",
     "ExpertSummary",
     "apply_checkpoint",
     "compress_checkpoint",
     "compress_expert",
     "compress_peft",
     "load_expert",
+    "load_into",
     "load_peft",
     "save_peft",
     "tune",

@@ -1,0 +1,165 @@
+"""Serving many experts: decode a compressed expert in place into a live PeftModel's adapter."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from ._core import decode_streams as _decode_streams
+from ._expert import CompressedExpert, PathLike, _dtype_str, _torch, load_expert
+from ._peft import active_adapter
+
+__all__ = ["load_into"]
+
+# Entries expanded per step on a device: the extra device memory is a few bytes per entry of
+# one chunk (the 2-bit form and two boolean masks), whatever the adapter's size.
+DEVICE_CHUNK = 1 << 22
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _numpy_view(t: Any) -> np.ndarray:
+    """A numpy array over a contiguous CPU tensor's own memory (uint16 for half types)."""
+    torch = _torch()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return t.numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _adapter_tensors(model: Any, name: str) -> Dict[str, Any]:
+    """The adapter's tensors under the names a PEFT state dict (and so an expert) uses, each
+    sharing storage with the parameter it comes from."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not isinstance(getattr(model, "peft_config", None), dict):
+        raise TypeError(f"load_into takes a peft PeftModel (with the adapter slot to fill), not a {type(model).__name__}")
+    if name not in model.peft_config:
+        known = sorted(getattr(model, "peft_config", {}))
+        raise ValueError(f"the model has no adapter {name!r} (it has {known}); load one first, e.g. "
+                         "with peft's add_adapter or load_adapter, then swap experts into it")
+    sd = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    storage = {p.data_ptr(): p for p in model.parameters()}
+    storage.update({b.data_ptr(): b for b in model.buffers()})
+    for n, t in sd.items():
+        p = storage.get(t.data_ptr())
+        if p is None or p.shape != t.shape or p.dtype != t.dtype:
+            raise RuntimeError(f"peft returned a copy of {n!r}, not the parameter itself; load_into cannot write "
+                               "it in place (use compeft_rs.load_peft or peft's set_peft_model_state_dict)")
+    return sd
+
+
+def _rank_hint(name: str, a: Tuple[int, ...], b: Tuple[int, ...]) -> str:
+    seg = name.split(".")
+    if len(a) == 2 and len(b) == 2:
+        if "lora_A" in seg or "lora_embedding_A" in seg:
+            return f" (rank {a[0]} in the expert, {b[0]} in the adapter)"
+        if "lora_B" in seg or "lora_embedding_B" in seg:
+            return f" (rank {a[1]} in the expert, {b[1]} in the adapter)"
+    return ""
+
+
+def _check(expert: CompressedExpert, targets: Dict[str, Any], adapter: str, peft_type: Optional[str],
+           streams: Dict[str, Any]) -> None:
+    """Every difference between the expert and the adapter slot, before anything is written."""
+    cfg = expert.peft_config or {}
+    if peft_type is not None and cfg.get("peft_type") not in (None, peft_type):
+        raise ValueError(f"the expert is a {cfg.get('peft_type')} adapter, adapter {adapter!r} is {peft_type}")
+    missing = sorted(set(targets) - set(expert.keys()))
+    extra = sorted(set(expert.keys()) - set(targets))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors of the adapter are not in the expert (first: {missing[0]!r})")
+        if extra:
+            parts.append(f"{len(extra)} tensors of the expert are not in the adapter (first: {extra[0]!r})")
+        raise ValueError(f"the expert does not fit adapter {adapter!r}: " + "; ".join(parts)
+                         + ". Was it made from an adapter with the same target modules?")
+    for n, t in targets.items():
+        init = expert.init_of(n)
+        if init == "base":
+            raise ValueError(f"{n!r} is stored as a residual of a base model, not as adapter weights; "
+                             "this expert is a full fine-tune: use compeft_rs.apply_checkpoint")
+        shape = tuple(streams[n].shape) if n in streams else tuple(expert._entries[expert._keys[n]][1])
+        if shape != tuple(t.shape):
+            raise ValueError(f"{n!r} has shape {shape} in the expert but {tuple(t.shape)} in adapter {adapter!r}"
+                             + _rank_hint(n, shape, tuple(t.shape)))
+        have, want = expert.dtype_of(n), _dtype_str(t)
+        if have != want and not (have in _FLOATS and want in _FLOATS):
+            raise ValueError(f"{n!r} is {have} in the expert but {want} in adapter {adapter!r}; "
+                             "only floating-point tensors are converted")
+
+
+def _expand_into(stream: Any, out: Any) -> None:
+    """Writes a stream's values into a device tensor in place, DEVICE_CHUNK entries at a time."""
+    torch = _torch()
+    flat = out.view(-1)
+    pos, neg = stream.masks()
+    pos8, neg8 = pos.view(np.uint8), neg.view(np.uint8)
+    dt = out.dtype
+    # Same rounding as the CPU decoder: exact for float64, else f64 -> f32 -> dtype.
+    s = stream.scale if dt == torch.float64 else torch.tensor(stream.scale, dtype=torch.float32).to(dt).item()
+    shifts = torch.arange(8, dtype=torch.uint8, device=out.device)
+    numel = stream.numel
+    for a in range(0, numel, DEVICE_CHUNK):
+        b = min(numel, a + DEVICE_CHUNK)  # a is a multiple of 8: whole bytes
+        lo, hi = a // 8, (b + 7) // 8
+        p = torch.from_numpy(pos8[lo:hi].copy()).to(out.device, non_blocking=True)
+        n = torch.from_numpy(neg8[lo:hi].copy()).to(out.device, non_blocking=True)
+        pm = ((p.unsqueeze(1) >> shifts) & 1).reshape(-1)[: b - a].bool()
+        nm = ((n.unsqueeze(1) >> shifts) & 1).reshape(-1)[: b - a].bool()
+        part = flat[a:b]
+        part.zero_()
+        part.masked_fill_(pm, s)
+        part.masked_fill_(nm, -s)
+
+
+def load_into(model: Any, expert: Union[CompressedExpert, PathLike], adapter_name: Optional[str] = None) -> str:
+    """Decodes a compressed PEFT expert straight into the parameters of a live ``PeftModel``'s
+    adapter (the active one by default), in place: no new parameters, no dense state dict, other
+    adapters untouched. Returns the adapter's name.
+
+    Names, shapes (so the rank), dtypes and the adapter type are checked first, and every stream
+    is parsed and checked; on any mismatch nothing is written and the ``ValueError`` says what
+    differs. CPU parameters are written by the Rust decoder directly, in one parallel call; CUDA
+    parameters get the stream's 2-bit form uploaded and expanded on the device in chunks of
+    ``DEVICE_CHUNK`` entries. Tensors kept exactly (heads, DoRA magnitudes) are copied in, and
+    floating-point values are converted to the parameter's dtype, as ``set_peft_model_state_dict``
+    does.
+    """
+    torch = _torch()
+    exp = expert if isinstance(expert, CompressedExpert) else load_expert(expert)
+    name = adapter_name or active_adapter(model)
+    targets = _adapter_tensors(model, name)
+    cfg = model.peft_config[name]
+    peft_type = getattr(getattr(cfg, "peft_type", None), "value", None)
+    compressed = exp.compressed_keys()
+    streams = dict(zip(compressed, exp._parse(compressed)))
+    _check(exp, targets, name, peft_type, streams)
+    exact = {n: exp.lossless(n) for n in exp.lossless_keys()}
+
+    direct: List[str] = []
+    with torch.no_grad():
+        for n in compressed:
+            t = targets[n]
+            if exp.init_of(n) == "zero" and t.device.type == "cpu" and t.is_contiguous():
+                direct.append(n)
+            elif exp.init_of(n) == "zero":
+                if t.device.type == "cpu":  # not contiguous: decode beside, then copy
+                    tmp = torch.empty(t.shape, dtype=t.dtype)
+                    _decode_streams([streams[n]], [n], [_numpy_view(tmp)], [_dtype_str(t)])
+                    t.copy_(tmp)
+                else:
+                    _expand_into(streams[n], t)
+            else:  # (IA)3: 1 + tau, summed in float32 as apply() does
+                tau = torch.empty(t.shape, dtype=torch.float32)
+                _decode_streams([streams[n]], [n], [tau.numpy()], ["float32"])
+                t.copy_((tau + 1.0).to(t.dtype))
+        if direct:
+            _decode_streams([streams[n] for n in direct], direct, [_numpy_view(targets[n]) for n in direct],
+                            [_dtype_str(targets[n]) for n in direct])
+        for n, v in exact.items():
+            targets[n].copy_(v)
+    return name

@@ -1,0 +1,338 @@
+"""Serving: in-place swaps into a live PeftModel, the expert store, the vLLM resolver."""
+
+import asyncio
+import json
+import multiprocessing
+import threading
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+import compeft_rs  # noqa: E402
+from compeft_rs import _serve  # noqa: E402
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width=48):
+        super().__init__()
+        self.q = torch.nn.Linear(width, width)
+        self.v = torch.nn.Linear(width, width)
+        self.classifier = torch.nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.classifier(self.v(self.q(x)))
+
+
+def peft_model(r=8, targets=("q", "v"), seed=0, dtype=torch.float32, adapters=("default",)):
+    torch.manual_seed(seed)
+    base = Net().to(dtype)
+    cfg = peft.LoraConfig(r=r, lora_alpha=16, target_modules=list(targets), modules_to_save=["classifier"])
+    m = peft.get_peft_model(base, cfg, adapter_name=adapters[0])
+    for a in adapters[1:]:
+        m.add_adapter(a, cfg)
+    m = m.to(dtype)  # peft makes adapter weights float32 whatever the base; serving casts them
+    # Trained-looking adapters: B no longer zero, distinct per adapter.
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.normal_(0, 0.05)
+    return m
+
+
+def an_expert(r=8, targets=("q", "v"), seed=5, k=0.3):
+    m = peft_model(r=r, targets=targets, seed=seed)
+    return compeft_rs.compress_peft(m, k)
+
+
+def adapter_state(m, name):
+    return {n: t.detach().clone() for n, t in peft.get_peft_model_state_dict(m, adapter_name=name).items()}
+
+
+def snapshot(m):
+    return {n: (p.data_ptr(), p.detach().clone()) for n, p in m.named_parameters()}
+
+
+def test_load_into_writes_in_place_and_leaves_other_adapters_alone():
+    m = peft_model(adapters=("default", "other"))
+    before = snapshot(m)
+    other = adapter_state(m, "other")
+    e = an_expert()
+    assert compeft_rs.load_into(m, e, adapter_name="default") == "default"
+    after = snapshot(m)
+    assert set(after) == set(before)  # no new parameters
+    assert all(after[n][0] == before[n][0] for n in before)  # same storage
+    want = e.apply()
+    got = adapter_state(m, "default")
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    for n, t in adapter_state(m, "other").items():
+        assert torch.equal(t, other[n]), n
+    # The head (modules_to_save) changed, the base weights did not.
+    assert not torch.equal(after["base_model.model.classifier.modules_to_save.default.weight"][1],
+                           before["base_model.model.classifier.modules_to_save.default.weight"][1])
+    for n in before:
+        if "lora_" not in n and "modules_to_save" not in n:
+            assert torch.equal(after[n][1], before[n][1]), n
+    # The active adapter is the default target, and a path works as well as an expert.
+    m.set_adapter("other")
+
+
+def test_load_into_the_active_adapter_from_a_file(tmp_path):
+    m = peft_model(adapters=("default", "other"))
+    m.set_adapter("other")
+    e = an_expert(seed=9)
+    e.save(tmp_path / "e.cpft.safetensors")
+    keep = adapter_state(m, "default")
+    assert compeft_rs.load_into(m, tmp_path / "e.cpft.safetensors") == "other"
+    got = adapter_state(m, "other")
+    for n, t in e.apply().items():
+        assert torch.equal(got[n], t)
+    for n, t in adapter_state(m, "default").items():
+        assert torch.equal(t, keep[n])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_into_half_models_matches_set_peft_model_state_dict(dtype):
+    e = an_expert()
+    m1, m2 = peft_model(dtype=dtype), peft_model(dtype=dtype)
+    compeft_rs.load_into(m1, e)
+    peft.set_peft_model_state_dict(m2, e.apply())
+    a, b = adapter_state(m1, "default"), adapter_state(m2, "default")
+    for n in a:
+        assert a[n].dtype == dtype and torch.equal(a[n], b[n]), n
+
+
+@pytest.mark.parametrize("bad", ["rank", "targets", "adapter"])
+def test_mismatches_write_nothing(bad):
+    m = peft_model()
+    before = snapshot(m)
+    if bad == "rank":
+        e, match = an_expert(r=4), "rank 4 in the expert, 8 in the adapter"
+    elif bad == "targets":
+        e, match = an_expert(targets=("q",)), "not in the expert"
+    else:
+        e, match = an_expert(), "no adapter 'nope'"
+    with pytest.raises(ValueError, match=match):
+        compeft_rs.load_into(m, e, adapter_name="nope" if bad == "adapter" else None)
+    for n, (ptr, t) in snapshot(m).items():
+        assert ptr == before[n][0] and torch.equal(t, before[n][1]), n
+
+
+def test_load_into_refuses_a_full_fine_tune():
+    m = peft_model()
+    sd = adapter_state(m, "default")
+    base = {n: torch.zeros_like(t) for n, t in sd.items()}
+    e = compeft_rs.compress_expert(sd, 0.3, base=base)
+    with pytest.raises(ValueError, match="full fine-tune"):
+        compeft_rs.load_into(m, e)
+
+
+def test_ia3_vectors_load_as_one_plus_tau():
+    torch.manual_seed(0)
+    cfg = peft.IA3Config(target_modules=["q", "v"], feedforward_modules=["v"])
+    m = peft.get_peft_model(Net(), cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "ia3_l" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    e = compeft_rs.compress_peft(m, 0.5)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "ia3_l" in n:
+                p.fill_(1.0)
+    compeft_rs.load_into(m, e)
+    got = adapter_state(m, "default")
+    for n, t in e.apply().items():
+        assert torch.equal(got[n], t), n
+
+
+def test_device_expansion_in_chunks_equals_the_decoder(monkeypatch):
+    # The CUDA path's chunked expansion, run on the CPU with chunks that split the tensor.
+    monkeypatch.setattr(_serve, "DEVICE_CHUNK", 64)
+    x = torch.randn(37, 29)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        c = compeft_rs.encode(x.to(dtype), 0.2)
+        out = torch.full((37, 29), 7.0, dtype=dtype)
+        _serve._expand_into(c._stream, out)
+        assert torch.equal(out, c.decode()), dtype
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+def test_store_put_get_names_remove(tmp_path):
+    store = compeft_rs.ExpertStore(tmp_path / "store")
+    e1, e2 = an_expert(seed=1), an_expert(seed=2)
+    store.put("one", e1)
+    store.put("two", e2)
+    assert store.names() == ["one", "two"] and "one" in store and "three" not in store and len(store) == 2
+    assert (tmp_path / "store" / "one.cpft.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        store.put("one", e2)
+    fresh = compeft_rs.ExpertStore(tmp_path / "store")  # nothing cached
+    assert fresh.get("two").to_bytes() == e2.to_bytes()
+    for n, t in fresh.decoded("one").items():
+        assert torch.equal(t, e1.apply()[n])
+    store.put("one", e2, overwrite=True)
+    assert store.get("one").to_bytes() == e2.to_bytes()
+    assert torch.equal(store.decoded("one")["base_model.model.q.lora_A.weight"],
+                       e2.apply()["base_model.model.q.lora_A.weight"])
+    store.remove("one")
+    assert store.names() == ["two"]
+    with pytest.raises(KeyError, match="no expert 'one'"):
+        store.get("one")
+    for bad in ["", "../x", "a/b", ".hidden", "x.cpft.safetensors"]:
+        with pytest.raises(ValueError, match="bad expert name"):
+            store.put(bad, e1)
+
+
+def test_store_decoded_cache_is_bounded(tmp_path):
+    e = an_expert()
+    size = sum(t.numel() * t.element_size() for t in e.apply().values())
+    store = compeft_rs.ExpertStore(tmp_path, decoded_cache_bytes=2 * size + 1)
+    for i in range(4):
+        store.put(f"e{i}", e)
+        store.decoded(f"e{i}")
+        assert store._decoded.nbytes <= 2 * size + 1
+    assert list(store._decoded.items) == ["e2", "e3"]
+    store.decoded("e2")  # a hit moves it to the end
+    store.decoded("e0")
+    assert list(store._decoded.items) == ["e2", "e0"]
+
+
+def test_store_on_an_fsspec_url():
+    pytest.importorskip("fsspec")
+    store = compeft_rs.ExpertStore("memory://compeft-test-store")
+    e = an_expert()
+    store.put("x", e)
+    again = compeft_rs.ExpertStore("memory://compeft-test-store")
+    assert again.names() == ["x"] and again.get("x").to_bytes() == e.to_bytes()
+    again.remove("x")
+    assert again.names() == []
+
+
+def test_store_from_many_threads(tmp_path):
+    experts = [an_expert(seed=s) for s in range(4)]
+    store = compeft_rs.ExpertStore(tmp_path, decoded_cache_bytes=30_000)
+    for i, e in enumerate(experts):
+        store.put(f"e{i}", e)
+    want = [e.apply() for e in experts]
+    errors = []
+
+    def work(t):
+        try:
+            for j in range(40):
+                i = (t + j) % 4
+                got = store.decoded(f"e{i}") if j % 2 else store.get(f"e{i}").apply()
+                for n, v in want[i].items():
+                    assert torch.equal(got[n], v)
+                if j % 10 == 0:
+                    store.put(f"e{i}", experts[i], overwrite=True)
+        except BaseException as ex:  # reported in the main thread
+            errors.append(ex)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert store._decoded.nbytes <= 30_000
+
+
+def _materialize(args):
+    root, cache = args
+    return str(compeft_rs.ExpertStore(root).materialize("x", cache))
+
+
+def test_two_processes_materialize_the_same_expert_once(tmp_path):
+    e = an_expert()
+    compeft_rs.ExpertStore(tmp_path / "s").put("x", e)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        paths = pool.map(_materialize, [(str(tmp_path / "s"), str(tmp_path / "c"))] * 4)
+    assert len(set(paths)) == 1
+    folders = [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
+    assert [p.name for p in folders] == [paths[0].rsplit("/", 1)[-1]]
+    assert sorted(q.name for q in folders[0].iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    from safetensors.torch import load_file
+
+    got = load_file(str(folders[0] / "adapter_model.safetensors"))
+    for n, t in e.apply().items():
+        assert torch.equal(got[n], t)
+    assert json.loads((folders[0] / "adapter_config.json").read_text()) == e.peft_config
+
+
+# -- vLLM ---------------------------------------------------------------------------------------
+
+
+def test_vllm_resolver(tmp_path, monkeypatch):
+    pytest.importorskip("vllm.lora.resolver")
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+    from compeft_rs import vllm as cv
+
+    e = an_expert()
+    base = e.peft_config["base_model_name_or_path"]
+    store = compeft_rs.ExpertStore(tmp_path / "s")
+    store.put("math", e)
+    r = cv.CompeftResolver(store, tmp_path / "cache")
+    assert isinstance(r, LoRAResolver)
+    assert asyncio.run(r.resolve_lora(base, "unknown")) is None
+    assert asyncio.run(r.resolve_lora(base, "../etc")) is None
+    assert asyncio.run(r.resolve_lora("some/other-model", "math")) is None
+    req = asyncio.run(r.resolve_lora(base, "math"))
+    assert isinstance(req, LoRARequest) and req.lora_name == "math" and req.lora_int_id > 0
+    from safetensors.torch import load_file
+
+    got = load_file(f"{req.lora_path}/adapter_model.safetensors")
+    for n, t in e.apply().items():
+        assert torch.equal(got[n], t)
+    # Stable across calls (and processes: no salted hash), new when the content changes.
+    assert asyncio.run(r.resolve_lora(base, "math")).lora_int_id == req.lora_int_id
+    store.put("math", an_expert(seed=11), overwrite=True)
+    assert asyncio.run(r.resolve_lora(base, "math")).lora_int_id != req.lora_int_id
+    # The entry point registers it from the environment.
+    monkeypatch.setenv(cv.ENV_STORE, str(tmp_path / "s"))
+    monkeypatch.setenv(cv.ENV_CACHE_DIR, str(tmp_path / "cache2"))
+    cv.register()
+    reg = LoRAResolverRegistry.get_resolver(cv.RESOLVER_NAME)
+    assert isinstance(reg, cv.CompeftResolver) and reg.store.names() == ["math"]
+
+
+def test_vllm_reads_the_materialised_folder(tmp_path):
+    try:  # needs a few of vllm's dependencies besides the package itself (see .ci/run)
+        from vllm.lora.peft_helper import PEFTHelper
+    except ImportError as ex:
+        pytest.skip(f"vllm's PEFTHelper does not import here: {ex}")
+    e = an_expert(r=4)
+    store = compeft_rs.ExpertStore(tmp_path / "s")
+    store.put("x", e)
+    folder = store.materialize("x", tmp_path / "c")
+    helper = PEFTHelper.from_local_dir(str(folder), max_position_embeddings=None)
+    assert helper.r == 4 and helper.lora_alpha == e.peft_config["lora_alpha"]
+    assert sorted(helper.target_modules) == sorted(e.peft_config["target_modules"])
+
+
+def test_vllm_is_not_imported_by_the_package():
+    import subprocess
+    import sys
+
+    code = "import sys, compeft_rs; assert 'vllm' not in sys.modules, 'vllm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resolver_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "compeft"]
+    assert [ep.value for ep in eps] == ["compeft_rs.vllm:register"]
+
+
+def test_load_into_needs_a_peft_model():
+    with pytest.raises(TypeError, match="PeftModel"):
+        compeft_rs.load_into(Net(), an_expert())
