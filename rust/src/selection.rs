@@ -191,16 +191,23 @@ impl Moments {
         }
     }
 
+    // Chunks of a fixed size, merged in order: a parallel `reduce` merges in a tree that depends
+    // on the thread count and work stealing, and floating-point merging is not associative, so
+    // sigma (and the stream's bytes) would depend on the machine.
     fn of_slice_f32(s: &[f32]) -> Moments {
         s.par_chunks(PASS_CHUNK / 4)
             .map(|c| Moments::of_chunk(c.iter().map(|&x| x as f64)))
-            .reduce(Moments::default, Moments::merge)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(Moments::default(), Moments::merge)
     }
 
     fn of_slice_f64(s: &[f64]) -> Moments {
         s.par_chunks(PASS_CHUNK / 4)
             .map(|c| Moments::of_chunk(c.iter().copied()))
-            .reduce(Moments::default, Moments::merge)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(Moments::default(), Moments::merge)
     }
 
     /// Moments of a small half-precision slice straight from the data, converted to f32 a block
