@@ -46,9 +46,22 @@ def entropy_bits(d, k):
 
 
 def rice_b(nnz, d):
-    p = nnz / d
-    phi = (1 + 5 ** 0.5) / 2
-    return max(0, 1 + math.floor(math.log2(math.log(phi - 1) / math.log(1 - p))))
+    """b* = 1 + floor(log2(ln(phi - 1) / ln(1 - p))) in 50-digit decimal arithmetic, clamped to
+    0..63 (0 when nothing or everything is kept)."""
+    from decimal import Decimal, localcontext
+
+    if nnz == 0 or nnz >= d:
+        return 0
+    with localcontext() as ctx:
+        ctx.prec = 50
+        phi = (1 + Decimal(5).sqrt()) / 2
+        r = (phi - 1).ln() / (1 - Decimal(nnz) / Decimal(d)).ln()
+        if r < 1:
+            return 0
+        e = 0
+        while Decimal(2) ** (e + 1) <= r:
+            e += 1
+        return min(63, 1 + e)
 
 
 def expected_rice_bits(nnz, d):

@@ -85,3 +85,18 @@ def test_small_lora_expert_file_is_payload_plus_little(dtype_name):
     fp16_file = len(save({n: t.half().contiguous() for n, t in sd.items()}))
     if dtype_name == "float16":
         assert fp16_file / e.nbytes >= 20
+
+
+def test_rice_parameter_against_decimal_arithmetic_near_boundaries():
+    import math
+
+    phi = (1 + 5 ** 0.5) / 2
+    cases = [(789, 1_719_256_699), (796, 1_734_509_927), (1, 1 << 48), (9, 10), (1, 2), (1, 3)]
+    for m in range(1, 40, 3):  # densities where r = ln(phi - 1) / ln(1 - p) crosses 2^m
+        p = -math.expm1(math.log(phi - 1) / 2 ** m)
+        for n in (1, 7, 789):
+            d = round(n / p)
+            cases += [(n, d - 1), (n, d), (n, d + 1)]
+    for nnz, d in cases:
+        if 0 < nnz < d:
+            assert compeft_rs.rice_parameter(nnz, d) == rice_b(nnz, d), (nnz, d)

@@ -101,3 +101,16 @@ fn global_scope_bytes_do_not_depend_on_the_thread_count() {
         assert!(with_threads(threads, run) == one, "{threads} threads");
     }
 }
+
+#[test]
+fn rice_parameter_is_exact_at_a_boundary() {
+    // r = ln(phi - 1) / ln(1 - p) is 2^20 + 4.3e-5 here (50-digit arithmetic), so b = 21; with
+    // ln(1 - p) in f64 it came out 20.
+    assert_eq!(compeft::golomb::rice_parameter(789, 1_719_256_699), 21);
+    assert_eq!(compeft::golomb::rice_parameter(796, 1_734_509_927), 21);
+    // The ends: nothing or everything kept, and densities that give b = 0.
+    assert_eq!(compeft::golomb::rice_parameter(0, 10), 0);
+    assert_eq!(compeft::golomb::rice_parameter(10, 10), 0);
+    assert_eq!(compeft::golomb::rice_parameter(9, 10), 0);
+    assert_eq!(compeft::golomb::rice_parameter(1, 1 << 48), 47);
+}
