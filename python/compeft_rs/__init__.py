@@ -12,7 +12,9 @@ bitmasks ("bitmask", for popcount dot/cosine). See https://arxiv.org/abs/2311.13
 1000
 """
 
-from ._core import FORMAT_VERSION, CompeftError
+from ._core import FORMAT_VERSION, CompeftError, DecodeLimitError
+from ._core import get_max_numel as _get_max_numel
+from ._core import set_max_numel as _set_max_numel
 from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._core import expected_golomb_bits as _expected_golomb_bits
 from ._core import rice_parameter
@@ -28,6 +30,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompeftError",
+    "DecodeLimitError",
+    "get_max_numel",
+    "set_max_numel",
     "CompressedExpert",
     "ExpertStore",
     "ExpertSummary",
@@ -65,3 +70,20 @@ def expected_golomb_bits(nnz: int, d: int) -> float:
     """Expected golomb payload bits (Rice gaps with b* plus sign bits) for nnz independent
     positions among d entries."""
     return _expected_golomb_bits(int(nnz), int(d))
+
+
+def get_max_numel() -> int:
+    """The largest number of entries a stream may declare when it is read (default 2**32).
+
+    A stream of a few dozen bytes can declare 2**48 zero entries; reading one above this limit
+    raises DecodeLimitError before anything is allocated for it."""
+    return _get_max_numel()
+
+
+def set_max_numel(n: int) -> int:
+    """Sets the limit of get_max_numel() for this process (0 to 2**48) and returns the previous
+    value. Raise it only for streams from a source you trust."""
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"max_numel must be >= 0, got {n}")
+    return _set_max_numel(n)

@@ -11,6 +11,12 @@ FORMAT_VERSION: int
 class CompeftError(Exception):
     """A compressed stream is corrupt, truncated, of an unknown version, or too large to decode."""
 
+class DecodeLimitError(CompeftError):
+    """A stream declares more entries than get_max_numel() allows."""
+
+def get_max_numel() -> int: ...
+def set_max_numel(n: int) -> int: ...
+
 class Stream:
     @staticmethod
     def from_bytes(data: bytes) -> Stream: ...

@@ -84,24 +84,25 @@ pub enum Body {
 
 /// One compressed tensor: the ternary pattern and the single scale.
 #[derive(Clone, Debug, PartialEq)]
+///
+/// The fields are private: a value exists only as checked by the parser or built by the encoder,
+/// so no method can meet a hand-built inconsistent one.
 pub struct Compressed {
-    pub dtype: DType,
-    pub shape: Vec<u64>,
-    pub numel: u64,
-    pub nnz: u64,
-    /// alpha * sigma: every kept entry decodes to +scale or -scale.
-    pub scale: f64,
-    pub body: Body,
+    pub(crate) dtype: DType,
+    pub(crate) shape: Vec<u64>,
+    pub(crate) numel: u64,
+    pub(crate) nnz: u64,
+    pub(crate) scale: f64,
+    pub(crate) body: Body,
 }
 
 /// Checks a shape against the number of elements it describes.
 pub fn check_shape(shape: &[u64], numel: u64) -> Result<()> {
     if shape.len() > MAX_NDIM {
-        return Err(Error::TooLarge {
-            what: "number of dimensions",
-            value: shape.len() as u64,
-            limit: MAX_NDIM as u64,
-        });
+        return Err(Error::InvalidArgument(format!(
+            "shape has {} dimensions, at most {MAX_NDIM} are supported",
+            shape.len()
+        )));
     }
     let prod = shape.iter().try_fold(1u64, |a, &s| a.checked_mul(s));
     match prod {
@@ -109,11 +110,9 @@ pub fn check_shape(shape: &[u64], numel: u64) -> Result<()> {
         Some(p) => Err(Error::InvalidArgument(format!(
             "shape {shape:?} holds {p} entries but the data has {numel}"
         ))),
-        None => Err(Error::TooLarge {
-            what: "number of entries",
-            value: u64::MAX,
-            limit: MAX_NUMEL,
-        }),
+        None => Err(Error::InvalidArgument(format!(
+            "shape {shape:?} holds more than 2^64 entries"
+        ))),
     }
 }
 
@@ -126,28 +125,41 @@ fn words_for(bits: u64) -> usize {
 
 struct CountPass {
     t: u64,
+    /// The key of +Inf in the space: keys at or above it are NaN or Inf.
+    inf: u64,
 }
 
 impl KeyVisitor for &CountPass {
-    type Out = Vec<(u64, u64)>;
+    /// Per chunk: (above the threshold, equal to it, not finite).
+    type Out = Vec<(u64, u64, u64)>;
     fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
         self,
         data: &[T],
         key: K,
     ) -> Self::Out {
-        let Some(t) = U::narrow(self.t) else {
-            return vec![(0, 0); data.len().div_ceil(PASS_CHUNK)];
-        };
+        let inf = U::narrow(self.inf).expect("the key of Inf fits its space");
+        // Keep nothing: a threshold above every key, so nothing compares above or equal.
+        let t = U::narrow(self.t);
         data.par_chunks(PASS_CHUNK)
             .map(|c| {
                 // Plain compare-and-add: vectorises to full-width SIMD.
-                let (mut gt, mut eq) = (0u32, 0u32);
-                for &x in c {
-                    let k = key(x);
-                    gt += (k > t) as u32;
-                    eq += (k == t) as u32;
+                let (mut gt, mut eq, mut nf) = (0u32, 0u32, 0u32);
+                match t {
+                    Some(t) => {
+                        for &x in c {
+                            let k = key(x);
+                            gt += (k > t) as u32;
+                            eq += (k == t) as u32;
+                            nf += (k >= inf) as u32;
+                        }
+                    }
+                    None => {
+                        for &x in c {
+                            nf += (key(x) >= inf) as u32;
+                        }
+                    }
                 }
-                (gt as u64, eq as u64)
+                (gt as u64, eq as u64, nf as u64)
             })
             .collect()
     }
@@ -292,11 +304,9 @@ pub fn compress_with_threshold(
 ) -> Result<Compressed> {
     let numel = t.len() as u64;
     if numel > MAX_NUMEL {
-        return Err(Error::TooLarge {
-            what: "number of entries",
-            value: numel,
-            limit: MAX_NUMEL,
-        });
+        return Err(Error::InvalidArgument(format!(
+            "the tensor has {numel} entries, the format holds at most {MAX_NUMEL}; split it"
+        )));
     }
     check_shape(shape, numel)?;
     if !(scale.is_finite() && scale >= 0.0) {
@@ -304,10 +314,24 @@ pub fn compress_with_threshold(
             "scale must be finite and >= 0, got {scale}"
         )));
     }
-    let counts = visit_keys(t, thr.space, &CountPass { t: thr.key })?;
+    // -0.0 would be a second byte string for the same content.
+    let scale = scale + 0.0;
+    let counts = visit_keys(
+        t,
+        thr.space,
+        &CountPass {
+            t: thr.key,
+            inf: thr.space.inf_key(),
+        },
+    )?;
+    if counts.iter().any(|c| c.2 > 0) {
+        return Err(Error::NonFinite {
+            index: crate::selection::first_non_finite(t),
+        });
+    }
     let mut budgets = Vec::with_capacity(counts.len());
     let mut kept = Vec::with_capacity(counts.len());
-    for &(gt, eq) in &counts {
+    for &(gt, eq, _) in &counts {
         let take = if thr.key == 0 || thr.key == u64::MAX {
             0
         } else {
@@ -317,29 +341,53 @@ pub fn compress_with_threshold(
         budgets.push(take);
         kept.push(if thr.key == u64::MAX { 0 } else { gt + take });
     }
+    encode_counted(t, shape, thr, &budgets, &kept, scale, encoding)
+}
+
+/// The second pass of [`compress_with_threshold`]: encodes what the count pass found (`budgets`
+/// of tied entries and `kept` entries per chunk), and errors if the data no longer agrees.
+fn encode_counted(
+    t: Tensor<'_>,
+    shape: &[u64],
+    thr: &Threshold,
+    budgets: &[u64],
+    kept: &[u64],
+    scale: f64,
+    encoding: Encoding,
+) -> Result<Compressed> {
+    let numel = t.len() as u64;
     let nnz: u64 = kept.iter().sum();
     let body = match encoding {
         Encoding::Bitmask => {
             let words = words_for(numel);
-            let mut pos = try_zeroed::<u64>(words)?;
-            let mut neg = try_zeroed::<u64>(words)?;
+            let mut pos = try_zeroed(words)?;
+            let mut neg = try_zeroed(words)?;
             visit_keys(
                 t,
                 thr.space,
                 MaskPass {
                     t: thr.key,
-                    budgets: &budgets,
+                    budgets,
                     pos: &mut pos,
                     neg: &mut neg,
                 },
             )?;
+            let set: u64 = pos
+                .par_iter()
+                .zip(&neg)
+                .map(|(p, n)| (p | n).count_ones() as u64)
+                .sum();
+            // See the golomb case below: the input is read twice.
+            if set != nnz {
+                return Err(changed_under_us());
+            }
             Body::Bitmask(BitmaskBody { pos, neg })
         }
         Encoding::Golomb => {
             let b = rice_parameter(nnz, numel);
             let mut starts = Vec::with_capacity(kept.len());
             let mut acc = 0u64;
-            for &c in &kept {
+            for &c in kept {
                 starts.push(acc);
                 acc += c;
             }
@@ -347,13 +395,22 @@ pub fn compress_with_threshold(
                 t: thr.key,
                 b,
                 block_log2: DEFAULT_BLOCK_LOG2,
-                budgets: &budgets,
+                budgets,
                 starts: &starts,
-                counts: &kept,
+                counts: kept,
             };
             let chunks = visit_keys(t, thr.space, &pass)?;
+            // The input is read twice; a caller's buffer written to in between (another thread,
+            // with the GIL released) can change what the second pass keeps.
+            let same = if chunks.is_empty() {
+                nnz == 0
+            } else {
+                chunks.len() == kept.len() && chunks.iter().zip(kept).all(|(c, &k)| c.count() == k)
+            };
+            if !same {
+                return Err(changed_under_us());
+            }
             let s = stitch(chunks, b);
-            debug_assert_eq!(s.nnz, nnz);
             Body::Golomb(GolombBody::from_stitched(s, b))
         }
     };
@@ -365,6 +422,14 @@ pub fn compress_with_threshold(
         scale,
         body,
     })
+}
+
+fn changed_under_us() -> Error {
+    Error::InvalidArgument(
+        "the input changed while it was being compressed (written to by another thread?); \
+         compress a buffer nobody writes to"
+            .into(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -595,6 +660,49 @@ impl Compressed {
         }
     }
 
+    /// The dtype of the original tensor (the default output dtype).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The original tensor's shape.
+    pub fn shape(&self) -> &[u64] {
+        &self.shape
+    }
+
+    /// Number of entries `d`.
+    pub fn numel(&self) -> u64 {
+        self.numel
+    }
+
+    /// Number of kept (nonzero) entries.
+    pub fn nnz(&self) -> u64 {
+        self.nnz
+    }
+
+    /// Every kept entry decodes to `+scale` or `-scale`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// The payload, read-only.
+    pub fn body(&self) -> &Body {
+        &self.body
+    }
+
+    /// The same ternary pattern with another scale (finite and >= 0).
+    pub fn with_scale(&self, scale: f64) -> Result<Compressed> {
+        if !(scale.is_finite() && scale >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "scale must be finite and >= 0, got {scale}"
+            )));
+        }
+        Ok(Compressed {
+            scale: scale + 0.0,
+            ..self.clone()
+        })
+    }
+
     pub fn encoding(&self) -> Encoding {
         match self.body {
             Body::Golomb(_) => Encoding::Golomb,
@@ -731,8 +839,8 @@ impl Compressed {
             Body::Golomb(g) => {
                 self.check()?;
                 let words = words_for(self.numel);
-                let mut pos = try_zeroed::<u64>(words)?;
-                let mut neg = try_zeroed::<u64>(words)?;
+                let mut pos = try_zeroed(words)?;
+                let mut neg = try_zeroed(words)?;
                 let nb = g.block_count(self.nnz) as usize;
                 g.decode_blocks(self.numel, self.nnz, 0, nb, |p, n| {
                     let (w, bit) = ((p / 64) as usize, 1u64 << (p % 64));
@@ -814,6 +922,40 @@ impl Compressed {
                 pos: Vec::new(),
                 neg: Vec::new(),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The count pass sees one buffer, the encode pass another (as when another thread writes
+    /// to a borrowed buffer between them): an error, never a stream that disagrees with itself.
+    #[test]
+    fn input_changed_between_passes_is_an_error() {
+        let x: Vec<f32> = (0..20_000)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 100.0)
+            .collect();
+        let (thr, _) = crate::select(&[Tensor::F32(&x)], 0.1).unwrap();
+        let counts = visit_keys(
+            Tensor::F32(&x),
+            thr.space,
+            &CountPass {
+                t: thr.key,
+                inf: thr.space.inf_key(),
+            },
+        )
+        .unwrap();
+        let kept: Vec<u64> = counts.iter().map(|c| c.0).collect();
+        let budgets = vec![0; kept.len()];
+        let mut y = x.clone();
+        y.iter_mut().take(100).for_each(|v| *v = 1000.0);
+        for enc in [Encoding::Golomb, Encoding::Bitmask] {
+            let ok = encode_counted(Tensor::F32(&x), &[20_000], &thr, &budgets, &kept, 1.0, enc);
+            assert!(ok.is_ok());
+            let bad = encode_counted(Tensor::F32(&y), &[20_000], &thr, &budgets, &kept, 1.0, enc);
+            assert!(matches!(bad, Err(Error::InvalidArgument(m)) if m.contains("changed")));
         }
     }
 }

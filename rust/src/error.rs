@@ -34,6 +34,10 @@ pub enum Error {
         value: u64,
         limit: u64,
     },
+    /// The stream declares more entries than the decode limit allows (see
+    /// [`crate::set_max_numel`]): a guard against a few bytes asking for gigabytes.
+    #[error("the stream declares {numel} entries, above the decode limit of {limit}; if it comes from a source you trust, raise the limit (compeft_rs.set_max_numel in Python, compeft::set_max_numel in Rust)")]
+    LimitExceeded { numel: u64, limit: u64 },
     /// An allocation for the output could not be made.
     #[error("out of memory: could not allocate {bytes} bytes for the output")]
     OutOfMemory { bytes: u64 },
@@ -52,12 +56,25 @@ pub(crate) fn malformed<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::Malformed(msg.into()))
 }
 
-/// A zeroed vector of `n` items, or `OutOfMemory` instead of aborting the process.
-pub(crate) fn try_zeroed<T: Clone + Default>(n: usize) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
-        bytes: (n as u64).saturating_mul(std::mem::size_of::<T>() as u64),
-    })?;
-    v.resize(n, T::default());
-    Ok(v)
+/// A zeroed vector of `n` words, or `OutOfMemory` instead of aborting the process. The memory
+/// comes zeroed from the allocator (calloc: fresh pages are not touched), so under overcommit a
+/// large request fails here or costs only the pages later written, instead of being zero-filled
+/// into an out-of-memory kill.
+pub(crate) fn try_zeroed(n: usize) -> Result<Vec<u64>> {
+    let oom = || Error::OutOfMemory {
+        bytes: (n as u64).saturating_mul(8),
+    };
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u64>(n).map_err(|_| oom())?;
+    // SAFETY: layout has a nonzero size; a non-null pointer from alloc_zeroed with u64's layout
+    // holds n initialized (all-zero) u64 values, and the Vec takes ownership with that layout.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut u64;
+        if p.is_null() {
+            return Err(oom());
+        }
+        Ok(Vec::from_raw_parts(p, n, n))
+    }
 }

@@ -223,6 +223,10 @@ impl Head {
             });
         }
         check_shape(&shape, numel).map_err(|e| Error::Malformed(e.to_string()))?;
+        let limit = crate::max_numel();
+        if numel > limit {
+            return Err(Error::LimitExceeded { numel, limit });
+        }
         let nnz = r.varint("nnz")?;
         if nnz > numel {
             return malformed(format!("{nnz} nonzeros in {numel} entries"));

@@ -139,13 +139,19 @@ impl ChunkEncoder {
     }
 }
 
+impl EncodedChunk {
+    /// Nonzeros pushed into this chunk.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
 /// The joined gap stream, sign bits and block index (block 0, at bit 0 and position 0, left out).
 pub(crate) struct Stitched {
     pub gaps: Vec<u64>,
     pub gap_bits: u64,
     pub signs: Vec<u64>,
     pub index: Vec<BlockStart>,
-    pub nnz: u64,
 }
 
 /// Joins chunks in order: writes each chunk's deferred first code, then appends its bits.
@@ -181,7 +187,6 @@ pub(crate) fn stitch(chunks: Vec<EncodedChunk>, b: u8) -> Stitched {
         gap_bits,
         signs,
         index,
-        nnz,
     }
 }
 

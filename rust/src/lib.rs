@@ -9,7 +9,7 @@
 //! use compeft::{compress, Encoding, Tensor};
 //! let tau: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
 //! let c = compress(Tensor::F32(&tau), &[10, 100], 0.1, 1.0, Encoding::Golomb).unwrap();
-//! assert_eq!(c.nnz, 100);
+//! assert_eq!(c.nnz(), 100);
 //! let back = compeft::Compressed::from_bytes(&c.to_bytes()).unwrap();
 //! assert_eq!(back, c);
 //! ```
@@ -35,6 +35,30 @@ pub use popcount::{cosine, dot, hamming};
 pub use selection::{select, KeySpace, Selector, Threshold};
 
 use selection::check_alpha;
+
+/// Default of [`max_numel`]: 2^32 entries (16 GiB decoded as float32), above any single tensor
+/// of today's models.
+pub const DEFAULT_MAX_NUMEL: u64 = 1 << 32;
+
+static MAX_NUMEL_PARSED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_MAX_NUMEL);
+
+/// The largest number of entries a parsed stream may declare (process-wide). A stream of a few
+/// dozen bytes can declare 2^48 zeros; parsing refuses it with [`Error::LimitExceeded`] before
+/// anything is allocated for it.
+pub fn max_numel() -> u64 {
+    MAX_NUMEL_PARSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets [`max_numel`] (at most the format's 2^48) and returns the previous value.
+pub fn set_max_numel(n: u64) -> Result<u64> {
+    if n > codec::MAX_NUMEL {
+        return Err(Error::InvalidArgument(format!(
+            "max_numel {n} is above the format's limit of 2^48"
+        )));
+    }
+    Ok(MAX_NUMEL_PARSED.swap(n, std::sync::atomic::Ordering::Relaxed))
+}
 
 /// How the one magnitude of a stream is chosen; the stored scale always means "every kept entry
 /// decodes to sign * scale".

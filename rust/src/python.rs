@@ -3,7 +3,7 @@
 
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArrayDyn};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::{PyException, PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 use std::collections::HashMap;
@@ -26,12 +26,26 @@ create_exception!(
     "A compressed stream is corrupt, truncated, of an unknown version, or too large to decode."
 );
 
-fn to_py(e: Error) -> PyErr {
-    if e.is_argument_error() {
-        PyValueError::new_err(e.to_string())
-    } else {
-        CompeftError::new_err(e.to_string())
+create_exception!(
+    _core,
+    DecodeLimitError,
+    CompeftError,
+    "A stream declares more entries than compeft_rs.get_max_numel() allows."
+);
+
+/// The Python exception for an error: ValueError for the caller's arguments, MemoryError,
+/// DecodeLimitError, CompeftError for untrusted bytes.
+fn py_error(e: &Error, msg: String) -> PyErr {
+    match e {
+        Error::OutOfMemory { .. } => PyMemoryError::new_err(msg),
+        Error::LimitExceeded { .. } => DecodeLimitError::new_err(msg),
+        _ if e.is_argument_error() => PyValueError::new_err(msg),
+        _ => CompeftError::new_err(msg),
     }
+}
+
+fn to_py(e: Error) -> PyErr {
+    py_error(&e, e.to_string())
 }
 
 /// A 1-D contiguous input array: u16 holds float16 or bfloat16 bits (told apart by the dtype name).
@@ -89,8 +103,7 @@ fn tensor_mut<'a>(o: &'a mut OutArray<'_>, dtype: DType) -> PyResult<TensorMut<'
 /// An error about one of several named tensors: the name leads the message.
 fn named_error(names: &[String], (i, e): (Option<usize>, Error)) -> PyErr {
     match i.and_then(|i| names.get(i)) {
-        Some(n) if e.is_argument_error() => PyValueError::new_err(format!("tensor '{n}': {e}")),
-        Some(n) => CompeftError::new_err(format!("tensor '{n}': {e}")),
+        Some(n) => py_error(&e, format!("tensor '{n}': {e}")),
         None => to_py(e),
     }
 }
@@ -192,15 +205,7 @@ impl PyStream {
     /// The same stream with another scale (finite and >= 0): every kept entry decodes to
     /// sign * scale.
     fn with_scale(&self, py: Python<'_>, scale: f64) -> PyResult<PyStream> {
-        if !(scale.is_finite() && scale >= 0.0) {
-            return Err(PyValueError::new_err(format!(
-                "scale must be finite and >= 0, got {scale}"
-            )));
-        }
-        let inner = py.detach(|| Compressed {
-            scale,
-            ..self.inner.clone()
-        });
+        let inner = py.detach(|| self.inner.with_scale(scale)).map_err(to_py)?;
         Ok(PyStream { inner })
     }
 
@@ -608,6 +613,18 @@ fn py_entropy_bound_bits(d: u64, k: f64) -> f64 {
     entropy_bound_bits(d, k)
 }
 
+/// The largest number of entries a parsed stream may declare (default 2^32).
+#[pyfunction]
+fn get_max_numel() -> u64 {
+    crate::max_numel()
+}
+
+/// Sets the limit of get_max_numel() for this process and returns the previous one.
+#[pyfunction]
+fn set_max_numel(n: u64) -> PyResult<u64> {
+    crate::set_max_numel(n).map_err(to_py)
+}
+
 /// The popcount kernel picked for this CPU ("avx2", "popcnt" or "scalar").
 #[pyfunction]
 fn popcount_kernel() -> &'static str {
@@ -625,6 +642,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyThreshold>()?;
     m.add_function(wrap_pyfunction!(encode_with_threshold, m)?)?;
     m.add("CompeftError", m.py().get_type::<CompeftError>())?;
+    m.add("DecodeLimitError", m.py().get_type::<DecodeLimitError>())?;
+    m.add_function(wrap_pyfunction!(get_max_numel, m)?)?;
+    m.add_function(wrap_pyfunction!(set_max_numel, m)?)?;
     m.add("FORMAT_VERSION", crate::format::VERSION)?;
     m.add_function(wrap_pyfunction!(encode, m)?)?;
     m.add_function(wrap_pyfunction!(encode_many, m)?)?;

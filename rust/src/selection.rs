@@ -70,7 +70,7 @@ impl KeySpace {
     }
 
     /// The key of +infinity: every key at or above it is Inf or NaN.
-    fn inf_key(self) -> u64 {
+    pub(crate) fn inf_key(self) -> u64 {
         match self {
             KeySpace::F16 => 0x7c00,
             KeySpace::BF16 => 0x7f80,
@@ -431,7 +431,13 @@ pub struct Selector {
     hist: Vec<u64>,
     moments: Moments,
     first_value: Option<f64>,
+    /// Entries fed on the first level, and on the current level.
     fed: u64,
+    fed_level: u64,
+    /// Entries that share the prefix chosen so far: what a later level must count in all.
+    in_prefix: u64,
+    /// Set when `finish_level` returned true: feeding more is an error.
+    closed: bool,
     result: Option<Threshold>,
 }
 
@@ -452,6 +458,9 @@ impl Selector {
             moments: Moments::default(),
             first_value: None,
             fed: 0,
+            fed_level: 0,
+            in_prefix: d,
+            closed: false,
             result: if n == 0 {
                 Some(Threshold::keep_nothing(space))
             } else {
@@ -465,7 +474,7 @@ impl Selector {
     /// `finish_level`.
     pub fn with_density(&self, k: f64) -> Result<Selector> {
         check_density(k)?;
-        if self.level != 0 || self.fed != self.d || (self.result.is_some() && self.d > 0) {
+        if self.level != 0 || self.fed != self.d || self.closed {
             return Err(Error::InvalidArgument(
                 "with_density needs a selector whose first level is fully fed and not yet finished"
                     .into(),
@@ -495,9 +504,14 @@ impl Selector {
     /// Feeds one tensor for the current level. On the first level a NaN or Inf is an error whose
     /// index is the flat position within this tensor.
     pub fn feed(&mut self, t: Tensor<'_>) -> Result<()> {
-        if self.result.is_some() && self.level > 0 {
-            return Ok(());
+        if self.closed {
+            return Err(Error::InvalidArgument(
+                "the selection is finished (finish_level returned true); start a new Selector \
+                 to select again"
+                    .into(),
+            ));
         }
+        self.fed_level += t.len() as u64;
         let levels = self.space.levels();
         let (shift, bits) = levels[self.level.min(levels.len() - 1)];
         if self.level == 0 {
@@ -585,9 +599,30 @@ impl Selector {
                 self.d, self.fed
             )));
         }
-        if self.result.is_some() {
+        if self.closed {
             return Ok(true);
         }
+        if self.fed_level != self.d {
+            return Err(Error::InvalidArgument(format!(
+                "level {} was fed {} entries, the selector was told {}; feed every tensor on \
+                 every level",
+                self.level, self.fed_level, self.d
+            )));
+        }
+        if self.result.is_some() {
+            self.closed = true;
+            return Ok(true);
+        }
+        let counted: u64 = self.hist.iter().sum();
+        if counted != self.in_prefix {
+            return Err(Error::InvalidArgument(format!(
+                "level {} counted {counted} entries under the chosen prefix, the level before \
+                 {}: the tensors fed on a later level differ from the first (same tensors, same \
+                 order, unchanged)",
+                self.level, self.in_prefix
+            )));
+        }
+        self.fed_level = 0;
         let levels = self.space.levels();
         let (shift, _) = levels[self.level];
         // Walk bins from the largest magnitude down to the bin holding the n-th largest.
@@ -605,6 +640,7 @@ impl Selector {
                 "the tensors fed on a later level differ from the first".into(),
             ));
         };
+        self.in_prefix = self.hist[b as usize];
         self.prefix = (self.prefix << levels[self.level].1) | b;
         if self.level + 1 == levels.len() {
             let key = self.prefix << shift;
@@ -615,6 +651,7 @@ impl Selector {
                 key,
                 ties,
             });
+            self.closed = true;
             return Ok(true);
         }
         self.level += 1;
@@ -642,7 +679,7 @@ impl Selector {
     }
 }
 
-fn first_non_finite(t: Tensor<'_>) -> u64 {
+pub(crate) fn first_non_finite(t: Tensor<'_>) -> u64 {
     (0..t.len())
         .find(|&i| !t.get_f64(i).is_finite())
         .unwrap_or(0) as u64

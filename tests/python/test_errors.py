@@ -122,3 +122,44 @@ def test_garbage_with_magic(data):
 
 def test_compeft_error_is_an_exception_class():
     assert issubclass(CompeftError, Exception) and not issubclass(CompeftError, ValueError)
+
+
+def _empty_stream(numel: int) -> bytes:
+    """A valid golomb stream of `numel` float32 entries with nothing kept (about 35 bytes)."""
+    import struct
+    import zlib
+
+    def varint(v):
+        out = bytearray()
+        while v >= 0x80:
+            out.append(v & 0x7F | 0x80)
+            v >>= 7
+        out.append(v)
+        return bytes(out)
+
+    body = b"CPFT\x01\x00\x03\x01" + varint(numel) + varint(numel) + varint(0)
+    body += struct.pack("<d", 0.0) + bytes([0, 12, 0, 0])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_decode_limit_refuses_a_tiny_stream_declaring_huge_size():
+    bomb = _empty_stream(1 << 40)
+    assert len(bomb) < 40
+    with pytest.raises(compeft_rs.DecodeLimitError, match="set_max_numel"):
+        compeft_rs.decode(bomb)
+    assert issubclass(compeft_rs.DecodeLimitError, CompeftError)
+    small = _empty_stream(1000)
+    old = compeft_rs.set_max_numel(999)
+    try:
+        assert compeft_rs.get_max_numel() == 999
+        with pytest.raises(compeft_rs.DecodeLimitError):
+            CompressedTensor.from_bytes(small)
+    finally:
+        compeft_rs.set_max_numel(old)
+    assert old == 1 << 32
+    assert compeft_rs.decode(small).shape == (1000,)
+    with pytest.raises(ValueError):
+        compeft_rs.set_max_numel(-1)
+    with pytest.raises(ValueError, match="2\\^48"):
+        compeft_rs.set_max_numel((1 << 48) + 1)
+

@@ -24,8 +24,8 @@ fn half_decode_writes_signed_values() {
         let mut b = vec![0u16; g.len()];
         c.decode_into(TensorMut::BF16(&mut b)).unwrap();
         let (s16, sb16) = (
-            f16::from_f32(c.scale as f32).to_f64(),
-            bf16::from_f32(c.scale as f32).to_f64(),
+            f16::from_f32(c.scale() as f32).to_f64(),
+            bf16::from_f32(c.scale() as f32).to_f64(),
         );
         for i in 0..g.len() {
             assert_eq!(
@@ -64,11 +64,11 @@ fn decode_many_equals_one_stream_at_a_time() {
     let streams = expert_streams();
     let mut many: Vec<Vec<f32>> = streams
         .iter()
-        .map(|c| vec![f32::NAN; c.numel as usize])
+        .map(|c| vec![f32::NAN; c.numel() as usize])
         .collect();
     let mut many64: Vec<Vec<f64>> = streams
         .iter()
-        .map(|c| vec![f64::NAN; c.numel as usize])
+        .map(|c| vec![f64::NAN; c.numel() as usize])
         .collect();
     // Mixed output types in one call.
     let mut jobs: Vec<(&Compressed, TensorMut<'_>)> = Vec::new();
@@ -88,7 +88,7 @@ fn decode_many_equals_one_stream_at_a_time() {
     }
     decode_many(jobs).unwrap();
     for (i, c) in streams.iter().enumerate() {
-        let mut one = vec![0f64; c.numel as usize];
+        let mut one = vec![0f64; c.numel() as usize];
         c.decode_into(TensorMut::F64(&mut one)).unwrap();
         if i % 2 == 0 {
             let got: Vec<f64> = many[i].iter().map(|&x| x as f64).collect();
@@ -105,7 +105,7 @@ fn decode_many_names_the_stream_with_a_wrong_output() {
     let streams = expert_streams();
     let mut outs: Vec<Vec<f32>> = streams
         .iter()
-        .map(|c| vec![0.0; c.numel as usize])
+        .map(|c| vec![0.0; c.numel() as usize])
         .collect();
     outs[2].pop();
     let jobs = streams

@@ -99,7 +99,7 @@ fn header_layout() {
     assert_eq!(b[6], 3, "float32");
     assert_eq!(b[7], 2, "ndim");
     assert_eq!(&b[8..12], &[2, 2, 4, 2], "shape, numel, nnz as varints");
-    assert_eq!(f64::from_le_bytes(b[12..20].try_into().unwrap()), c.scale);
+    assert_eq!(f64::from_le_bytes(b[12..20].try_into().unwrap()), c.scale());
     let crc = u32::from_le_bytes(b[b.len() - 4..].try_into().unwrap());
     assert_eq!(crc, crc32fast::hash(&b[..b.len() - 4]));
 }
@@ -206,8 +206,8 @@ proptest! {
             let mut b = b[..n].to_vec();
             refresh_crc(&mut b);
             if let Ok(c) = Compressed::from_bytes(&b) {
-                if c.numel <= 1 << 20 {
-                    let mut out = vec![0f32; c.numel as usize];
+                if c.numel() <= 1 << 20 {
+                    let mut out = vec![0f32; c.numel() as usize];
                     let _ = c.decode_into(TensorMut::F32(&mut out));
                     let _ = c.to_bitmask();
                     let _ = c.to_golomb();

@@ -114,3 +114,136 @@ fn rice_parameter_is_exact_at_a_boundary() {
     assert_eq!(compeft::golomb::rice_parameter(9, 10), 0);
     assert_eq!(compeft::golomb::rice_parameter(1, 1 << 48), 47);
 }
+
+/// A golomb stream of `numel` entries (one dimension) with nothing kept: 30-odd bytes.
+fn empty_stream(numel: u64) -> Vec<u8> {
+    let mut b = b"CPFT\x01\x00\x03\x01".to_vec();
+    let mut put = |mut v: u64| {
+        while v >= 0x80 {
+            b.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        b.push(v as u8);
+    };
+    put(numel);
+    put(numel);
+    put(0);
+    b.extend_from_slice(&0.0f64.to_le_bytes());
+    b.extend_from_slice(&[0, 12, 0, 0]);
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+#[test]
+fn a_tiny_stream_cannot_ask_for_a_huge_allocation() {
+    use compeft::{Compressed, Error};
+    let bomb = empty_stream(1 << 40);
+    assert!(bomb.len() < 40);
+    match Compressed::from_bytes(&bomb) {
+        Err(Error::LimitExceeded { numel, limit }) => {
+            assert_eq!((numel, limit), (1 << 40, compeft::DEFAULT_MAX_NUMEL))
+        }
+        other => panic!("expected LimitExceeded, got {other:?}"),
+    }
+    // At the limit it parses and its masks are allocated zeroed (512 MiB each, untouched pages).
+    let at_limit = Compressed::from_bytes(&empty_stream(compeft::DEFAULT_MAX_NUMEL)).unwrap();
+    assert_eq!(at_limit.nnz(), 0);
+    // Raising the limit (tests in this binary only ever raise it, so they cannot disturb each
+    // other) lets a trusted stream through; the format's own bound stays.
+    let before = compeft::set_max_numel(1 << 41).unwrap();
+    assert_eq!(before, compeft::DEFAULT_MAX_NUMEL);
+    assert_eq!(Compressed::from_bytes(&bomb).unwrap().numel(), 1 << 40);
+    assert!(compeft::set_max_numel((1 << 48) + 1).is_err());
+    compeft::set_max_numel(before).unwrap();
+}
+
+#[test]
+fn selector_checks_every_level() {
+    use compeft::{KeySpace, Selector};
+    let a: Vec<f32> = gaussian_like(5000, 11).iter().map(|&x| x as f32).collect();
+    let b: Vec<f32> = gaussian_like(3000, 12).iter().map(|&x| x as f32).collect();
+    let fresh = || {
+        let mut s = Selector::new(KeySpace::F32, 8000, 0.1).unwrap();
+        s.feed(Tensor::F32(&a)).unwrap();
+        s.feed(Tensor::F32(&b)).unwrap();
+        assert!(!s.finish_level().unwrap());
+        s
+    };
+    // The honest run finishes.
+    let mut s = fresh();
+    while !{
+        s.feed(Tensor::F32(&a)).unwrap();
+        s.feed(Tensor::F32(&b)).unwrap();
+        s.finish_level().unwrap()
+    } {}
+    // Feeding after the end is refused.
+    assert!(s.feed(Tensor::F32(&a)).is_err());
+    // A tensor skipped on a later level.
+    let mut s = fresh();
+    s.feed(Tensor::F32(&a)).unwrap();
+    assert!(s.finish_level().is_err());
+    // Other data of the same size on a later level.
+    let mut s = fresh();
+    let mut a2 = a.clone();
+    a2.iter_mut().for_each(|x| *x *= 0.5);
+    s.feed(Tensor::F32(&a2)).unwrap();
+    s.feed(Tensor::F32(&b)).unwrap();
+    assert!(s.finish_level().is_err());
+    // A later level fed more entries under the chosen prefix (copies of the 800th largest
+    // magnitude in place of b): a threshold would still come out, from other data.
+    let mut mags: Vec<f32> = a.iter().chain(&b).map(|x| x.abs()).collect();
+    mags.sort_by(|x, y| y.total_cmp(x));
+    let same = vec![mags[799]; b.len()];
+    let mut s = fresh();
+    s.feed(Tensor::F32(&a)).unwrap();
+    s.feed(Tensor::F32(&same)).unwrap();
+    assert!(s.finish_level().is_err());
+}
+
+#[test]
+fn compress_with_threshold_refuses_non_finite_input_and_negative_zero_scale() {
+    use compeft::codec::compress_with_threshold;
+    use compeft::{select, Error};
+    let x: Vec<f32> = gaussian_like(1000, 5).iter().map(|&x| x as f32).collect();
+    let (thr, sigma) = select(&[Tensor::F32(&x)], 0.1).unwrap();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut y = x.clone();
+        y[321] = bad;
+        // Also with a threshold that keeps nothing: a NaN must not become a silent zero.
+        for t in [thr, compeft::Threshold::keep_nothing(thr.space)] {
+            let mut ties = t.ties;
+            let r = compress_with_threshold(
+                Tensor::F32(&y),
+                &[1000],
+                &t,
+                &mut ties,
+                sigma,
+                Encoding::Golomb,
+            );
+            assert_eq!(r.unwrap_err(), Error::NonFinite { index: 321 });
+        }
+    }
+    let mut ties = thr.ties;
+    let pos = compress_with_threshold(
+        Tensor::F32(&x),
+        &[1000],
+        &thr,
+        &mut ties,
+        0.0,
+        Encoding::Golomb,
+    )
+    .unwrap();
+    let mut ties = thr.ties;
+    let neg = compress_with_threshold(
+        Tensor::F32(&x),
+        &[1000],
+        &thr,
+        &mut ties,
+        -0.0,
+        Encoding::Golomb,
+    )
+    .unwrap();
+    assert_eq!(pos.to_bytes(), neg.to_bytes());
+    assert!(pos.with_scale(-0.0).unwrap().to_bytes() == pos.to_bytes());
+}

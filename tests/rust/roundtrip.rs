@@ -11,7 +11,7 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 
 fn signs_of(c: &Compressed) -> Vec<i8> {
-    let mut out = vec![0f64; c.numel as usize];
+    let mut out = vec![0f64; c.numel() as usize];
     c.decode_into(TensorMut::F64(&mut out)).unwrap();
     out.iter()
         .map(|&x| {
@@ -31,12 +31,12 @@ fn check_f32(values: &[f32], k: f64, enc: Encoding) {
     let (ref_signs, ref_sigma) = reference(&as64, k);
     let c = compress(Tensor::F32(values), &[values.len() as u64], k, 1.0, enc).unwrap();
     let nnz_ref = ref_signs.iter().filter(|&&s| s != 0).count() as u64;
-    assert_eq!(c.nnz, nnz_ref);
+    assert_eq!(c.nnz(), nnz_ref);
     if ref_sigma > 0.0 {
         assert!(
-            (c.scale - ref_sigma).abs() <= 1e-9 * ref_sigma,
+            (c.scale() - ref_sigma).abs() <= 1e-9 * ref_sigma,
             "{} vs {}",
-            c.scale,
+            c.scale(),
             ref_sigma
         );
         assert_eq!(signs_of(&c), ref_signs);
@@ -49,7 +49,7 @@ fn check_f32(values: &[f32], k: f64, enc: Encoding) {
         Encoding::Golomb => c.to_bitmask().unwrap(),
         Encoding::Bitmask => c.to_golomb().unwrap(),
     };
-    assert_eq!(other.nnz, c.nnz);
+    assert_eq!(other.nnz(), c.nnz());
     let again = match enc {
         Encoding::Golomb => other.to_golomb().unwrap(),
         Encoding::Bitmask => other.to_bitmask().unwrap(),
@@ -94,7 +94,7 @@ fn ties_go_to_the_lower_index_and_zeros_are_never_kept() {
     assert_eq!(signs_of(&c), vec![1, -1, 0, 0, 0, 1, 0, 0]);
     // k = 1 keeps all five nonzeros, never the zeros.
     let c = compress(Tensor::F32(&v), &[8], 1.0, 1.0, Encoding::Bitmask).unwrap();
-    assert_eq!(c.nnz, 5);
+    assert_eq!(c.nnz(), 5);
     assert_eq!(signs_of(&c), vec![1, -1, 1, 0, 0, 1, -1, 0]);
 }
 
@@ -125,7 +125,7 @@ fn half_types_match_reference() {
     ] {
         let (rs, sigma) = reference(&vals, 0.1);
         let c = compress(t, &[250, 200], 0.1, 2.0, Encoding::Golomb).unwrap();
-        assert!((c.scale - 2.0 * sigma).abs() < 1e-12 * sigma);
+        assert!((c.scale() - 2.0 * sigma).abs() < 1e-12 * sigma);
         assert_eq!(signs_of(&c), rs);
     }
 }
@@ -149,8 +149,8 @@ fn global_scope_mixed_dtypes() {
         Encoding::Golomb,
     )
     .unwrap();
-    assert_eq!(out[0].scale, out[1].scale);
-    assert!((out[0].scale - sigma).abs() < 1e-12 * sigma);
+    assert_eq!(out[0].scale(), out[1].scale());
+    assert!((out[0].scale() - sigma).abs() < 1e-12 * sigma);
     let mut got = signs_of(&out[0]);
     got.extend(signs_of(&out[1]));
     assert_eq!(got, rs);
@@ -213,7 +213,7 @@ fn bad_arguments() {
 #[test]
 fn empty_and_scalar() {
     let c = compress(Tensor::F32(&[]), &[0, 5], 0.1, 1.0, Encoding::Golomb).unwrap();
-    assert_eq!((c.numel, c.nnz), (0, 0));
+    assert_eq!((c.numel(), c.nnz()), (0, 0));
     assert_eq!(Compressed::from_bytes(&c.to_bytes()).unwrap(), c);
     let c = compress(Tensor::F64(&[-3.5]), &[], 0.1, 1.0, Encoding::Golomb).unwrap();
     let mut out = [0.0f64];
@@ -251,9 +251,9 @@ fn popcount_kernels_agree_and_match_dense() {
     let dense_diff = da.iter().zip(&db).filter(|(x, y)| x != y).count() as u64;
     assert_eq!(compeft::hamming(&ca, &cb).unwrap(), dense_diff);
     let dot = compeft::dot(&ca, &cb).unwrap();
-    assert!((dot - dense_dot as f64 * ca.scale * cb.scale).abs() < 1e-9 * dot.abs().max(1.0));
+    assert!((dot - dense_dot as f64 * ca.scale() * cb.scale()).abs() < 1e-9 * dot.abs().max(1.0));
     let cos = compeft::cosine(&ca, &cb).unwrap();
-    let want = dense_dot as f64 / ((ca.nnz * cb.nnz) as f64).sqrt();
+    let want = dense_dot as f64 / ((ca.nnz() * cb.nnz()) as f64).sqrt();
     assert!((cos - want).abs() < 1e-12);
 }
 
@@ -273,11 +273,11 @@ proptest! {
         let c = compress(Tensor::F32(&v), &[v.len() as u64], k, 1.0, enc).unwrap();
         let back = Compressed::from_bytes(&c.to_bytes()).unwrap();
         prop_assert_eq!(&back, &c);
-        prop_assert!((c.scale - sigma).abs() <= 1e-12 * sigma.max(1e-300));
-        if c.scale > 0.0 {
+        prop_assert!((c.scale() - sigma).abs() <= 1e-12 * sigma.max(1e-300));
+        if c.scale() > 0.0 {
             prop_assert_eq!(signs_of(&back), rs);
         } else {
-            prop_assert_eq!(c.nnz as usize, rs.iter().filter(|&&s| s != 0).count());
+            prop_assert_eq!(c.nnz() as usize, rs.iter().filter(|&&s| s != 0).count());
         }
     }
 
@@ -297,10 +297,10 @@ proptest! {
         let t = if bf { Tensor::BF16(&bits) } else { Tensor::F16(&bits) };
         let (rs, sigma) = reference(&xs, k);
         let c = compress(t, &[bits.len() as u64], k, 1.0, Encoding::Golomb).unwrap();
-        prop_assert!((c.scale - sigma).abs() <= 1e-12 * sigma.max(1e-300));
+        prop_assert!((c.scale() - sigma).abs() <= 1e-12 * sigma.max(1e-300));
         let nnz = rs.iter().filter(|&&s| s != 0).count();
-        prop_assert_eq!(c.nnz as usize, nnz);
-        if c.scale > 0.0 {
+        prop_assert_eq!(c.nnz() as usize, nnz);
+        if c.scale() > 0.0 {
             prop_assert_eq!(signs_of(&c), rs);
         }
     }
@@ -332,7 +332,7 @@ proptest! {
         };
         let c = compress_scaled(t, &[xs.len() as u64], k, alpha, rule, Encoding::Golomb).unwrap();
         let kept: Vec<f64> = xs.iter().zip(&rs).filter(|(_, &s)| s != 0).map(|(x, _)| x.abs()).collect();
-        prop_assert_eq!(c.nnz as usize, kept.len());
+        prop_assert_eq!(c.nnz() as usize, kept.len());
         let nnz = kept.len() as f64;
         let (kept_sum, squares) = (kept.iter().sum::<f64>(), xs.iter().map(|x| x * x).sum::<f64>());
         let want = alpha * match rule {
@@ -341,8 +341,8 @@ proptest! {
             Scale::Norm => squares.sqrt() / nnz.sqrt(),
             _ => squares / kept_sum,
         };
-        prop_assert!((c.scale - want).abs() <= 1e-12 * want, "scale {} want {}", c.scale, want);
-        if c.nnz > 0 {
+        prop_assert!((c.scale() - want).abs() <= 1e-12 * want, "scale {} want {}", c.scale(), want);
+        if c.nnz() > 0 {
             prop_assert_eq!(signs_of(&c), rs);
         }
     }
@@ -351,7 +351,7 @@ proptest! {
     fn prop_f64_continuous(vals in prop::collection::vec(-1e3f64..1e3, 1..3000), k in 0.01f64..=1.0) {
         let (rs, _) = reference(&vals, k);
         let c = compress(Tensor::F64(&vals), &[vals.len() as u64], k, 1.0, Encoding::Golomb).unwrap();
-        if c.scale > 0.0 {
+        if c.scale() > 0.0 {
             prop_assert_eq!(signs_of(&c), rs);
         }
     }
