@@ -842,14 +842,54 @@ impl Compressed {
                 let mut pos = try_zeroed(words)?;
                 let mut neg = try_zeroed(words)?;
                 let nb = g.block_count(self.nnz) as usize;
-                g.decode_blocks(self.numel, self.nnz, 0, nb, |p, n| {
-                    let (w, bit) = ((p / 64) as usize, 1u64 << (p % 64));
-                    if n {
-                        neg[w] |= bit;
+                let groups = nb.min(rayon::current_num_threads() * 4);
+                // Groups of blocks, split by the block index. Group i owns the words from that
+                // of its first position up to that of the next group's first position; its bits
+                // in the next group's first word (shared) come back as a carry, ORed in after.
+                let mut parts = Vec::with_capacity(groups);
+                let (mut prest, mut nrest) = (&mut pos[..], &mut neg[..]);
+                let mut w_at = 0usize;
+                for gi in 0..groups {
+                    let (b0, b1) = (gi * nb / groups, (gi + 1) * nb / groups);
+                    let end = if b1 < nb {
+                        g.block_start(b1).next
                     } else {
-                        pos[w] |= bit;
+                        self.numel
+                    };
+                    let w_end = (end / 64) as usize;
+                    if w_end < w_at || w_end > words {
+                        return malformed("block index is not increasing");
                     }
-                })?;
+                    let (p, pt) = std::mem::take(&mut prest).split_at_mut(w_end - w_at);
+                    let (n, nt) = std::mem::take(&mut nrest).split_at_mut(w_end - w_at);
+                    (prest, nrest) = (pt, nt);
+                    parts.push((b0, b1, w_at, p, n));
+                    w_at = w_end;
+                }
+                let (numel, nnz) = (self.numel, self.nnz);
+                let carries: Vec<(usize, u64, u64)> = parts
+                    .into_par_iter()
+                    .map(|(b0, b1, w0, p, n)| {
+                        let (mut cp, mut cn) = (0u64, 0u64);
+                        let w_end = w0 + p.len();
+                        g.decode_blocks(numel, nnz, b0, b1, |at, is_neg| {
+                            let (w, bit) = ((at / 64) as usize, 1u64 << (at % 64));
+                            match (w < w_end, is_neg) {
+                                (true, false) => p[w - w0] |= bit,
+                                (true, true) => n[w - w0] |= bit,
+                                (false, false) => cp |= bit,
+                                (false, true) => cn |= bit,
+                            }
+                        })?;
+                        Ok((w_end, cp, cn))
+                    })
+                    .collect::<Result<_>>()?;
+                for (w, cp, cn) in carries {
+                    if cp | cn != 0 {
+                        pos[w] |= cp;
+                        neg[w] |= cn;
+                    }
+                }
                 Ok(Cow::Owned(BitmaskBody { pos, neg }))
             }
         }

@@ -247,3 +247,34 @@ fn compress_with_threshold_refuses_non_finite_input_and_negative_zero_scale() {
     assert_eq!(pos.to_bytes(), neg.to_bytes());
     assert!(pos.with_scale(-0.0).unwrap().to_bytes() == pos.to_bytes());
 }
+
+#[test]
+fn golomb_to_bitmask_is_the_same_on_any_thread_count() {
+    // 1M entries at k = 0.1: 100,000 kept, 25 blocks of 4096, so the conversion splits them.
+    let x: Vec<f32> = gaussian_like(1 << 20, 21)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let g = compress_scaled(
+        Tensor::F32(&x),
+        &[1 << 20],
+        0.1,
+        1.0,
+        Scale::Std,
+        Encoding::Golomb,
+    )
+    .unwrap();
+    let want = compress_scaled(
+        Tensor::F32(&x),
+        &[1 << 20],
+        0.1,
+        1.0,
+        Scale::Std,
+        Encoding::Bitmask,
+    )
+    .unwrap();
+    for threads in [1, 2, 3, 7, 16] {
+        let m = with_threads(threads, || g.to_bitmask().unwrap());
+        assert!(m == want, "{threads} threads");
+    }
+}
