@@ -201,6 +201,44 @@ def _parse_metadata(md: Mapping[str, str], where: str) -> Tuple[Dict[str, Any], 
     return info, peft_config
 
 
+_INITS = ("zero", "one", "base")
+_OUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _check_info(
+    info: Dict[str, Any],
+    keys: Mapping[str, str],
+    exact: set,
+    init: Dict[str, Any],
+    dtypes: Dict[str, Any],
+    default_init: str,
+    where: str,
+) -> None:
+    """Every field a reader acts on, checked before anything is decoded: a file that names a
+    tensor it lacks, an init or dtype this library does not know, or a density outside (0, 1] is
+    corrupt, not something to guess around."""
+
+    def bad(msg: str) -> CompeftError:
+        return CompeftError(f"{where}: corrupt compeft metadata: {msg}")
+
+    k = info.get("k")
+    if not isinstance(k, (int, float)) or isinstance(k, bool) or not 0 < k <= 1:
+        raise bad(f"density k is {k!r}, expected a number in (0, 1]")
+    alpha = info.get("alpha", 1.0)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+        raise bad(f"alpha is {alpha!r}, expected a finite number >= 0")
+    for n in sorted(exact - set(keys)):
+        raise bad(f"'lossless' names tensor {n!r}, which the file does not hold")
+    for field, table, allowed in (("init", init, _INITS), ("dtypes", dtypes, _OUT_DTYPES)):
+        for n, v in sorted(table.items()):
+            if n not in keys:
+                raise bad(f"{field!r} names tensor {n!r}, which the file does not hold")
+            if v not in allowed:
+                raise bad(f"{field!r} gives tensor {n!r} the value {v!r}, expected one of {allowed}")
+    if default_init not in _INITS:
+        raise bad(f"default_init is {default_init!r}, expected one of {_INITS}")
+
+
 class CompressedExpert:
     """A compressed expert: one compressed stream per delta tensor, exact copies of the rest.
 
@@ -226,6 +264,7 @@ class CompressedExpert:
             self._default_init = str(info.get("default_init", "zero"))
         except (TypeError, ValueError) as e:
             raise CompeftError(f"{where}: corrupt compeft metadata: {e}") from None
+        _check_info(info, self._keys, self._exact, self._init, self._dtypes, self._default_init, where)
         for n in self._keys:
             dt = entries[self._keys[n]][0]
             if n not in self._exact and dt != "U8":

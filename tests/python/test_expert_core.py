@@ -424,3 +424,40 @@ def test_framework_is_explicit():
         compeft_rs.decode(c.to_bytes(), framework="tf")
     with pytest.raises(TypeError):
         c.decode("float64")  # dtype is keyword-only
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("dtypes", {"a.lora_A.weight": "float99"}, "'dtypes' gives tensor 'a.lora_A.weight'"),
+        ("dtypes", {"a.lora_A.weight": "int8"}, "'dtypes' gives tensor 'a.lora_A.weight'"),
+        ("dtypes", {"nope": "float16"}, "'dtypes' names tensor 'nope'"),
+        ("init", {"nope": "base"}, "'init' names tensor 'nope'"),
+        ("init", {"a.lora_A.weight": "weird"}, "'init' gives tensor 'a.lora_A.weight'"),
+        ("default_init", "weird", "default_init"),
+        ("k", "x", "density k"),
+        ("k", 0, "density k"),
+        ("alpha", float("nan"), "alpha"),
+        ("lossless", ["c.weight", "nope"], "'lossless' names tensor 'nope'"),
+        ("lossless", [], "'c.weight' should be a compressed stream"),
+    ],
+)
+def test_metadata_that_lies_is_refused_naming_file_and_tensor(tmp_path, field, value, message):
+    e = compeft_rs.compress_expert(
+        {"a.lora_A.weight": torch.randn(4, 8), "b.lora_B.weight": torch.randn(8, 4).half(), "c.weight": torch.randn(3)},
+        0.5,
+        lossless=["c.weight"],
+    )
+    data = e.to_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    info = json.loads(header["__metadata__"]["compeft"])
+    info[field] = value
+    header["__metadata__"] = dict(header["__metadata__"], compeft=json.dumps(info))
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path = tmp_path / "lies.safetensors"
+    path.write_bytes(len(h).to_bytes(8, "little") + h + data[8 + n :])
+    with pytest.raises(CompeftError, match="lies.safetensors") as err:
+        compeft_rs.load_expert(path)
+    assert message in str(err.value)
