@@ -290,6 +290,10 @@ def cosine(a: CompressedTensor, b: CompressedTensor) -> float:
 
 
 def hamming(a: CompressedTensor, b: CompressedTensor) -> int:
-    """Number of entries whose ternary value (-1, 0, +1) differs between a and b."""
+    """Number of entries whose decoded ternary value (-1, 0, +1) differs between a and b.
+
+    A tensor compressed with scale 0 (a constant tensor has sigma 0) decodes to zeros and counts as
+    all zero, whatever sign pattern it stores.
+    """
     return _hamming(*_pair(a, b))
 

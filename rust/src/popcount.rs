@@ -163,13 +163,18 @@ pub fn counts(pa: &[u64], na: &[u64], pb: &[u64], nb: &[u64]) -> Counts {
         .reduce(Counts::default, |a, b| a + b)
 }
 
-fn pair_counts(a: &Compressed, b: &Compressed) -> Result<Counts> {
+fn check_shapes(a: &Compressed, b: &Compressed) -> Result<()> {
     if a.shape != b.shape {
         return Err(Error::InvalidArgument(format!(
             "shapes differ: {:?} and {:?}; both operands must describe the same tensor",
             a.shape, b.shape
         )));
     }
+    Ok(())
+}
+
+fn pair_counts(a: &Compressed, b: &Compressed) -> Result<Counts> {
+    check_shapes(a, b)?;
     let (ma, mb) = (a.masks()?, b.masks()?);
     Ok(counts(&ma.pos, &ma.neg, &mb.pos, &mb.neg))
 }
@@ -180,9 +185,18 @@ pub fn dot(a: &Compressed, b: &Compressed) -> Result<f64> {
     Ok(a.scale * b.scale * (c.pp as f64 + c.nn as f64 - c.pn as f64 - c.np as f64))
 }
 
-/// Number of positions where the ternary patterns (sign of each entry) differ.
+/// Number of positions where the decoded ternary values (-1, 0, +1 times the scale) differ; a
+/// stream with scale 0 counts as all zero.
 pub fn hamming(a: &Compressed, b: &Compressed) -> Result<u64> {
-    Ok(pair_counts(a, b)?.diff)
+    // A stream with scale 0 decodes to zeros whatever pattern it stores (a constant tensor has
+    // sigma 0), so its pattern must not count; dot and cosine are 0 there by their formulas.
+    match (a.scale == 0.0, b.scale == 0.0) {
+        (false, false) => Ok(pair_counts(a, b)?.diff),
+        (za, zb) => {
+            check_shapes(a, b)?;
+            Ok(if za { 0 } else { a.nnz } + if zb { 0 } else { b.nnz })
+        }
+    }
 }
 
 /// Cosine similarity of the decoded vectors; 0 when either is all zero (no direction).

@@ -278,3 +278,32 @@ fn golomb_to_bitmask_is_the_same_on_any_thread_count() {
         assert!(m == want, "{threads} threads");
     }
 }
+
+/// Fuzzing finding (rust/fuzz/artifacts/popcount, kept in the popcount corpus): a constant tensor
+/// has sigma 0, so its stream keeps a sign pattern that decodes to zeros; `hamming` counted that
+/// pattern (2 where the decoded vectors differ in 23 places).
+#[test]
+fn hamming_counts_a_zero_scale_stream_as_all_zero() {
+    let a = vec![109f32; 52];
+    let mut b = vec![109f32; 44];
+    b.extend([-128f32, 64., 97., 98., 1., 0., 101., 102.]);
+    for enc in [Encoding::Golomb, Encoding::Bitmask] {
+        let ca = compeft::compress(Tensor::F32(&a), &[52], 0.43, 1.0, enc).unwrap();
+        let cb = compeft::compress(Tensor::F32(&b), &[52], 0.43, 1.0, enc).unwrap();
+        assert!(ca.scale() == 0.0 && ca.nnz() > 0 && cb.scale() > 0.0);
+        let dense = |c: &compeft::Compressed| {
+            let mut d = vec![0f64; 52];
+            c.decode_into(compeft::TensorMut::F64(&mut d)).unwrap();
+            d
+        };
+        let (da, db) = (dense(&ca), dense(&cb));
+        let want = da.iter().zip(&db).filter(|(p, q)| p != q).count() as u64;
+        assert_eq!(compeft::hamming(&ca, &cb).unwrap(), want);
+        assert_eq!(compeft::hamming(&cb, &ca).unwrap(), want);
+        assert_eq!(compeft::hamming(&ca, &ca).unwrap(), 0);
+        assert_eq!(compeft::dot(&ca, &cb).unwrap(), 0.0);
+        assert_eq!(compeft::cosine(&ca, &cb).unwrap(), 0.0);
+        let short = compeft::compress(Tensor::F32(&a[..51]), &[51], 0.43, 1.0, enc).unwrap();
+        assert!(compeft::hamming(&ca, &short).is_err());
+    }
+}
