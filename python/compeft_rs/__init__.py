@@ -25,6 +25,7 @@ from ._checkpoint import apply_checkpoint, compress_checkpoint
 from ._tune import TunePoint, TuneResult, tune
 from ._serve import load_into
 from ._store import ExpertStore
+from ._merge import merge, similarity
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,8 @@ __all__ = [
     "load_expert",
     "load_into",
     "load_peft",
+    "merge",
+    "similarity",
     "save_peft",
     "tune",
     "TunePoint",

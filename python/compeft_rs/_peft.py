@@ -97,13 +97,18 @@ def save_peft(expert: Union[CompressedExpert, PathLike], out_dir: PathLike, *, o
         expert = load_expert(expert)
     if expert.peft_config is None:
         raise ValueError("this expert was not made from a PEFT adapter (no adapter config in it)")
-    config = expert.peft_config
+    return write_peft_folder(adapter_state_dict(expert), expert.peft_config, out_dir, overwrite=overwrite)
+
+
+def write_peft_folder(state: Dict[str, Any], config: Dict[str, Any], out_dir: PathLike, *,
+                      overwrite: bool = False) -> Path:
+    """adapter_config.json and adapter_model.safetensors, built beside ``out_dir`` and renamed in."""
 
     def build(tmp: Path) -> None:
         from safetensors.torch import save_file
 
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-        save_file(adapter_state_dict(expert), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
     return atomic_dir(out_dir, build, (ADAPTER_CONFIG, ADAPTER_WEIGHTS), overwrite=overwrite)
 

@@ -117,6 +117,37 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ._expert import load_expert
+    from ._merge import merge, write_merged
+
+    out = Path(args.output)
+    to_file = out.name.endswith(".safetensors")
+    if to_file:
+        _check_out(out, args.force)
+    elif args.k is not None:
+        raise ValueError("-k compresses the result: give an OUT ending in .safetensors")
+    experts = [load_expert(p) for p in args.src]
+    if not to_file:
+        configs = [e.peft_config for e in experts]
+        if configs[0] is None or any(c != configs[0] for c in configs[1:]):
+            raise ValueError("a PEFT folder needs PEFT experts with the same adapter config; "
+                             "give an OUT ending in .safetensors for a compressed expert")
+    t0 = time.perf_counter()
+    k = (args.k if args.k is not None else experts[0].k) if to_file else None
+    result = merge(experts, args.method, weights=args.weights, majority_sign=args.majority_sign,
+                   density=args.density, lam=args.lam, convention=args.convention, compress=k)
+    if to_file:
+        result.save(out)
+        what = f"compressed expert {out} (k={k:g}, {result.nbytes:,} B)"
+    else:
+        write_merged(result, experts[0], out, overwrite=args.force)
+        what = f"PEFT adapter folder {out}"
+    if not args.quiet:
+        print(f"merged {len(experts)} experts ({args.method}) -> {what}, {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ._expert import load_expert
 
@@ -194,6 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("src", metavar="SRC")
     i.set_defaults(func=cmd_inspect)
+
+    g = sub.add_parser(
+        "merge",
+        help="merge compressed experts (TIES or task arithmetic) without decoding them",
+        description="Merge the experts SRC... on their compressed form. OUT ending in .safetensors gets "
+        "the merge compressed again (at -k, default the first expert's k); any other OUT becomes a PEFT "
+        "adapter folder, for PEFT experts with the same adapter config.",
+    )
+    g.add_argument("src", metavar="SRC", nargs="+")
+    g.add_argument("-o", "--output", required=True, metavar="OUT")
+    g.add_argument("--method", choices=["ties", "task_arithmetic"], default="ties")
+    g.add_argument("--weights", type=float, nargs="+", metavar="W", help="one per expert (default 1 each)")
+    g.add_argument("--majority-sign", choices=["total", "frequency"], default="total",
+                   help="what the TIES election sums (default total)")
+    g.add_argument("--density", type=float, metavar="D", help="trim each tensor to this density first")
+    g.add_argument("--lam", type=float, default=1.0, help="multiplies the result (default 1)")
+    g.add_argument("--convention", choices=["peft", "mergekit"], default="peft",
+                   help="peft's merge_utils (default) or mergekit's weighting")
+    g.add_argument("-k", type=float, metavar="K", help="density of the compressed result")
+    common(g)
+    g.set_defaults(func=cmd_merge)
 
     m = sub.add_parser(
         "demo",

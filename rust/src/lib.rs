@@ -21,6 +21,7 @@ pub mod error;
 pub mod expert;
 pub mod format;
 pub mod golomb;
+pub mod merge;
 pub mod pack;
 pub mod popcount;
 pub mod selection;
@@ -31,6 +32,7 @@ mod python;
 pub use codec::{decode_many, kept_abs_sum, BitmaskBody, Body, Compressed, Encoding, GolombBody};
 pub use dtype::{DType, Tensor, TensorMut};
 pub use error::{Error, Result};
+pub use merge::{merge_into, merge_many, similarity, Convention, Election, MergeSpec, Method};
 pub use popcount::{cosine, dot, hamming};
 pub use selection::{select, KeySpace, Selector, Threshold};
 

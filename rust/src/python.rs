@@ -592,6 +592,83 @@ fn hamming(py: Python<'_>, a: &PyStream, b: &PyStream) -> PyResult<u64> {
         .map_err(to_py)
 }
 
+/// Merges tensor by tensor (`groups[t]`: tensor t of every expert) into float32 outputs, in one
+/// parallel pass with the GIL released; `names` label errors.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (groups, names, weights, outs, method, election, convention, density, lam))]
+fn merge_streams(
+    py: Python<'_>,
+    groups: Vec<Vec<Bound<'_, PyStream>>>,
+    names: Vec<String>,
+    weights: Vec<f64>,
+    mut outs: Vec<PyReadwriteArrayDyn<'_, f32>>,
+    method: &str,
+    election: &str,
+    convention: &str,
+    density: Option<f64>,
+    lam: f64,
+) -> PyResult<()> {
+    use crate::merge::{Convention, Election, MergeSpec, Method};
+    let method = match method {
+        "ties" => Method::Ties,
+        "task_arithmetic" => Method::TaskArithmetic,
+        m => return Err(PyValueError::new_err(format!("unknown merge method {m:?}"))),
+    };
+    let election = match election {
+        "total" => Election::Total,
+        "frequency" => Election::Frequency,
+        m => {
+            return Err(PyValueError::new_err(format!(
+                "unknown majority_sign {m:?}"
+            )))
+        }
+    };
+    let convention = match convention {
+        "peft" => Convention::Peft,
+        "mergekit" => Convention::Mergekit,
+        m => return Err(PyValueError::new_err(format!("unknown convention {m:?}"))),
+    };
+    if groups.len() != outs.len() || groups.len() != names.len() {
+        return Err(PyValueError::new_err(
+            "groups, names and outputs differ in length",
+        ));
+    }
+    let spec = MergeSpec {
+        method,
+        election,
+        convention,
+        density,
+        lam,
+    };
+    let refs: Vec<Vec<&Compressed>> = groups
+        .iter()
+        .map(|g| g.iter().map(|s| &s.get().inner).collect())
+        .collect();
+    let mut views = Vec::with_capacity(outs.len());
+    for o in outs.iter_mut() {
+        views.push(o.as_slice_mut().map_err(not_contiguous)?);
+    }
+    py.detach(|| crate::merge::merge_many(&refs, &weights, &spec, views))
+        .map_err(|(i, e)| named_error(&names, (Some(i), e)))
+}
+
+/// The N x N cosine matrix (row-major, float64) of experts given as lists of streams.
+#[pyfunction]
+fn similarity<'py>(
+    py: Python<'py>,
+    experts: Vec<Vec<Bound<'py, PyStream>>>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let refs: Vec<Vec<&Compressed>> = experts
+        .iter()
+        .map(|e| e.iter().map(|s| &s.get().inner).collect())
+        .collect();
+    let m = py
+        .detach(|| crate::merge::similarity(&refs))
+        .map_err(to_py)?;
+    Ok(m.into_pyarray(py))
+}
+
 /// b* for nnz nonzeros among d entries.
 #[pyfunction(name = "rice_parameter")]
 fn py_rice_parameter(nnz: u64, d: u64) -> u8 {
@@ -654,6 +731,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dot, m)?)?;
     m.add_function(wrap_pyfunction!(cosine, m)?)?;
     m.add_function(wrap_pyfunction!(hamming, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_streams, m)?)?;
+    m.add_function(wrap_pyfunction!(similarity, m)?)?;
     m.add_function(wrap_pyfunction!(py_rice_parameter, m)?)?;
     m.add_function(wrap_pyfunction!(expected_golomb_bits, m)?)?;
     m.add_function(wrap_pyfunction!(py_entropy_bound_bits, m)?)?;

@@ -1,0 +1,213 @@
+"""Merging and comparing whole experts on their compressed form (task arithmetic, TIES, cosine).
+
+The work runs in Rust over each stream's bitmasks (2 bits per entry, never a dense float tensor
+per expert), all tensors in one parallel call with the GIL released; the merged float32 tensors
+are the only dense allocation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from ._core import merge_streams as _merge_streams
+from ._core import similarity as _similarity
+from ._expert import CompressedExpert, _torch, build_expert, encode_deltas, expert_info, load_expert
+from ._plan import TensorPlan
+from ._tensor import check_k_alpha
+
+__all__ = ["merge", "similarity"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+ExpertLike = Union[CompressedExpert, PathLike]
+
+METHODS = ("ties", "task_arithmetic")
+MAJORITY = ("total", "frequency")
+CONVENTIONS = ("peft", "mergekit")
+
+
+def _open(experts: Sequence[ExpertLike]) -> List[CompressedExpert]:
+    if isinstance(experts, (str, os.PathLike, CompressedExpert)):
+        raise TypeError("experts must be a sequence of CompressedExpert objects or paths, not one")
+    out = [e if isinstance(e, CompressedExpert) else load_expert(e) for e in experts]
+    if not out:
+        raise ValueError("no experts given")
+    return out
+
+
+def _label(i: int, e: CompressedExpert) -> str:
+    return f"expert {i} ({e._path})" if e._path is not None else f"expert {i}"
+
+
+def _check_alike(experts: List[CompressedExpert]) -> None:
+    """Same names, the same tensors compressed and kept exactly, the same shapes; the error names
+    the first difference."""
+    first = experts[0]
+    names = first.keys()
+    comp = set(first.compressed_keys())
+    for i, e in enumerate(experts[1:], 1):
+        if e.keys() != names:
+            missing = sorted(set(names) - set(e.keys()))
+            extra = sorted(set(e.keys()) - set(names))
+            what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which expert 0 lacks"
+            raise ValueError(f"{_label(i, e)} {what}; experts to merge must have the same tensors")
+        for n in names:
+            if (n in comp) != (n in e.compressed_keys()):
+                how = "compressed" if n in comp else "kept exactly"
+                raise ValueError(f"tensor {n!r} is {how} in expert 0 but not in {_label(i, e)}")
+            if first.init_of(n) != e.init_of(n):
+                raise ValueError(f"tensor {n!r}: theta_init {first.init_of(n)!r} in expert 0 but "
+                                 f"{e.init_of(n)!r} in {_label(i, e)}; they are not the same kind of delta")
+            a, b = _shape(first, n), _shape(e, n)
+            if a != b:
+                raise ValueError(f"tensor {n!r} has shape {b} in {_label(i, e)} but {a} in expert 0")
+
+
+def _shape(e: CompressedExpert, name: str) -> tuple:
+    return tuple(e._entries[e._keys[name]][1]) if name in e._exact else tuple(e.stream(name).shape)
+
+
+def _weights(weights: Optional[Sequence[float]], n: int) -> List[float]:
+    if weights is None:
+        return [1.0] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise ValueError(f"{len(w)} weights for {n} experts; give one weight per expert")
+    if not all(math.isfinite(x) for x in w):
+        raise ValueError(f"weights must be finite, got {w}")
+    return w
+
+
+def _exact_mean(experts: List[CompressedExpert], name: str, w: List[float]) -> Any:
+    """A tensor kept exactly (a head, a DoRA magnitude): copied when every expert has the same
+    values, else averaged with the weights, sum(w_i x_i) / sum(w_i), in float32."""
+    torch = _torch()
+    ts = [e.lossless(name) for e in experts]
+    if all(torch.equal(ts[0], t) for t in ts[1:]):
+        return ts[0].to(torch.float32)
+    total = sum(w)
+    if total == 0:
+        raise ValueError(f"tensor {name!r} is kept exactly and differs between the experts, and the "
+                         "weights sum to 0, so it cannot be averaged; give weights with a nonzero sum")
+    acc = torch.zeros(ts[0].shape, dtype=torch.float64)
+    for wi, t in zip(w, ts):
+        acc += wi * t.to(torch.float64)
+    return (acc / total).to(torch.float32)
+
+
+def merge(
+    experts: Sequence[ExpertLike],
+    method: str = "ties",
+    *,
+    weights: Optional[Sequence[float]] = None,
+    majority_sign: str = "total",
+    density: Optional[float] = None,
+    lam: float = 1.0,
+    convention: str = "peft",
+    compress: Optional[float] = None,
+) -> Union[Dict[str, Any], CompressedExpert]:
+    """Merges experts on their compressed form; returns the merged task vector per tensor name
+    (float32 torch tensors), or with ``compress=k`` a new CompressedExpert at density k.
+
+    Args:
+        experts: CompressedExpert objects or paths, with the same tensor names and shapes.
+        method: "ties" (trim, elect a sign per entry, disjoint mean) or "task_arithmetic"
+            (lam * sum of weight * tau).
+        weights: one per expert (default: 1.0 each).
+        majority_sign: what the TIES election sums: "total" (the values) or "frequency" (the
+            signs). A tally of exactly 0 elects +.
+        density: trims each tensor first to its first ``int(density * numel)`` kept entries in
+            row-major order: every kept entry of a ComPEFT tensor has the same magnitude, so ties
+            go to the lower index, as in selection. Above an expert's own density it changes
+            nothing. Default: no trim.
+        lam: multiplies the result.
+        convention: "peft" equals ``peft.utils.merge_utils.task_arithmetic`` / ``ties`` on the
+            decoded experts (sign elected on the unweighted tensors, the sum of the agreeing
+            weighted entries divided by how many agree); "mergekit" follows mergekit's generalized
+            task arithmetic (sign elected on the weighted tensors, divided by the sum of the
+            agreeing weights, 1 where that is 0).
+        compress: a density k: the result compressed with the library's defaults (per-tensor,
+            scale "pair"), keeping the first expert's tensor kinds, dtypes and PEFT config.
+
+    Tensors kept exactly (heads, DoRA magnitudes) are copied when they are equal in every expert
+    and otherwise averaged with the weights, sum(w_i x_i) / sum(w_i).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if majority_sign not in MAJORITY:
+        raise ValueError(f"majority_sign must be one of {MAJORITY}, got {majority_sign!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if density is not None and not (0.0 <= float(density) <= 1.0):
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    if not math.isfinite(float(lam)):
+        raise ValueError(f"lam must be finite, got {lam}")
+    if compress is not None:
+        check_k_alpha(compress, 1.0)
+    exps = _open(experts)
+    _check_alike(exps)
+    w = _weights(weights, len(exps))
+    torch = _torch()
+    names = exps[0].compressed_keys()
+    groups = [[] for _ in names]
+    for e in exps:
+        for g, s in zip(groups, e._parse(names)):
+            g.append(s)
+    outs = [torch.empty(tuple(g[0].shape), dtype=torch.float32) for g in groups]
+    _merge_streams(groups, names, w, [o.numpy() for o in outs], method, majority_sign, convention,
+                   None if density is None else float(density), float(lam))
+    merged: Dict[str, Any] = dict(zip(names, outs))
+    for n in exps[0].lossless_keys():
+        merged[n] = _exact_mean(exps, n, w)
+    merged = {n: merged[n] for n in sorted(merged)}
+    if compress is None:
+        return merged
+    return _recompress(exps[0], merged, float(compress))
+
+
+def _recompress(like: CompressedExpert, merged: Dict[str, Any], k: float) -> CompressedExpert:
+    """The merged task vectors compressed as ``like`` was made: same theta_init per tensor, same
+    original dtypes, same tensors kept exactly (cast back to their dtype), same PEFT config."""
+    torch = _torch()
+    comp = like.compressed_keys()
+    plans = {n: TensorPlan(like.init_of(n), "merged") for n in merged}
+    per_k = encode_deltas(comp, merged.__getitem__, [k], 1.0, "per_tensor", "golomb", scale="pair")
+    exact = {n: merged[n].to(getattr(torch, like.dtype_of(n))) for n in like.lossless_keys()}
+    dtypes = {n: like.dtype_of(n) for n in comp}
+    info = expert_info(k, 1.0, "per_tensor", "golomb", plans, per_k[k], dtypes, "pair")
+    return build_expert(per_k[k], exact, info, like.peft_config)
+
+
+def similarity(experts: Sequence[ExpertLike]) -> Any:
+    """The N x N cosine similarity (float64 torch tensor) of whole experts, each taken as one
+    vector of all its compressed tensors (tensors kept exactly are left out). Exact, by popcounts
+    over the bitmasks; nothing is decoded. An expert that decodes to zeros has cosine 0."""
+    exps = _open(experts)
+    _check_alike(exps)
+    names = exps[0].compressed_keys()
+    m = _similarity([e._parse(names) for e in exps])
+    return _torch().from_numpy(np.asarray(m).reshape(len(exps), len(exps)))
+
+
+def write_merged(result: Union[Dict[str, Any], CompressedExpert], like: CompressedExpert, out: PathLike, *,
+                 overwrite: bool = False) -> Path:
+    """For the CLI: a CompressedExpert is saved as a file; merged task vectors of PEFT experts
+    become a PEFT folder (the first expert's adapter config, tensors in their original dtypes)."""
+    if isinstance(result, CompressedExpert):
+        return result.save(out)
+    if like.peft_config is None:
+        raise ValueError("the experts were not made from PEFT adapters; give -k to write a compressed expert")
+    from ._expert import reconstruct
+    from ._peft import write_peft_folder
+
+    state = {}
+    for n, t in result.items():
+        init = like.init_of(n)
+        if init == "base":
+            raise ValueError(f"tensor {n!r} is a full fine-tune's residual; a PEFT folder cannot hold it")
+        state[n] = reconstruct(init, t, None, like.dtype_of(n))
+    return write_peft_folder(state, like.peft_config, out, overwrite=overwrite)

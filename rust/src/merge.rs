@@ -1,0 +1,374 @@
+//! Merging and comparing experts on their compressed form.
+//!
+//! Every kept entry of stream i is `±s_i`, so task arithmetic and TIES (trim, elect a sign per
+//! entry, disjoint mean) need only each stream's two bitmasks and its scale: per 64-entry word the
+//! set bits are visited, never a dense float vector per expert. The output buffer is the only
+//! dense allocation. [`similarity`] is the exact cosine matrix of whole experts by popcounts.
+
+use rayon::prelude::*;
+
+use crate::codec::{BitmaskBody, Compressed};
+use crate::error::{Error, Result};
+use crate::popcount::{best_kernel, counts_with};
+
+/// How the streams are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// `lam * sum_i w_i tau_i`.
+    TaskArithmetic,
+    /// Elect a sign per entry, then the (weighted) mean of the entries that agree with it.
+    Ties,
+}
+
+/// What the TIES election sums per entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Election {
+    /// The values (peft "total", mergekit "sum").
+    Total,
+    /// The signs (peft "frequency", mergekit "count").
+    Frequency,
+}
+
+/// Whose definition of TIES the result follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Convention {
+    /// peft.utils.merge_utils: the sign is elected on the unweighted tensors; the sum of the
+    /// agreeing weighted entries is divided by how many agree.
+    Peft,
+    /// mergekit's generalized task arithmetic: the sign is elected on the weighted tensors; the
+    /// sum is divided by the sum of the agreeing weights (1 where that is 0).
+    Mergekit,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct MergeSpec {
+    pub method: Method,
+    pub election: Election,
+    pub convention: Convention,
+    /// Keep only the first `floor(density * numel)` kept entries of each stream (row-major); all
+    /// kept entries of a stream have one magnitude, so the lowest indices win, as in selection.
+    pub density: Option<f64>,
+    /// Multiplies the result.
+    pub lam: f64,
+}
+
+fn bad(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+/// What one stream adds per entry.
+struct Part {
+    pos: Vec<u64>,
+    neg: Vec<u64>,
+    /// Tally added by a positive entry (subtracted by a negative one) in the election.
+    elect: f64,
+    /// Contribution of a positive entry: w * s (a negative entry gives -w * s).
+    value: f64,
+    /// Added to the divisor by an agreeing entry.
+    den: f64,
+    /// The entry's sign in the election is the pattern's sign times -1 (a negative mergekit
+    /// weight).
+    flip: bool,
+}
+
+/// Clears every kept entry after the first `keep` (row-major) of a pair of masks.
+fn trim(pos: &mut [u64], neg: &mut [u64], keep: u64) {
+    let mut seen = 0u64;
+    for i in 0..pos.len() {
+        let w = pos[i] | neg[i];
+        let c = w.count_ones() as u64;
+        if seen + c <= keep {
+            seen += c;
+            continue;
+        }
+        // Keep the lowest (keep - seen) set bits of this word, drop everything after.
+        let mut m = w;
+        for _ in 0..keep - seen {
+            m &= m - 1;
+        }
+        let lowmask = w & !m;
+        pos[i] &= lowmask;
+        neg[i] &= lowmask;
+        for j in i + 1..pos.len() {
+            pos[j] = 0;
+            neg[j] = 0;
+        }
+        return;
+    }
+}
+
+fn check_spec(spec: &MergeSpec) -> Result<()> {
+    if !spec.lam.is_finite() {
+        return Err(bad(format!("lam must be finite, got {}", spec.lam)));
+    }
+    if let Some(d) = spec.density {
+        if !(0.0..=1.0).contains(&d) {
+            return Err(bad(format!("density must be in [0, 1], got {d}")));
+        }
+    }
+    Ok(())
+}
+
+/// Merges streams of one tensor into `out` (numel float32 entries). `weights[i]` weighs stream i.
+pub fn merge_into(
+    streams: &[&Compressed],
+    weights: &[f64],
+    spec: &MergeSpec,
+    out: &mut [f32],
+) -> Result<()> {
+    check_spec(spec)?;
+    let first = streams
+        .first()
+        .ok_or_else(|| bad("no streams to merge".into()))?;
+    if weights.len() != streams.len() {
+        return Err(bad(format!(
+            "{} weights for {} streams; give one weight per expert",
+            weights.len(),
+            streams.len()
+        )));
+    }
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        return Err(bad(format!("weights must be finite, got {w}")));
+    }
+    for (i, s) in streams.iter().enumerate() {
+        if s.shape() != first.shape() {
+            return Err(bad(format!(
+                "stream {i} has shape {:?} but stream 0 has {:?}; merged streams must describe the same tensor",
+                s.shape(),
+                first.shape()
+            )));
+        }
+    }
+    if out.len() as u64 != first.numel() {
+        return Err(bad(format!(
+            "output has {} entries, the tensor {}",
+            out.len(),
+            first.numel()
+        )));
+    }
+    let keep = spec
+        .density
+        .map(|d| (d * first.numel() as f64).floor() as u64);
+    let mut parts = Vec::with_capacity(streams.len());
+    for (s, &w) in streams.iter().zip(weights) {
+        // The values a float32 decode holds: the election then ties exactly where peft's does.
+        let scale = s.scale() as f32 as f64;
+        if scale == 0.0 || s.nnz() == 0 {
+            continue; // decodes to zeros: no sign, no value
+        }
+        // The election sees the sign of each entry of tau (peft) or of w * tau (mergekit).
+        let (elect, den, flip) = match (spec.convention, spec.election) {
+            (Convention::Peft, Election::Total) => (scale, 1.0, false),
+            (Convention::Peft, Election::Frequency) => (1.0, 1.0, false),
+            (Convention::Mergekit, _) if w == 0.0 => continue, // w * tau has no sign
+            (Convention::Mergekit, Election::Total) => (w.abs() * scale, w, w < 0.0),
+            (Convention::Mergekit, Election::Frequency) => (1.0, w, w < 0.0),
+        };
+        let BitmaskBody { mut pos, mut neg } = s.masks()?.into_owned();
+        if let Some(keep) = keep {
+            if keep < s.nnz() {
+                trim(&mut pos, &mut neg, keep);
+            }
+        }
+        parts.push(Part {
+            pos,
+            neg,
+            elect,
+            value: w * scale,
+            den,
+            flip,
+        });
+    }
+    const WORDS: usize = 256;
+    out.par_chunks_mut(64 * WORDS)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (j, o) in chunk.chunks_mut(64).enumerate() {
+                merge_word(&parts, c * WORDS + j, spec, o);
+            }
+        });
+    Ok(())
+}
+
+#[inline]
+fn each_bit(mut m: u64, mut f: impl FnMut(usize)) {
+    while m != 0 {
+        f(m.trailing_zeros() as usize);
+        m &= m - 1;
+    }
+}
+
+fn merge_word(parts: &[Part], w: usize, spec: &MergeSpec, out: &mut [f32]) {
+    let mut num = [0f64; 64];
+    let mut any = 0u64;
+    match spec.method {
+        Method::TaskArithmetic => {
+            for p in parts {
+                each_bit(p.pos[w], |b| num[b] += p.value);
+                each_bit(p.neg[w], |b| num[b] -= p.value);
+                any |= p.pos[w] | p.neg[w];
+            }
+            for (b, o) in out.iter_mut().enumerate() {
+                *o = if any >> b & 1 == 1 {
+                    (spec.lam * num[b]) as f32
+                } else {
+                    0.0
+                };
+            }
+        }
+        Method::Ties => {
+            // Election: the tally uses each entry's own sign (flipped for a negative mergekit
+            // weight); ties (a tally of exactly 0) elect +, as both references do.
+            let mut tally = [0f64; 64];
+            for p in parts {
+                let (ep, en) = if p.flip {
+                    (p.neg[w], p.pos[w])
+                } else {
+                    (p.pos[w], p.neg[w])
+                };
+                each_bit(ep, |b| tally[b] += p.elect);
+                each_bit(en, |b| tally[b] -= p.elect);
+                any |= ep | en;
+            }
+            let mut up = 0u64;
+            for (b, t) in tally.iter().enumerate() {
+                up |= ((*t >= 0.0) as u64) << b;
+            }
+            let mut den = [0f64; 64];
+            for p in parts {
+                let (ep, en) = if p.flip {
+                    (p.neg[w], p.pos[w])
+                } else {
+                    (p.pos[w], p.neg[w])
+                };
+                let agree = (ep & up) | (en & !up);
+                each_bit(p.pos[w] & agree, |b| {
+                    num[b] += p.value;
+                    den[b] += p.den;
+                });
+                each_bit(p.neg[w] & agree, |b| {
+                    num[b] -= p.value;
+                    den[b] += p.den;
+                });
+            }
+            for (b, o) in out.iter_mut().enumerate() {
+                *o = if any >> b & 1 == 1 {
+                    let d = match spec.convention {
+                        Convention::Peft => den[b].max(1.0),
+                        Convention::Mergekit if den[b] == 0.0 => 1.0,
+                        Convention::Mergekit => den[b],
+                    };
+                    (spec.lam * (num[b] / d)) as f32
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Merges many tensors at once (parallel over tensors and within each): `groups[t]` holds the
+/// streams of tensor t, one per expert; errors carry the tensor's index.
+pub fn merge_many(
+    groups: &[Vec<&Compressed>],
+    weights: &[f64],
+    spec: &MergeSpec,
+    outs: Vec<&mut [f32]>,
+) -> std::result::Result<(), (usize, Error)> {
+    if groups.len() != outs.len() {
+        return Err((0, bad("one output per tensor is needed".into())));
+    }
+    groups
+        .par_iter()
+        .zip(outs)
+        .enumerate()
+        .map(|(t, (g, o))| merge_into(g, weights, spec, o).map_err(|e| (t, e)))
+        .collect::<std::result::Result<Vec<()>, _>>()
+        .map(|_| ())
+}
+
+/// The N x N cosine matrix (row-major) of N experts, each the concatenation of its streams:
+/// `experts[i][t]` is tensor t of expert i. Exact up to the final division: every dot product is
+/// `s_a * s_b * (|Pa&Pb| + |Na&Nb| - |Pa&Nb| - |Na&Pb|)` summed over tensors in order. An expert
+/// that decodes to all zeros has cosine 0 with everything, itself included.
+pub fn similarity(experts: &[Vec<&Compressed>]) -> Result<Vec<f64>> {
+    let n = experts.len();
+    let tensors = experts.first().map_or(0, |e| e.len());
+    for (i, e) in experts.iter().enumerate() {
+        if e.len() != tensors {
+            return Err(bad(format!(
+                "expert {i} has {} tensors but expert 0 has {tensors}",
+                e.len()
+            )));
+        }
+        for (t, s) in e.iter().enumerate() {
+            if s.shape() != experts[0][t].shape() {
+                return Err(bad(format!(
+                    "tensor {t}: expert {i} has shape {:?} but expert 0 has {:?}",
+                    s.shape(),
+                    experts[0][t].shape()
+                )));
+            }
+        }
+    }
+    let kernel = best_kernel();
+    // One N x N block of dot products per tensor, summed afterwards in tensor order so the
+    // result does not depend on the thread count.
+    let per_tensor: Vec<Vec<f64>> = (0..tensors)
+        .into_par_iter()
+        .map(|t| -> Result<Vec<f64>> {
+            let masks = experts
+                .iter()
+                .map(|e| e[t].masks())
+                .collect::<Result<Vec<_>>>()?;
+            let mut dots = vec![0f64; n * n];
+            for i in 0..n {
+                for j in i..n {
+                    let (a, b) = (&masks[i], &masks[j]);
+                    let c = counts_with(kernel, &a.pos, &a.neg, &b.pos, &b.neg);
+                    let m = c.pp as f64 + c.nn as f64 - c.pn as f64 - c.np as f64;
+                    let d = experts[i][t].scale() * experts[j][t].scale() * m;
+                    dots[i * n + j] = d;
+                    dots[j * n + i] = d;
+                }
+            }
+            Ok(dots)
+        })
+        .collect::<Result<_>>()?;
+    let mut dots = vec![0f64; n * n];
+    for block in &per_tensor {
+        for (d, x) in dots.iter_mut().zip(block) {
+            *d += x;
+        }
+    }
+    let norms: Vec<f64> = (0..n).map(|i| dots[i * n + i].sqrt()).collect();
+    Ok((0..n * n)
+        .map(|ij| {
+            let (i, j) = (ij / n, ij % n);
+            if norms[i] == 0.0 || norms[j] == 0.0 {
+                0.0
+            } else {
+                (dots[ij] / (norms[i] * norms[j])).clamp(-1.0, 1.0)
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trim_keeps_the_first_entries_in_row_major_order() {
+        let mut pos = vec![0b1010u64, 0b1];
+        let mut neg = vec![0b0101u64, 0b10];
+        trim(&mut pos, &mut neg, 3);
+        assert_eq!(
+            (pos.clone(), neg.clone()),
+            (vec![0b0010, 0], vec![0b0101, 0])
+        );
+        let (mut p, mut q) = (vec![0b1010u64, 0b1], vec![0b0101u64, 0b10]);
+        trim(&mut p, &mut q, 5);
+        assert_eq!((p, q), (vec![0b1010, 0b1], vec![0b0101, 0]));
+    }
+}

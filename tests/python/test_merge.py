@@ -1,0 +1,254 @@
+"""merge() and similarity() against peft's merge_utils on the decoded experts, and a plain numpy
+reference for mergekit's convention and for trimming below an expert's own density."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import compeft_rs
+
+merge_utils = pytest.importorskip("peft.utils.merge_utils")
+
+SHAPES = {"a.lora_A.weight": (4, 37), "a.lora_B.weight": (29, 4), "b.vec": (130,), "c.w": (3, 5, 7)}
+
+
+def make_experts(n, seed, ks, dtype=torch.float32, shapes=SHAPES, shared=0.7):
+    """n experts whose task vectors share a component (so signs agree and disagree), each at its
+    own density and scale."""
+    g = torch.Generator().manual_seed(seed)
+    common = {name: torch.randn(s, generator=g) for name, s in shapes.items()}
+    out = []
+    for i in range(n):
+        t = {name: (shared * c + torch.randn(c.shape, generator=g)).to(dtype) for name, c in common.items()}
+        # A zero base makes every tensor a compressed residual (without one, tensors that are not
+        # LoRA factors would be kept exactly).
+        base = {name: torch.zeros_like(x) for name, x in t.items()}
+        out.append(compeft_rs.compress_expert(t, ks[i % len(ks)], 0.5 + i, base=base, scale="std"))
+    return out
+
+
+def decoded(experts, name):
+    return [e.decode([name], dtype=torch.float32)[name] for e in experts]
+
+
+def first_kept(t, keep):
+    """numpy: the first `keep` nonzero entries of t in row-major order, the rest zeroed."""
+    flat = t.reshape(-1).copy()
+    nz = np.flatnonzero(flat)
+    flat[nz[keep:]] = 0
+    return flat.reshape(t.shape)
+
+
+def mergekit_reference(taus, weights, method, majority, lam):
+    """mergekit's generalized task arithmetic, written plainly in numpy (float64)."""
+    d = np.stack([t.astype(np.float64) for t in taus])
+    w = np.asarray(weights, dtype=np.float64).reshape((-1,) + (1,) * (d.ndim - 1))
+    wd = d * w
+    if method == "task_arithmetic":
+        return lam * wd.sum(0)
+    tally = wd.sum(0) if majority == "total" else np.sign(wd).sum(0)
+    elected = np.where(tally >= 0, 1.0, -1.0)
+    mask = np.sign(wd) == elected
+    num = (wd * mask).sum(0)
+    den = (w * mask).sum(0)
+    den[den == 0] = 1.0
+    return lam * num / den
+
+
+@given(
+    n=st.integers(1, 5),
+    seed=st.integers(0, 2**31 - 1),
+    ks=st.lists(st.sampled_from([0.05, 0.1, 0.3, 1.0]), min_size=1, max_size=3),
+    weights=st.lists(st.floats(-2.0, 2.0, allow_nan=False).filter(lambda x: abs(x) > 1e-3), min_size=5, max_size=5),
+    majority=st.sampled_from(["total", "frequency"]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_peft_convention_equals_peft_merge_utils(n, seed, ks, weights, majority, dtype):
+    experts = make_experts(n, seed, ks, dtype)
+    w = weights[:n]
+    ties = compeft_rs.merge(experts, "ties", weights=w, majority_sign=majority)
+    ta = compeft_rs.merge(experts, "task_arithmetic", weights=w)
+    for name in SHAPES:
+        taus = decoded(experts, name)
+        want = merge_utils.ties(taus, torch.tensor(w), 1.0, majority)
+        torch.testing.assert_close(ties[name], want, rtol=2e-6, atol=1e-6)
+        want = merge_utils.task_arithmetic(taus, torch.tensor(w))
+        torch.testing.assert_close(ta[name], want, rtol=2e-6, atol=1e-6)
+        assert ties[name].dtype == torch.float32 and ties[name].shape == SHAPES[name]
+
+
+@pytest.mark.parametrize("majority", ["total", "frequency"])
+def test_density_above_own_density_equals_peft_pruning(majority):
+    experts = make_experts(4, 3, [0.1, 0.2])
+    w = [1.0, 0.5, 2.0, 0.7]
+    got = compeft_rs.merge(experts, "ties", weights=w, majority_sign=majority, density=0.25)
+    for name in SHAPES:
+        want = merge_utils.ties(decoded(experts, name), torch.tensor(w), 0.25, majority)
+        torch.testing.assert_close(got[name], want, rtol=2e-6, atol=1e-6)
+
+
+@given(
+    n=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    density=st.floats(0.0, 1.0),
+    weights=st.lists(st.floats(-2.0, 2.0, allow_nan=False), min_size=4, max_size=4),
+    method=st.sampled_from(["ties", "task_arithmetic"]),
+    majority=st.sampled_from(["total", "frequency"]),
+    convention=st.sampled_from(["peft", "mergekit"]),
+    lam=st.sampled_from([1.0, 0.5, 3.0]),
+)
+def test_against_numpy_reference_with_trimming(n, seed, density, weights, method, majority, convention, lam):
+    experts = make_experts(n, seed, [0.3, 0.6])
+    w = weights[:n]
+    got = compeft_rs.merge(experts, method, weights=w, majority_sign=majority, density=density,
+                           lam=lam, convention=convention)
+    for name, shape in SHAPES.items():
+        keep = int(density * int(np.prod(shape)))
+        taus = [first_kept(t.numpy(), keep) for t in decoded(experts, name)]
+        if convention == "mergekit":
+            want = mergekit_reference(taus, w, method, majority, lam)
+        else:
+            tt = [torch.from_numpy(t) for t in taus]
+            if method == "ties":
+                want = lam * merge_utils.ties(tt, torch.tensor(w), 1.0, majority).double().numpy()
+            else:
+                want = lam * merge_utils.task_arithmetic(tt, torch.tensor(w)).double().numpy()
+        np.testing.assert_allclose(got[name].numpy(), want, rtol=2e-6, atol=1e-6)
+
+
+def test_mergekit_differs_from_peft_where_weights_matter():
+    experts = make_experts(3, 11, [0.5])
+    w = [3.0, -1.0, 0.25]
+    a = compeft_rs.merge(experts, weights=w, convention="peft")
+    b = compeft_rs.merge(experts, weights=w, convention="mergekit")
+    assert any(not torch.equal(a[n], b[n]) for n in SHAPES)
+
+
+def test_ties_break_to_plus_and_zero_scale_experts_have_no_sign():
+    x = {"w": torch.tensor([1.0, -1.0, 2.0, 0.0])}
+    a = compeft_rs.compress_expert(x, 1.0, scale="mean")
+    b = compeft_rs.compress_expert({"w": -x["w"]}, 1.0, scale="mean")
+    got = compeft_rs.merge([a, b], "ties")["w"]
+    s = a.decode()["w"].abs().max().item()
+    # Each entry has one + and one - of the same magnitude: the tally is 0, + is elected.
+    assert got.tolist() == [s, s, s, 0.0]
+    const = compeft_rs.compress_expert({"w": torch.full((4,), 3.0)}, 1.0, scale="std")
+    assert const.decode()["w"].abs().sum() == 0  # sigma 0: decodes to zeros
+    got = compeft_rs.merge([const, b], "ties")["w"]
+    torch.testing.assert_close(got, b.decode(dtype=torch.float32)["w"])
+
+
+def test_exact_tensors_are_copied_or_averaged():
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(3, 4, generator=g)
+    t = lambda: {"x.lora_A.weight": torch.randn(2, 8, generator=g), "head": head}  # noqa: E731
+    a = compeft_rs.compress_expert(t(), 0.5, lossless=["head"])
+    b = compeft_rs.compress_expert(t(), 0.5, lossless=["head"])
+    assert torch.equal(compeft_rs.merge([a, b])["head"], head)
+    other = {"x.lora_A.weight": torch.randn(2, 8, generator=g), "head": 2 * head}
+    c = compeft_rs.compress_expert(other, 0.5, lossless=["head"])
+    got = compeft_rs.merge([a, c], weights=[1.0, 3.0])["head"]
+    torch.testing.assert_close(got, (head + 3 * 2 * head) / 4)
+    with pytest.raises(ValueError, match="sum to 0"):
+        compeft_rs.merge([a, c], weights=[1.0, -1.0])
+
+
+def test_mismatched_experts_are_clear_errors(tmp_path):
+    a, b = make_experts(2, 0, [0.1])
+    other = dict(SHAPES, **{"b.vec": (131,)})
+    c = make_experts(1, 0, [0.1], shapes=other)[0]
+    with pytest.raises(ValueError, match=r"'b.vec' has shape \(131,\) in expert 1 but \(130,\) in expert 0"):
+        compeft_rs.merge([a, c])
+    d = make_experts(1, 0, [0.1], shapes={k: v for k, v in SHAPES.items() if k != "c.w"})[0]
+    with pytest.raises(ValueError, match="expert 1 lacks 'c.w'"):
+        compeft_rs.merge([a, d])
+    c.save(tmp_path / "c.cpft.safetensors")
+    with pytest.raises(ValueError, match=r"expert 2 \(.*c.cpft.safetensors\)"):
+        compeft_rs.similarity([a, b, tmp_path / "c.cpft.safetensors"])
+    with pytest.raises(ValueError, match="2 weights for 3 experts"):
+        compeft_rs.merge([a, b, a], weights=[1, 2])
+    for kw in [dict(method="dare"), dict(majority_sign="sum"), dict(convention="x"), dict(density=1.5),
+               dict(lam=float("nan")), dict(weights=[1.0, float("inf")])]:
+        with pytest.raises(ValueError):
+            compeft_rs.merge([a, b], **kw)
+    with pytest.raises(ValueError, match="no experts"):
+        compeft_rs.merge([])
+
+
+def test_similarity_equals_dense_cosine(tmp_path):
+    experts = make_experts(5, 7, [0.05, 0.2, 1.0], dtype=torch.float16)
+    experts[1].save(tmp_path / "one.cpft.safetensors")
+    got = compeft_rs.similarity([experts[0], tmp_path / "one.cpft.safetensors"] + experts[2:])
+    vecs = torch.stack([torch.cat([e.decode(dtype=torch.float64)[n].reshape(-1) for n in sorted(SHAPES)])
+                        for e in experts])
+    unit = vecs / vecs.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(got, unit @ unit.T, rtol=1e-12, atol=1e-12)
+    assert got.dtype == torch.float64 and got.shape == (5, 5)
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width=40):
+        super().__init__()
+        self.q = torch.nn.Linear(width, width)
+        self.v = torch.nn.Linear(width, width)
+        self.classifier = torch.nn.Linear(width, 3)
+
+
+def peft_expert(seed, k=0.3):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], modules_to_save=["classifier"])
+    m = peft.get_peft_model(Net(), cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.normal_(0, 0.05)
+    return compeft_rs.compress_peft(m, k)
+
+
+def test_compress_returns_an_expert_like_the_inputs():
+    experts = [peft_expert(s) for s in (1, 2, 3)]
+    merged = compeft_rs.merge(experts, "ties", weights=[1.0, 0.5, 0.25])
+    out = compeft_rs.merge(experts, "ties", weights=[1.0, 0.5, 0.25], compress=0.2)
+    assert isinstance(out, compeft_rs.CompressedExpert)
+    assert out.keys() == experts[0].keys() and out.peft_config == experts[0].peft_config
+    assert out.lossless_keys() == experts[0].lossless_keys()
+    for n in out.keys():
+        assert out.init_of(n) == experts[0].init_of(n) and out.dtype_of(n) == experts[0].dtype_of(n)
+    for n in out.compressed_keys():
+        m = merged[n].reshape(-1).numpy()
+        d = out.decode([n])[n].reshape(-1).numpy()
+        kept = np.flatnonzero(d)
+        assert len(kept) == min(int(0.2 * m.size + 0.5), np.count_nonzero(m))
+        assert np.all(np.sign(d[kept]) == np.sign(m[kept]))
+        # the kept entries are the largest of the merge
+        assert np.abs(m[kept]).min() >= np.abs(np.delete(m, kept)).max(initial=0)
+    for n in out.lossless_keys():
+        torch.testing.assert_close(out.lossless(n).float(), merged[n])
+
+
+def test_cli_merge_writes_an_expert_or_a_peft_folder(tmp_path):
+    from compeft_rs.cli import main
+
+    paths = []
+    for s in (1, 2):
+        paths.append(tmp_path / f"e{s}.cpft.safetensors")
+        peft_expert(s).save(paths[-1])
+    out = tmp_path / "m.cpft.safetensors"
+    assert main(["merge", *map(str, paths), "-o", str(out), "--weights", "1", "2", "-k", "0.1", "-q"]) == 0
+    e = compeft_rs.load_expert(out)
+    assert e.k == 0.1 and e.keys() == compeft_rs.load_expert(paths[0]).keys()
+    assert main(["merge", *map(str, paths), "-o", str(out), "-q"]) == 3  # exists, no --force
+    folder = tmp_path / "merged"
+    assert main(["merge", *map(str, paths), "-o", str(folder), "--method", "task_arithmetic", "-q"]) == 0
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    want = compeft_rs.merge(paths, "task_arithmetic")
+    assert set(state) == set(want)
+    for n, t in state.items():
+        torch.testing.assert_close(t.float(), want[n])
+    assert main(["merge", str(paths[0]), str(tmp_path / "missing.cpft.safetensors"), "-o", str(tmp_path / "x")]) == 4
