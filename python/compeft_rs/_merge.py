@@ -43,12 +43,13 @@ def _label(i: int, e: CompressedExpert) -> str:
     return f"expert {i} ({e._path})" if e._path is not None else f"expert {i}"
 
 
-def _check_alike(experts: List[CompressedExpert]) -> None:
-    """Same names, the same tensors compressed and kept exactly, the same shapes; the error names
-    the first difference."""
+def _check_alike(experts: List[CompressedExpert]) -> List[List[Any]]:
+    """Same names, the same tensors compressed and kept exactly, the same kinds of delta and
+    shapes; the error names the first difference. Returns each expert's parsed streams, in
+    the order of the first expert's compressed_keys()."""
     first = experts[0]
     names = first.keys()
-    comp = set(first.compressed_keys())
+    comp = first.compressed_keys()
     for i, e in enumerate(experts[1:], 1):
         if e.keys() != names:
             missing = sorted(set(names) - set(e.keys()))
@@ -56,19 +57,24 @@ def _check_alike(experts: List[CompressedExpert]) -> None:
             what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which expert 0 lacks"
             raise ValueError(f"{_label(i, e)} {what}; experts to merge must have the same tensors")
         for n in names:
-            if (n in comp) != (n in e.compressed_keys()):
-                how = "compressed" if n in comp else "kept exactly"
-                raise ValueError(f"tensor {n!r} is {how} in expert 0 but not in {_label(i, e)}")
             if first.init_of(n) != e.init_of(n):
-                raise ValueError(f"tensor {n!r}: theta_init {first.init_of(n)!r} in expert 0 but "
-                                 f"{e.init_of(n)!r} in {_label(i, e)}; they are not the same kind of delta")
-            a, b = _shape(first, n), _shape(e, n)
-            if a != b:
-                raise ValueError(f"tensor {n!r} has shape {b} in {_label(i, e)} but {a} in expert 0")
+                how = lambda x: "kept exactly" if x is None else f"a delta from theta_init {x!r}"  # noqa: E731
+                raise ValueError(f"tensor {n!r} is {how(first.init_of(n))} in expert 0 but "
+                                 f"{how(e.init_of(n))} in {_label(i, e)}")
+    parsed = [e._parse(comp) for e in experts]
 
+    def shapes(e: CompressedExpert, streams: List[Any]) -> Dict[str, tuple]:
+        out = {n: tuple(s.shape) for n, s in zip(comp, streams)}
+        out.update({n: tuple(e._entries[e._keys[n]][1]) for n in e.lossless_keys()})
+        return out
 
-def _shape(e: CompressedExpert, name: str) -> tuple:
-    return tuple(e._entries[e._keys[name]][1]) if name in e._exact else tuple(e.stream(name).shape)
+    want = shapes(first, parsed[0])
+    for i, e in enumerate(experts[1:], 1):
+        got = shapes(e, parsed[i])
+        for n in names:
+            if got[n] != want[n]:
+                raise ValueError(f"tensor {n!r} has shape {got[n]} in {_label(i, e)} but {want[n]} in expert 0")
+    return parsed
 
 
 def _weights(weights: Optional[Sequence[float]], n: int) -> List[float]:
@@ -149,14 +155,11 @@ def merge(
     if compress is not None:
         check_k_alpha(compress, 1.0)
     exps = _open(experts)
-    _check_alike(exps)
+    parsed = _check_alike(exps)
     w = _weights(weights, len(exps))
     torch = _torch()
     names = exps[0].compressed_keys()
-    groups = [[] for _ in names]
-    for e in exps:
-        for g, s in zip(groups, e._parse(names)):
-            g.append(s)
+    groups = [list(g) for g in zip(*parsed)]
     outs = [torch.empty(tuple(g[0].shape), dtype=torch.float32) for g in groups]
     _merge_streams(groups, names, w, [o.numpy() for o in outs], method, majority_sign, convention,
                    None if density is None else float(density), float(lam))
@@ -187,9 +190,7 @@ def similarity(experts: Sequence[ExpertLike]) -> Any:
     vector of all its compressed tensors (tensors kept exactly are left out). Exact, by popcounts
     over the bitmasks; nothing is decoded. An expert that decodes to zeros has cosine 0."""
     exps = _open(experts)
-    _check_alike(exps)
-    names = exps[0].compressed_keys()
-    m = _similarity([e._parse(names) for e in exps])
+    m = _similarity(_check_alike(exps))
     return _torch().from_numpy(np.asarray(m).reshape(len(exps), len(exps)))
 
 

@@ -183,8 +183,9 @@ pub fn merge_into(
     out.par_chunks_mut(64 * WORDS)
         .enumerate()
         .for_each(|(c, chunk)| {
+            let mut acc = Acc::default();
             for (j, o) in chunk.chunks_mut(64).enumerate() {
-                merge_word(&parts, c * WORDS + j, spec, o);
+                merge_word(&parts, c * WORDS + j, spec, o, &mut acc);
             }
         });
     Ok(())
@@ -198,43 +199,57 @@ fn each_bit(mut m: u64, mut f: impl FnMut(usize)) {
     }
 }
 
-fn merge_word(parts: &[Part], w: usize, spec: &MergeSpec, out: &mut [f32]) {
-    let mut num = [0f64; 64];
+/// Per-entry sums of one word, kept zero between words: only the entries some stream keeps are
+/// touched, and reset after use.
+struct Acc {
+    tally: [f64; 64],
+    num: [f64; 64],
+    den: [f64; 64],
+}
+
+impl Default for Acc {
+    fn default() -> Acc {
+        Acc {
+            tally: [0.0; 64],
+            num: [0.0; 64],
+            den: [0.0; 64],
+        }
+    }
+}
+
+fn merge_word(parts: &[Part], w: usize, spec: &MergeSpec, out: &mut [f32], acc: &mut Acc) {
+    out.fill(0.0);
     let mut any = 0u64;
     match spec.method {
         Method::TaskArithmetic => {
             for p in parts {
-                each_bit(p.pos[w], |b| num[b] += p.value);
-                each_bit(p.neg[w], |b| num[b] -= p.value);
+                each_bit(p.pos[w], |b| acc.num[b] += p.value);
+                each_bit(p.neg[w], |b| acc.num[b] -= p.value);
                 any |= p.pos[w] | p.neg[w];
             }
-            for (b, o) in out.iter_mut().enumerate() {
-                *o = if any >> b & 1 == 1 {
-                    (spec.lam * num[b]) as f32
-                } else {
-                    0.0
-                };
-            }
+            each_bit(any, |b| {
+                out[b] = (spec.lam * acc.num[b]) as f32;
+                acc.num[b] = 0.0;
+            });
         }
         Method::Ties => {
             // Election: the tally uses each entry's own sign (flipped for a negative mergekit
             // weight); ties (a tally of exactly 0) elect +, as both references do.
-            let mut tally = [0f64; 64];
             for p in parts {
                 let (ep, en) = if p.flip {
                     (p.neg[w], p.pos[w])
                 } else {
                     (p.pos[w], p.neg[w])
                 };
-                each_bit(ep, |b| tally[b] += p.elect);
-                each_bit(en, |b| tally[b] -= p.elect);
+                each_bit(ep, |b| acc.tally[b] += p.elect);
+                each_bit(en, |b| acc.tally[b] -= p.elect);
                 any |= ep | en;
             }
             let mut up = 0u64;
-            for (b, t) in tally.iter().enumerate() {
-                up |= ((*t >= 0.0) as u64) << b;
-            }
-            let mut den = [0f64; 64];
+            each_bit(any, |b| {
+                up |= ((acc.tally[b] >= 0.0) as u64) << b;
+                acc.tally[b] = 0.0;
+            });
             for p in parts {
                 let (ep, en) = if p.flip {
                     (p.neg[w], p.pos[w])
@@ -243,26 +258,24 @@ fn merge_word(parts: &[Part], w: usize, spec: &MergeSpec, out: &mut [f32]) {
                 };
                 let agree = (ep & up) | (en & !up);
                 each_bit(p.pos[w] & agree, |b| {
-                    num[b] += p.value;
-                    den[b] += p.den;
+                    acc.num[b] += p.value;
+                    acc.den[b] += p.den;
                 });
                 each_bit(p.neg[w] & agree, |b| {
-                    num[b] -= p.value;
-                    den[b] += p.den;
+                    acc.num[b] -= p.value;
+                    acc.den[b] += p.den;
                 });
             }
-            for (b, o) in out.iter_mut().enumerate() {
-                *o = if any >> b & 1 == 1 {
-                    let d = match spec.convention {
-                        Convention::Peft => den[b].max(1.0),
-                        Convention::Mergekit if den[b] == 0.0 => 1.0,
-                        Convention::Mergekit => den[b],
-                    };
-                    (spec.lam * (num[b] / d)) as f32
-                } else {
-                    0.0
+            each_bit(any, |b| {
+                let d = match spec.convention {
+                    Convention::Peft => acc.den[b].max(1.0),
+                    Convention::Mergekit if acc.den[b] == 0.0 => 1.0,
+                    Convention::Mergekit => acc.den[b],
                 };
-            }
+                out[b] = (spec.lam * (acc.num[b] / d)) as f32;
+                acc.num[b] = 0.0;
+                acc.den[b] = 0.0;
+            });
         }
     }
 }

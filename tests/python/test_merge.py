@@ -164,6 +164,10 @@ def test_mismatched_experts_are_clear_errors(tmp_path):
     d = make_experts(1, 0, [0.1], shapes={k: v for k, v in SHAPES.items() if k != "c.w"})[0]
     with pytest.raises(ValueError, match="expert 1 lacks 'c.w'"):
         compeft_rs.merge([a, d])
+    t = {n: torch.randn(shape) for n, shape in SHAPES.items()}
+    e = compeft_rs.compress_expert(t, 0.1, base={n: torch.zeros(x.shape) for n, x in t.items()}, lossless=["c.w"])
+    with pytest.raises(ValueError, match="'c.w' is a delta from theta_init 'base' in expert 0 but kept exactly in expert 1"):
+        compeft_rs.merge([a, e])
     c.save(tmp_path / "c.cpft.safetensors")
     with pytest.raises(ValueError, match=r"expert 2 \(.*c.cpft.safetensors\)"):
         compeft_rs.similarity([a, b, tmp_path / "c.cpft.safetensors"])
