@@ -8,7 +8,8 @@ Side by side, in one run (best of --repeat, files in the page cache):
 - peft's dense swap of the same adapter: safetensors load_file + set_peft_model_state_dict;
 - the naive compressed path: decode to a dense dict + set_peft_model_state_dict;
 - peft's load_adapter of the dense PEFT folder (a new adapter slot each time);
-- experts held per GB of RAM (resident bytes measured over 20 experts), compressed vs dense fp16;
+- experts held per GB of RAM (bytes a store's cache holds per expert against a dense fp16 state
+  dict's tensor bytes), over 20 experts;
 - a cold CompeftResolver.resolve_lora (materialises the PEFT folder) and a warm one.
 
     python benches/serve.py [--repeat 5] [--json bench-results/serve.json]
@@ -18,7 +19,6 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -37,11 +37,6 @@ def best_of(fn, repeat):
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def llama_like(layers, width, r, dtype=torch.float16):
@@ -135,24 +130,20 @@ def main():
         want = expert.apply()
         assert all(torch.equal(got[n], want[n]) for n in want)
 
-        # Experts per GB of RAM: resident bytes of 20 distinct experts held by a store's cache
-        # (compressed) and as dense fp16 state dicts.
+        # Experts per GB of RAM: the bytes a store's cache holds per expert (its file's bytes, in
+        # one buffer owned by the Rust core) against a dense fp16 state dict's tensor bytes.
+        # Counted, not read off the process RSS: the allocator reuses freed memory, so RSS deltas
+        # of a few MB per expert are not reliable.
         n_hold = 20
         many = compeft_rs.ExpertStore(tmp / "many", cache_bytes=1 << 40)
         for i in range(n_hold):
             many.put(f"e{i}", compeft_rs.compress_expert(adapter_of(model, i + 1), args.k, peft_config=config))
-        gc.collect()
         fresh = compeft_rs.ExpertStore(tmp / "many", cache_bytes=1 << 40)
-        before = rss_bytes()
         held = [fresh.get(f"e{i}") for i in range(n_hold)]
-        comp_rss = (rss_bytes() - before) / n_hold
-        before = rss_bytes()
+        comp_rss = sum(e.nbytes for e in held) / n_hold
         dense_held = [load_file(str(dense_file)) for _ in range(n_hold)]
-        for d in dense_held:  # resident, not just mapped
-            for t in d.values():
-                t.add_(0)
-        dense_rss = (rss_bytes() - before) / n_hold
-        del held, dense_held
+        dense_rss = sum(t.nbytes for d in dense_held for t in d.values()) / n_hold
+        del held, dense_held, many, fresh
         gc.collect()
 
         from compeft_rs.vllm import CompeftResolver

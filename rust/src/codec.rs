@@ -895,6 +895,54 @@ impl Compressed {
         }
     }
 
+    /// Calls `emit(position, negative)` for every kept entry at a position in `[lo, hi)`, in
+    /// order, decoding only the blocks that overlap the range (found through the block index).
+    pub fn for_each_kept_in(
+        &self,
+        lo: u64,
+        hi: u64,
+        mut emit: impl FnMut(u64, bool),
+    ) -> Result<()> {
+        let hi = hi.min(self.numel);
+        if lo >= hi {
+            return Ok(());
+        }
+        match &self.body {
+            Body::Bitmask(m) => {
+                for w in (lo / 64) as usize..hi.div_ceil(64) as usize {
+                    let base = w as u64 * 64;
+                    let mut bits = m.pos[w] | m.neg[w];
+                    while bits != 0 {
+                        let b = bits.trailing_zeros() as u64;
+                        bits &= bits - 1;
+                        let at = base + b;
+                        if at >= lo && at < hi {
+                            emit(at, m.neg[w] >> b & 1 == 1);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Body::Golomb(g) => {
+                self.check()?;
+                let nb = g.block_count(self.nnz) as usize;
+                if nb == 0 {
+                    return Ok(());
+                }
+                // Block j starts at position index[j - 1].next (block 0 at 0); the blocks that
+                // overlap [lo, hi) are the last one starting at or before lo up to the last one
+                // starting before hi.
+                let j0 = g.index.partition_point(|s| s.next <= lo);
+                let j1 = 1 + g.index.partition_point(|s| s.next < hi);
+                g.decode_blocks(self.numel, self.nnz, j0, j1.min(nb), |at, neg| {
+                    if at >= lo && at < hi {
+                        emit(at, neg)
+                    }
+                })
+            }
+        }
+    }
+
     /// The same ternary vector in the bitmask encoding.
     pub fn to_bitmask(&self) -> Result<Compressed> {
         let m = self.masks()?.into_owned();

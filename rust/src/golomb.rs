@@ -195,11 +195,13 @@ pub(crate) fn stitch(chunks: Vec<EncodedChunk>, b: u8) -> Stitched {
 fn peek(words: &[u64], bit: u64) -> u64 {
     let i = (bit / 64) as usize;
     let o = (bit % 64) as u32;
-    let lo = words.get(i).copied().unwrap_or(0) >> o;
-    if o == 0 {
-        lo
+    if let Some(pair) = words.get(i..i + 2) {
+        // Both words there (the common case): no branch on o; (w << 1) << (63 - o) is
+        // w << (64 - o) for o >= 1 and 0 for o = 0.
+        (pair[0] >> o) | ((pair[1] << 1) << (63 - o))
     } else {
-        lo | (words.get(i + 1).copied().unwrap_or(0) << (64 - o))
+        let lo = words.get(i).copied().unwrap_or(0) >> o;
+        lo | ((words.get(i + 1).copied().unwrap_or(0) << 1) << (63 - o))
     }
 }
 

@@ -149,6 +149,11 @@ pub fn merge_into(
     let keep = spec
         .density
         .map(|d| (d * first.numel() as f64).floor() as u64);
+    if spec.method == Method::TaskArithmetic
+        && streams.iter().all(|s| keep.is_none_or(|k| s.nnz() <= k))
+    {
+        return task_arithmetic_scatter(streams, weights, spec.lam, out);
+    }
     let mut parts = Vec::with_capacity(streams.len());
     for (s, &w) in streams.iter().zip(weights) {
         // The values a float32 decode holds: the election then ties exactly where peft's does.
@@ -189,6 +194,43 @@ pub fn merge_into(
             }
         });
     Ok(())
+}
+
+/// Task arithmetic with nothing to trim: each output range sums, in f64, the kept entries every
+/// stream has there, decoded straight from the stream (only the blocks overlapping the range);
+/// no masks are built.
+fn task_arithmetic_scatter(
+    streams: &[&Compressed],
+    weights: &[f64],
+    lam: f64,
+    out: &mut [f32],
+) -> Result<()> {
+    let parts: Vec<(&Compressed, f64)> = streams
+        .iter()
+        .zip(weights)
+        .filter(|(s, _)| s.scale() != 0.0 && s.nnz() > 0)
+        .map(|(s, &w)| (*s, w * (s.scale() as f32 as f64)))
+        .collect();
+    const RANGE: usize = 1 << 15;
+    out.par_chunks_mut(RANGE).enumerate().try_for_each_init(
+        Vec::new,
+        |acc: &mut Vec<f64>, (c, chunk)| -> Result<()> {
+            let lo = (c * RANGE) as u64;
+            let hi = lo + chunk.len() as u64;
+            // One buffer per worker, reused: a fresh 256 kB one per range is an mmap each time.
+            acc.clear();
+            acc.resize(chunk.len(), 0.0);
+            for (s, v) in &parts {
+                s.for_each_kept_in(lo, hi, |at, neg| {
+                    acc[(at - lo) as usize] += if neg { -v } else { *v };
+                })?;
+            }
+            for (o, a) in chunk.iter_mut().zip(acc.iter()) {
+                *o = (lam * a + 0.0) as f32; // + 0.0: no -0.0 from a negative lam
+            }
+            Ok(())
+        },
+    )
 }
 
 #[inline]
@@ -370,6 +412,37 @@ pub fn similarity(experts: &[Vec<&Compressed>]) -> Result<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_entries_in_a_range_match_the_dense_decode() {
+        use crate::{compress, Encoding, Tensor, TensorMut};
+        // 20,000 kept entries: several golomb blocks, so ranges start inside and across blocks.
+        let x: Vec<f32> = (0..100_000u64)
+            .map(|i| ((i * 2_654_435_761) % 1000) as f32 - 499.5)
+            .collect();
+        for enc in [Encoding::Golomb, Encoding::Bitmask] {
+            let c = compress(Tensor::F32(&x), &[100_000], 0.2, 1.0, enc).unwrap();
+            let mut d = vec![0f64; 100_000];
+            c.decode_into(TensorMut::F64(&mut d)).unwrap();
+            for (lo, hi) in [
+                (0, 100_000),
+                (0, 1),
+                (17, 64),
+                (4095, 40_001),
+                (99_999, 200_000),
+                (500, 500),
+            ] {
+                let mut got = Vec::new();
+                c.for_each_kept_in(lo, hi, |at, neg| got.push((at, neg)))
+                    .unwrap();
+                let want: Vec<(u64, bool)> = (lo..hi.min(100_000))
+                    .filter(|&i| d[i as usize] != 0.0)
+                    .map(|i| (i, d[i as usize] < 0.0))
+                    .collect();
+                assert_eq!(got, want, "{enc:?} [{lo}, {hi})");
+            }
+        }
+    }
 
     #[test]
     fn trim_keeps_the_first_entries_in_row_major_order() {
