@@ -51,7 +51,7 @@ def lora_expert(seed, layers, width, r):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--sim-experts", type=int, default=100)
+    ap.add_argument("--sim-experts", type=int, default=100, help="experts in the cosine matrix (0: skip it)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--r", type=int, default=16)
@@ -62,7 +62,7 @@ def main():
     from peft.utils import merge_utils
 
     warnings.filterwarnings("ignore", message="The density")
-    n_sim = max(args.sim_experts, args.experts)
+    n_sim = max(args.sim_experts, args.experts)  # the merged experts are the first ones
     t0 = time.perf_counter()
     experts = [compeft_rs.compress_expert(lora_expert(s, args.layers, args.width, args.r), args.k)
                for s in range(n_sim)]
@@ -105,6 +105,16 @@ def main():
     del dense
     gc.collect()
 
+    if args.sim_experts == 0:  # merging only
+        n_sim = 0
+    if n_sim:
+        similarity_rows(experts, names, params, n_sim, args, row, res)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.json}")
+
+
+def similarity_rows(experts, names, params, n_sim, args, row, res):
     ours = best_of(lambda: compeft_rs.similarity(experts), args.repeat)
     x = torch.empty(n_sim, params, dtype=torch.float32)
     for i, e in enumerate(experts):
@@ -121,9 +131,6 @@ def main():
     row(f"similarity, {n_sim} x {n_sim}", ours, theirs, "torch dense fp32")
     res["similarity_max_abs_diff"] = err
     print(f"similarity: largest difference to the dense fp32 result {err:.1e}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=2))
-    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -212,25 +212,27 @@ fn task_arithmetic_scatter(
         .map(|(s, &w)| (*s, w * (s.scale() as f32 as f64)))
         .collect();
     const RANGE: usize = 1 << 15;
-    out.par_chunks_mut(RANGE).enumerate().try_for_each_init(
-        Vec::new,
-        |acc: &mut Vec<f64>, (c, chunk)| -> Result<()> {
+    let lam = lam as f32;
+    // Summed in float32 in expert order, as peft's sum over the stacked float32 tensors is.
+    out.par_chunks_mut(RANGE)
+        .enumerate()
+        .try_for_each(|(c, chunk)| -> Result<()> {
             let lo = (c * RANGE) as u64;
             let hi = lo + chunk.len() as u64;
-            // One buffer per worker, reused: a fresh 256 kB one per range is an mmap each time.
-            acc.clear();
-            acc.resize(chunk.len(), 0.0);
+            chunk.fill(0.0);
             for (s, v) in &parts {
+                let v = *v as f32;
                 s.for_each_kept_in(lo, hi, |at, neg| {
-                    acc[(at - lo) as usize] += if neg { -v } else { *v };
+                    chunk[(at - lo) as usize] += if neg { -v } else { v };
                 })?;
             }
-            for (o, a) in chunk.iter_mut().zip(acc.iter()) {
-                *o = (lam * a + 0.0) as f32; // + 0.0: no -0.0 from a negative lam
+            if lam != 1.0 {
+                for o in chunk.iter_mut() {
+                    *o = *o * lam + 0.0; // + 0.0: no -0.0 from a negative lam
+                }
             }
             Ok(())
-        },
-    )
+        })
 }
 
 #[inline]
