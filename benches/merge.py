@@ -25,16 +25,7 @@ from pathlib import Path
 import torch
 
 import compeft_rs
-
-
-def best_of(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from _timing import best_of
 
 
 def lora_expert(seed, layers, width, r):
