@@ -11,20 +11,19 @@ import compeft_rs
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 
-SHAPES = {"a.lora_A.weight": (4, 37), "a.lora_B.weight": (29, 4), "b.vec": (130,), "c.w": (3, 5, 7)}
+SHAPES = {"a.lora_A.weight": (4, 37), "a.lora_B.weight": (29, 4), "b.lora_A.weight": (130,), "c.lora_B.weight": (3, 5, 7)}
 
 
-def make_experts(n, seed, ks, dtype=torch.float32, shapes=SHAPES, shared=0.7):
+def make_experts(n, seed, ks, dtype=torch.float32, shapes=SHAPES, shared=0.7, residual=False):
     """n experts whose task vectors share a component (so signs agree and disagree), each at its
-    own density and scale."""
+    own density and scale: LoRA factors compressed in their own dtype, or with ``residual`` the
+    float32 residuals against a zero base."""
     g = torch.Generator().manual_seed(seed)
     common = {name: torch.randn(s, generator=g) for name, s in shapes.items()}
     out = []
     for i in range(n):
         t = {name: (shared * c + torch.randn(c.shape, generator=g)).to(dtype) for name, c in common.items()}
-        # A zero base makes every tensor a compressed residual (without one, tensors that are not
-        # LoRA factors would be kept exactly).
-        base = {name: torch.zeros_like(x) for name, x in t.items()}
+        base = {name: torch.zeros_like(x) for name, x in t.items()} if residual else None
         out.append(compeft_rs.compress_expert(t, ks[i % len(ks)], 0.5 + i, base=base, scale="std"))
     return out
 
@@ -100,7 +99,7 @@ def test_density_above_own_density_equals_peft_pruning(majority):
     lam=st.sampled_from([1.0, 0.5, 3.0]),
 )
 def test_against_numpy_reference_with_trimming(n, seed, density, weights, method, majority, convention, lam):
-    experts = make_experts(n, seed, [0.3, 0.6])
+    experts = make_experts(n, seed, [0.3, 0.6], residual=seed % 2 == 0)
     w = weights[:n]
     got = compeft_rs.merge(experts, method, weights=w, majority_sign=majority, density=density,
                            lam=lam, convention=convention)
@@ -157,16 +156,17 @@ def test_exact_tensors_are_copied_or_averaged():
 
 def test_mismatched_experts_are_clear_errors(tmp_path):
     a, b = make_experts(2, 0, [0.1])
-    other = dict(SHAPES, **{"b.vec": (131,)})
+    other = dict(SHAPES, **{"b.lora_A.weight": (131,)})
     c = make_experts(1, 0, [0.1], shapes=other)[0]
-    with pytest.raises(ValueError, match=r"'b.vec' has shape \(131,\) in expert 1 but \(130,\) in expert 0"):
+    with pytest.raises(ValueError, match=r"'b.lora_A.weight' has shape \(131,\) in expert 1 but \(130,\) in expert 0"):
         compeft_rs.merge([a, c])
-    d = make_experts(1, 0, [0.1], shapes={k: v for k, v in SHAPES.items() if k != "c.w"})[0]
-    with pytest.raises(ValueError, match="expert 1 lacks 'c.w'"):
+    d = make_experts(1, 0, [0.1], shapes={k: v for k, v in SHAPES.items() if k != "c.lora_B.weight"})[0]
+    with pytest.raises(ValueError, match="expert 1 lacks 'c.lora_B.weight'"):
         compeft_rs.merge([a, d])
     t = {n: torch.randn(shape) for n, shape in SHAPES.items()}
-    e = compeft_rs.compress_expert(t, 0.1, base={n: torch.zeros(x.shape) for n, x in t.items()}, lossless=["c.w"])
-    with pytest.raises(ValueError, match="'c.w' is a delta from theta_init 'base' in expert 0 but kept exactly in expert 1"):
+    e = compeft_rs.compress_expert(t, 0.1, lossless=["c.lora_B.weight"])
+    msg = "'c.lora_B.weight' is a delta from theta_init 'zero' in expert 0 but kept exactly in expert 1"
+    with pytest.raises(ValueError, match=msg):
         compeft_rs.merge([a, e])
     c.save(tmp_path / "c.cpft.safetensors")
     with pytest.raises(ValueError, match=r"expert 2 \(.*c.cpft.safetensors\)"):
