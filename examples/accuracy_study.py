@@ -23,6 +23,7 @@ only; test accuracy and file bytes (against the fp16 adapter file, head included
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -169,6 +170,17 @@ class Study:
             self.peft.set_peft_model_state_dict(self.model, original)
 
 
+@functools.lru_cache(maxsize=None)
+def trained(task: str, quick: bool, train_cap: int = 3000) -> Study:
+    """The task's Study with its adapter trained; kept for the process, so the merging study (and
+    the CI tests, which run both quick studies) train each expert once."""
+    study = Study(task, quick, train_cap=train_cap)
+    notes = []
+    study.train(epochs=1, lr=2e-3 if quick else 1e-3, log=notes.append)
+    study.trained_note = notes[-1]
+    return study
+
+
 def fp16_file_bytes(state) -> int:
     from safetensors.torch import save
 
@@ -201,9 +213,9 @@ def magnitude_pruned(state, k):
 
 
 def run_task(task: str, quick: bool, log=print):
-    study = Study(task, quick)
+    study = trained(task, quick, 3000)
     log(f"{task}: data {study.sizes}")
-    study.train(epochs=1, lr=2e-3 if quick else 1e-3, log=log)
+    log(study.trained_note)
     state = study.adapter_state()
     fp16 = fp16_file_bytes(state)
     rows = []
