@@ -29,14 +29,12 @@ def test_quick_study():
         assert default["ratio_vs_fp16"] > 18.5, r
         from_fp16 = rows["defaults, from the fp16 adapter file"]
         assert from_fp16["ratio_vs_fp16"] >= 20, r
-        assert abs(from_fp16["test"] - default["test"]) <= 0.01, r
+        # Within 3 test sentences (compared as counts: 3/300 is not exact in binary).
+        n_test = r["sizes"]["test"]
+        assert round(abs(from_fp16["test"] - default["test"]) * n_test) <= 3, r
         # Never harmful, and never worse than the paper's Algorithm 1 with alpha tuned.
         assert default["test"] >= none - 0.01, r
         assert default["test"] >= rows["Algorithm 1 (global, std, alpha tuned)"]["test"] - 0.02, r
-        # Quick adapters (20 steps) on 300 test sentences: a 1-point gap is 3 sentences. Measured:
-        # movies +2.0 / amazon -2.0 points against the adapter, 16-17 above no adapter. On tweets
-        # the 20-step adapter's effect is mostly lost (+1.0 over no adapter, -13 against it): a
-        # known miss, reported in README.
-        if r["task"] in ("movies", "amazon"):
-            assert default["test"] > none + 0.08, r
-            assert default["test"] > full - 0.06, r
+        # Quick adapters (40 steps) on 300 test sentences: a 1-point gap is 3 sentences.
+        assert default["test"] > none + 0.08, r
+        assert default["test"] > full - 0.06, r

@@ -21,6 +21,6 @@ def test_quick_merge_study():
     for method in ("task_arithmetic", "ties"):
         comp = rows[f"{method}, ComPEFT experts"]
         dense = rows[f"{method}, uncompressed experts"]
-        # Quick experts (20 steps) on 300 test sentences per task: a point is 3 sentences.
+        # Quick experts (40 steps) on 300 test sentences per task: a point is 3 sentences.
         assert comp["test_mean"] > none + 0.05, res
         assert comp["test_mean"] > dense["test_mean"] - 0.05, res
