@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -31,24 +32,78 @@ def _numpy_view(t: Any) -> np.ndarray:
 
 def _adapter_tensors(model: Any, name: str) -> Dict[str, Any]:
     """The adapter's tensors under the names a PEFT state dict (and so an expert) uses, each
-    sharing storage with the parameter it comes from."""
-    from peft.utils import get_peft_model_state_dict
+    sharing storage with the parameter it comes from.
 
+    peft's ``get_peft_model_state_dict`` walks every module of the model (about 25 ms for a
+    7B-shaped model, three times the decode itself), so the map from names to parameters is kept
+    per model and adapter and checked on every call: the adapter's config the same object with the
+    same targets, and every parameter still the one its module holds under its name."""
     if not isinstance(getattr(model, "peft_config", None), dict):
         raise TypeError(f"load_into takes a peft PeftModel (with the adapter slot to fill), not a {type(model).__name__}")
     if name not in model.peft_config:
         known = sorted(getattr(model, "peft_config", {}))
         raise ValueError(f"the model has no adapter {name!r} (it has {known}); load one first, e.g. "
                          "with peft's add_adapter or load_adapter, then swap experts into it")
+    key = _slot_key(model, name)
+    try:
+        slots = _SLOTS.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: no cache
+        slots = {}
+    cached = slots.get(name)
+    if cached is not None and cached[0] == key:
+        out = {}
+        for sd_name, (path, ref, is_buffer) in cached[1].items():
+            p = ref()
+            if p is None or _held(model, path, is_buffer) is not p:
+                break
+            out[sd_name] = p.detach()
+        else:
+            return out
+    entries = _slot_entries(model, name)
+    slots[name] = (key, entries)
+    return {n: ref().detach() for n, (_, ref, _) in entries.items()}
+
+
+# Per model (weakly, so a model is never kept alive by it): adapter name -> (config key, entries).
+_SLOTS: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _slot_key(model: Any, name: str) -> Tuple[Any, ...]:
+    """What changes when peft adds, removes or re-targets an adapter (its config is replaced or its
+    target lists change); parameters replaced in place are caught by the per-tensor check."""
+    cfg = model.peft_config[name]
+    targeted = getattr(getattr(model, "base_model", None), "targeted_module_names", None)
+    return (id(cfg), repr(getattr(cfg, "target_modules", None)), repr(getattr(cfg, "modules_to_save", None)),
+            len(targeted) if targeted is not None else None)
+
+
+def _held(model: Any, path: Tuple[str, ...], is_buffer: bool) -> Any:
+    """The parameter (or buffer) a module of the model holds under the dotted path, or None; by
+    the modules' own dicts, as named_parameters names them (module __getattr__ is slow)."""
+    mod = model
+    for atom in path[:-1]:
+        mod = mod._modules.get(atom)
+        if mod is None:
+            return None
+    return (mod._buffers if is_buffer else mod._parameters).get(path[-1])
+
+
+def _slot_entries(model: Any, name: str) -> Dict[str, Tuple[Tuple[str, ...], Any, bool]]:
+    """State-dict name -> (path of the parameter or buffer, weak reference to it, is a buffer), from
+    peft's own state dict, whose tensors must share storage with the model's."""
+    from peft.utils import get_peft_model_state_dict
+
     sd = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
-    storage = {p.data_ptr(): p for p in model.parameters()}
-    storage.update({b.data_ptr(): b for b in model.buffers()})
+    storage = {p.data_ptr(): (n, p, False) for n, p in model.named_parameters()}
+    storage.update({b.data_ptr(): (n, b, True) for n, b in model.named_buffers()})
+    entries = {}
     for n, t in sd.items():
-        p = storage.get(t.data_ptr())
+        full, p, is_buffer = storage.get(t.data_ptr(), (None, None, False))
         if p is None or p.shape != t.shape or p.dtype != t.dtype:
             raise RuntimeError(f"peft returned a copy of {n!r}, not the parameter itself; load_into cannot write "
                                "it in place (use compeft_rs.load_peft or peft's set_peft_model_state_dict)")
-    return sd
+        entries[n] = (tuple(full.split(".")), weakref.ref(p), is_buffer)
+    return entries
 
 
 def _rank_hint(name: str, a: Tuple[int, ...], b: Tuple[int, ...]) -> str:
@@ -127,7 +182,10 @@ def load_into(model: Any, expert: Union[CompressedExpert, PathLike], adapter_nam
     parameters get the stream's 2-bit form uploaded and expanded on the device in chunks of
     ``DEVICE_CHUNK`` entries. Tensors kept exactly (heads, DoRA magnitudes) are copied in, and
     floating-point values are converted to the parameter's dtype, as ``set_peft_model_state_dict``
-    does.
+    does. Which parameters make up the adapter is worked out once per model and adapter and
+    rechecked on every call (cheaply), so repeated swaps into one slot skip peft's walk over the
+    whole model; replacing parameters, moving or casting the model, or deleting and re-adding the
+    adapter are all seen by the next call.
     """
     torch = _torch()
     exp = expert if isinstance(expert, CompressedExpert) else load_expert(expert)

@@ -94,6 +94,42 @@ def test_load_into_the_active_adapter_from_a_file(tmp_path):
         assert torch.equal(t, keep[n])
 
 
+def test_repeated_swaps_follow_the_model_as_it_changes():
+    # load_into keeps the adapter's parameter map between calls; every change to the model that
+    # replaces a parameter, its data or the adapter must reach the next swap.
+    m = peft_model(adapters=("default", "other"))
+    e1, e2 = an_expert(seed=1), an_expert(seed=2)
+
+    def loaded(e, name="default"):
+        got, want = adapter_state(m, name), e.apply()
+        assert set(got) == set(want)
+        return all(torch.equal(got[n], want[n].to(got[n].dtype)) for n in want)
+
+    compeft_rs.load_into(m, e1)
+    assert loaded(e1)
+    # A parameter replaced by a new one while the old one lives on elsewhere.
+    lora_a = m.base_model.model.q.lora_A["default"]
+    old = lora_a.weight
+    lora_a.weight = torch.nn.Parameter(torch.zeros_like(old))
+    compeft_rs.load_into(m, e2)
+    assert loaded(e2)
+    assert torch.equal(old.detach(), e1.apply()["base_model.model.q.lora_A.weight"])
+    # Module.to swaps every parameter's data in place.
+    m.to(torch.float16)
+    compeft_rs.load_into(m, e1)
+    assert loaded(e1)
+    # The adapter deleted and added again under the same name: all new parameters.
+    cfg = m.peft_config["default"]
+    m.set_adapter("other")
+    m.delete_adapter("default")
+    m.add_adapter("default", cfg)
+    compeft_rs.load_into(m, e2, adapter_name="default")
+    assert loaded(e2)
+    # Another adapter slot of the same model.
+    compeft_rs.load_into(m, e1, adapter_name="other")
+    assert loaded(e1, "other") and loaded(e2)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_load_into_half_models_matches_set_peft_model_state_dict(dtype):
     e = an_expert()
