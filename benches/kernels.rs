@@ -2,7 +2,10 @@
 //! `cargo bench -p compeft` (add `-- --quick` for a short run).
 
 use compeft::popcount::{counts_with, Kernel};
-use compeft::{compress, select, Compressed, Encoding, Tensor, TensorMut};
+use compeft::{
+    compress, select, Compressed, Convention, Election, Encoding, MergeSpec, Method, Tensor,
+    TensorMut,
+};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use rand::{Rng, SeedableRng};
@@ -75,6 +78,32 @@ fn benches(c: &mut Criterion) {
     g.bench_function("cosine/bitmask", |b| {
         b.iter(|| compeft::cosine(&bm, &other).unwrap())
     });
+
+    // Merging 8 streams of N entries into one float32 tensor; elements are output entries.
+    let eight: Vec<Compressed> = (0..8u64)
+        .map(|s| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(10 + s);
+            let x: Vec<f32> = (0..N).map(|_| rng.gen::<f32>() - 0.5).collect();
+            compress(Tensor::F32(&x), &[N as u64], 0.1, 1.0, Encoding::Golomb).unwrap()
+        })
+        .collect();
+    let refs: Vec<&Compressed> = eight.iter().collect();
+    let mut merged = vec![0f32; N];
+    for (name, method) in [
+        ("task_arithmetic", Method::TaskArithmetic),
+        ("ties", Method::Ties),
+    ] {
+        let spec = MergeSpec {
+            method,
+            election: Election::Total,
+            convention: Convention::Peft,
+            density: None,
+            lam: 1.0,
+        };
+        g.bench_function(format!("merge8/{name}"), |b| {
+            b.iter(|| compeft::merge_into(&refs, &[1.0; 8], &spec, &mut merged).unwrap())
+        });
+    }
     g.finish();
 }
 
