@@ -15,8 +15,8 @@ pub fn rice_parameter(nnz: u64, d: u64) -> u8 {
     // of d 1,719,256,699 has r = 2^20 + 4e-5 and gave b = 20). floor(log2 r) is read from r's
     // exponent bits, exact and without libm's log2.
     let r = (phi - 1.0).ln() / (-p).ln_1p();
-    if !(r >= 1.0) {
-        return 0; // also NaN
+    if r.is_nan() || r < 1.0 {
+        return 0;
     }
     let floor_log2 = ((r.to_bits() >> 52) & 0x7ff) as i64 - 1023;
     (1 + floor_log2).min(63) as u8

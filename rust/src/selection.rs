@@ -718,7 +718,7 @@ pub fn select_one(t: Tensor<'_>, k: f64) -> Result<(Threshold, Spread)> {
         Tensor::F16(s) if s.len() < SMALL_HALF => (s, KeySpace::F16),
         Tensor::BF16(s) if s.len() < SMALL_HALF => (s, KeySpace::BF16),
         _ => {
-            let s = run_selector(&[t], KeySpace::for_dtypes([t.dtype()].into_iter()), k)?;
+            let s = run_selector(&[t], KeySpace::for_dtypes([t.dtype()]), k)?;
             let thr = s.threshold().expect("finished selector has a threshold");
             return Ok((thr, s.spread()));
         }
