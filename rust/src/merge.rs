@@ -224,9 +224,11 @@ fn task_arithmetic_scatter(
             let hi = lo + chunk.len() as u64;
             chunk.fill(0.0);
             for (s, v) in &parts {
-                let v = *v as f32;
+                let vb = (*v as f32).to_bits();
                 s.for_each_kept_in(lo, hi, |at, neg| {
-                    chunk[(at - lo) as usize] += if neg { -v } else { v };
+                    // The sign by xor, not a branch: signs are random and a branch on them
+                    // mispredicted half the time (this loop ran 1.6x slower).
+                    chunk[(at - lo) as usize] += f32::from_bits(vb ^ (neg as u32) << 31);
                 })?;
             }
             if lam != 1.0 {
