@@ -290,8 +290,12 @@ fn merge_word(parts: &[Part], w: usize, spec: &MergeSpec, out: &mut [f32], acc: 
                 } else {
                     (p.pos[w], p.neg[w])
                 };
-                each_bit(ep, |b| acc.tally[b] += p.elect);
-                each_bit(en, |b| acc.tally[b] -= p.elect);
+                // One pass over the kept bits, the sign by xor (a branch or a second loop on
+                // random signs mispredicts).
+                let e = p.elect.to_bits();
+                each_bit(ep | en, |b| {
+                    acc.tally[b] += f64::from_bits(e ^ (en >> b & 1) << 63)
+                });
                 any |= ep | en;
             }
             let mut up = 0u64;
@@ -306,12 +310,9 @@ fn merge_word(parts: &[Part], w: usize, spec: &MergeSpec, out: &mut [f32], acc: 
                     (p.pos[w], p.neg[w])
                 };
                 let agree = (ep & up) | (en & !up);
-                each_bit(p.pos[w] & agree, |b| {
-                    acc.num[b] += p.value;
-                    acc.den[b] += p.den;
-                });
-                each_bit(p.neg[w] & agree, |b| {
-                    acc.num[b] -= p.value;
+                let (v, neg) = (p.value.to_bits(), p.neg[w]);
+                each_bit(agree, |b| {
+                    acc.num[b] += f64::from_bits(v ^ (neg >> b & 1) << 63);
                     acc.den[b] += p.den;
                 });
             }
