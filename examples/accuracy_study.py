@@ -313,11 +313,15 @@ def main():
     ap.add_argument("--json", default="bench-results/accuracy.json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    res = run(args.quick, tuple(args.tasks))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=2))
-    print(markdown(res))
-    print(f"\nwrote {args.json}")
+    report(run(args.quick, tuple(args.tasks)), markdown, args.json)
+
+
+def report(res, to_markdown, json_path: str) -> None:
+    """Prints a study's tables and writes its results as JSON (shared with merge_study.py)."""
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(res, indent=2))
+    print(to_markdown(res))
+    print(f"\nwrote {json_path}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ test accuracies are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import compeft_rs  # noqa: E402
-from accuracy_study import TASKS, trained  # noqa: E402
+from accuracy_study import TASKS, report, trained  # noqa: E402
 
 K = 0.1
 LAMS = {"task_arithmetic": (0.3, 0.5, 0.7, 1.0), "ties": (0.5, 1.0, 1.5, 2.0)}
@@ -122,11 +121,7 @@ def main():
     ap.add_argument("--json", default="bench-results/merge_study.json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    res = run(args.quick, args.train)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=2))
-    print(markdown(res))
-    print(f"\nwrote {args.json}")
+    report(run(args.quick, args.train), markdown, args.json)
 
 
 if __name__ == "__main__":
