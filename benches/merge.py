@@ -96,9 +96,7 @@ def main():
     del dense
     gc.collect()
 
-    if args.sim_experts == 0:  # merging only
-        n_sim = 0
-    if n_sim:
+    if args.sim_experts:
         similarity_rows(experts, names, params, n_sim, args, row, res)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2))

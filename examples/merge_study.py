@@ -1,6 +1,6 @@
 """Merging LoRA experts trained on different tasks, from uncompressed and from ComPEFT experts.
 
-    python examples/merge_study.py            # the full study (about 15 minutes on 2 CPU cores)
+    python examples/merge_study.py            # the full study (about 17 minutes on 2 CPU cores)
     python examples/merge_study.py --quick    # the shortened version CI runs (fixed lam, the quick experts of accuracy_study.py)
 
 Three LoRA experts on all-MiniLM-L6-v2 (r=8 on query/key/value/attention.output.dense plus a

@@ -45,10 +45,7 @@ def _adapter_tensors(model: Any, name: str) -> Dict[str, Any]:
         raise ValueError(f"the model has no adapter {name!r} (it has {known}); load one first, e.g. "
                          "with peft's add_adapter or load_adapter, then swap experts into it")
     key = _slot_key(model, name)
-    try:
-        slots = _SLOTS.setdefault(model, {})
-    except TypeError:  # a model that cannot be weakly referenced: no cache
-        slots = {}
+    slots = _SLOTS.setdefault(model, {})
     cached = slots.get(name)
     if cached is not None and cached[0] == key:
         out = {}

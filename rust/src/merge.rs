@@ -196,13 +196,13 @@ pub fn merge_into(
     Ok(())
 }
 
-/// Task arithmetic with nothing to trim: each output range sums, in f64, the kept entries every
-/// stream has there, decoded straight from the stream (only the blocks overlapping the range);
-/// no masks are built.
 /// Output entries per task of task arithmetic: 512 kB of float32, within a core's L2 cache, and
 /// a whole LoRA factor of a 7B model (16 x 4096) in one task, so no golomb block is decoded twice.
 const TA_RANGE: usize = 1 << 17;
 
+/// Task arithmetic with nothing to trim: each output range sums, in float32, the kept entries
+/// every stream has there, decoded straight from the stream (only the blocks overlapping the
+/// range); no masks are built.
 fn task_arithmetic_scatter(
     streams: &[&Compressed],
     weights: &[f64],

@@ -19,22 +19,31 @@ def test_quick_study():
     assert [r["task"] for r in results] == ["movies", "amazon", "tweets"]
     for r in results:
         rows = {row["method"]: row for row in r["rows"]}
+        n_test = r["sizes"]["test"]
+
+        # Margins are compared as whole test sentences: a fraction of 300 is not exact in binary.
+        def ahead(a, b):
+            """How many test sentences accuracy a is above b."""
+            return round((a - b) * n_test)
+
+        def points(p):
+            """p accuracy points as test sentences (3 for 1 point on 300 sentences)."""
+            return round(p * n_test / 100)
+
         full = rows["uncompressed adapter"]["test"]
         none = rows["no adapter (LoRA removed, head kept)"]["test"]
         default = rows["defaults, no tuning"]
-        assert full > none + 0.08, r
+        assert ahead(full, none) > points(8), r
         assert (default["scope"], default["scale"], default["k"]) == ("per_tensor", "pair", 0.1)
         # Sizes against the fp16 adapter file, head included: at least 20x when the head is kept
         # in fp16 as that file has it; 19x with the trained fp32 head kept exactly.
         assert default["ratio_vs_fp16"] > 18.5, r
         from_fp16 = rows["defaults, from the fp16 adapter file"]
         assert from_fp16["ratio_vs_fp16"] >= 20, r
-        # Within 3 test sentences (compared as counts: 3/300 is not exact in binary).
-        n_test = r["sizes"]["test"]
-        assert round(abs(from_fp16["test"] - default["test"]) * n_test) <= 3, r
-        # Never harmful, and never worse than the paper's Algorithm 1 with alpha tuned.
-        assert default["test"] >= none - 0.01, r
-        assert default["test"] >= rows["Algorithm 1 (global, std, alpha tuned)"]["test"] - 0.02, r
-        # Quick adapters (40 steps) on 300 test sentences: a 1-point gap is 3 sentences.
-        assert default["test"] > none + 0.08, r
-        assert default["test"] > full - 0.06, r
+        assert abs(ahead(from_fp16["test"], default["test"])) <= points(1), r
+        # Quick adapters (40 steps) on 300 test sentences: a 1-point gap is 3 sentences. Far above
+        # no adapter, near the adapter, and never worse than the paper's Algorithm 1 with alpha
+        # tuned.
+        assert ahead(default["test"], none) > points(8), r
+        assert ahead(default["test"], full) > -points(6), r
+        assert ahead(default["test"], rows["Algorithm 1 (global, std, alpha tuned)"]["test"]) >= -points(2), r
