@@ -17,6 +17,7 @@ import numpy as np
 from ._core import merge_streams as _merge_streams
 from ._core import similarity as _similarity
 from ._expert import CompressedExpert, _torch, build_expert, encode_deltas, expert_info, load_expert
+from ._lora import describe, expert_scalings, lora_factor, merged_lora_config
 from ._plan import TensorPlan
 from ._tensor import check_k_alpha
 
@@ -105,6 +106,47 @@ def _exact_mean(experts: List[CompressedExpert], name: str, w: List[float]) -> A
     return (acc / total).to(torch.float32)
 
 
+def _factor_weights(experts: List[CompressedExpert], names: List[str], w: List[float], lam: float,
+                    rescale: bool) -> Dict[str, tuple]:
+    """Per compressed tensor: (weights, lam) to merge it with. LoRA factors get peft's
+    ``add_weighted_adapter`` split: a weight c (times the expert's scaling of that module when
+    rescaling) becomes sqrt(|c|) on both factors and its sign goes on lora_A, so the product B @ A
+    the model applies scales by c, not c**2; lam is split the same way."""
+    configs = [e.peft_config for e in experts]
+    lora = {n: f for n in names if experts[0].init_of(n) == "zero" and (f := lora_factor(n)) is not None}
+    scalings = [expert_scalings(c, lora) for c in configs]
+    if lora and any(c is None for c in configs) and not all(c is None for c in configs):
+        i = next(i for i, c in enumerate(configs) if (c is None) != (configs[0] is None))
+        raise ValueError(f"{_label(i, experts[i])} {'has no' if configs[i] is None else 'has an'} adapter config "
+                         f"and expert 0 {'has one' if configs[i] is None else 'has none'}: their LoRA scalings "
+                         "cannot be compared; merge experts that all come from PEFT adapters (or all not)")
+    if not rescale:
+        for i in range(1, len(experts)):
+            for m, s in scalings[i].items():
+                if not math.isclose(s, scalings[0][m], rel_tol=1e-9):
+                    raise ValueError(
+                        f"module {m!r} has LoRA scaling {s:g} in {_label(i, experts[i])} "
+                        f"({describe(configs[i], m)}) but {scalings[0][m]:g} in expert 0 "
+                        f"({describe(configs[0], m)}): merged factors would apply one scaling to both. "
+                        "Pass rescale=True to fold each expert's scaling into its factors, as peft's "
+                        "add_weighted_adapter does (the result then has scaling 1: lora_alpha = r)")
+
+    def split(c: float, side: str) -> float:
+        root = math.sqrt(abs(c))
+        return math.copysign(root, c) if side == "A" else root
+
+    out = {}
+    for n in names:
+        f = lora.get(n)
+        if f is None:
+            out[n] = (tuple(w), float(lam))
+            continue
+        module, side = f
+        c = [wi * (scalings[i][module] if rescale and scalings[i] else 1.0) for i, wi in enumerate(w)]
+        out[n] = (tuple(split(ci, side) for ci in c), split(float(lam), side))
+    return out
+
+
 def merge(
     experts: Sequence[ExpertLike],
     method: str = "ties",
@@ -115,6 +157,7 @@ def merge(
     lam: float = 1.0,
     convention: str = "peft",
     compress: Optional[float] = None,
+    rescale: bool = False,
 ) -> Union[Dict[str, Any], CompressedExpert]:
     """Merges experts on their compressed form; returns the merged task vector per tensor name
     (float32 torch tensors), or with ``compress=k`` a new CompressedExpert at density k.
@@ -138,10 +181,29 @@ def merge(
             agreeing weights, 1 where that is 0).
         compress: a density k: the result compressed with the library's defaults (per-tensor,
             scale "pair"), keeping the first expert's tensor kinds, dtypes and PEFT config.
+        rescale: for LoRA experts whose scalings (lora_alpha / r, rsLoRA, patterns) differ:
+            fold each expert's scaling into its factors and give the result scaling 1
+            (``lora_alpha = r``), as peft's ``add_weighted_adapter`` does. Without it such experts
+            are refused.
 
-    Tensors kept exactly (heads, DoRA magnitudes) are copied when they are equal in every expert
-    and otherwise averaged with the weights, sum(w_i x_i) / sum(w_i).
+    LoRA factors are weighted as peft's ``add_weighted_adapter`` weights them: a weight w (and
+    lam) becomes sqrt(|w|) on lora_A and lora_B with the sign on lora_A, so the update B @ A
+    scales by w; TIES then runs on each factor separately, as ``add_weighted_adapter(...,
+    combination_type="ties")`` does. Other tensors take w and lam as they are. Tensors kept exactly
+    (heads, DoRA magnitudes) are copied when they are equal in every expert and otherwise averaged
+    with the weights, sum(w_i x_i) / sum(w_i).
     """
+    merged, config, exps = _merge(experts, method, weights, majority_sign, density, lam, convention, compress,
+                                  rescale)
+    if compress is None:
+        return merged
+    return _recompress(exps[0], merged, float(compress), config)
+
+
+def _merge(experts: Sequence[ExpertLike], method: str, weights: Optional[Sequence[float]], majority_sign: str,
+           density: Optional[float], lam: float, convention: str, compress: Optional[float],
+           rescale: bool) -> tuple:
+    """merge()'s work: (merged tensors, the result's PEFT config or None, the opened experts)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if majority_sign not in MAJORITY:
@@ -159,22 +221,30 @@ def merge(
     w = _weights(weights, len(exps))
     torch = _torch()
     names = exps[0].compressed_keys()
-    groups = [list(g) for g in zip(*parsed)]
-    outs = [torch.empty(tuple(g[0].shape), dtype=torch.float32) for g in groups]
-    _merge_streams(groups, names, w, [o.numpy() for o in outs], method, majority_sign, convention,
-                   None if density is None else float(density), float(lam))
+    per_tensor = _factor_weights(exps, names, w, float(lam), bool(rescale))
+    groups: Dict[tuple, List[int]] = {}
+    for j, n in enumerate(names):
+        groups.setdefault(per_tensor[n], []).append(j)
+    streams = [list(g) for g in zip(*parsed)]
+    outs = [torch.empty(tuple(g[0].shape), dtype=torch.float32) for g in streams]
+    for (gw, glam), idx in groups.items():
+        _merge_streams([streams[j] for j in idx], [names[j] for j in idx], list(gw), [outs[j].numpy() for j in idx],
+                       method, majority_sign, convention, None if density is None else float(density), glam)
     merged: Dict[str, Any] = dict(zip(names, outs))
     for n in exps[0].lossless_keys():
         merged[n] = _exact_mean(exps, n, w)
     merged = {n: merged[n] for n in sorted(merged)}
-    if compress is None:
-        return merged
-    return _recompress(exps[0], merged, float(compress))
+    config = exps[0].peft_config
+    if config is not None and rescale and any(lora_factor(n) for n in names):
+        config = merged_lora_config(config)
+    return merged, config, exps
 
 
-def _recompress(like: CompressedExpert, merged: Dict[str, Any], k: float) -> CompressedExpert:
+def _recompress(like: CompressedExpert, merged: Dict[str, Any], k: float,
+                config: Optional[Dict[str, Any]]) -> CompressedExpert:
     """The merged task vectors compressed as ``like`` was made: same theta_init per tensor, same
-    original dtypes, same tensors kept exactly (cast back to their dtype), same PEFT config."""
+    original dtypes, same tensors kept exactly (cast back to their dtype), with the merge's PEFT
+    config."""
     torch = _torch()
     comp = like.compressed_keys()
     plans = {n: TensorPlan(like.init_of(n), "merged") for n in merged}
@@ -182,7 +252,7 @@ def _recompress(like: CompressedExpert, merged: Dict[str, Any], k: float) -> Com
     exact = {n: merged[n].to(getattr(torch, like.dtype_of(n))) for n in like.lossless_keys()}
     dtypes = {n: like.dtype_of(n) for n in comp}
     info = expert_info(k, 1.0, "per_tensor", "golomb", plans, per_k[k], dtypes, "pair")
-    return build_expert(per_k[k], exact, info, like.peft_config)
+    return build_expert(per_k[k], exact, info, config)
 
 
 def similarity(experts: Sequence[ExpertLike]) -> Any:
@@ -195,12 +265,14 @@ def similarity(experts: Sequence[ExpertLike]) -> Any:
 
 
 def write_merged(result: Union[Dict[str, Any], CompressedExpert], like: CompressedExpert, out: PathLike, *,
-                 overwrite: bool = False) -> Path:
+                 config: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
     """For the CLI: a CompressedExpert is saved as a file; merged task vectors of PEFT experts
-    become a PEFT folder (the first expert's adapter config, tensors in their original dtypes)."""
+    become a PEFT folder (``config``, by default the first expert's adapter config; tensors in
+    their original dtypes)."""
     if isinstance(result, CompressedExpert):
         return result.save(out)
-    if like.peft_config is None:
+    config = config if config is not None else like.peft_config
+    if config is None:
         raise ValueError("the experts were not made from PEFT adapters; give -k to write a compressed expert")
     from ._expert import reconstruct
     from ._peft import write_peft_folder
@@ -211,4 +283,4 @@ def write_merged(result: Union[Dict[str, Any], CompressedExpert], like: Compress
         if init == "base":
             raise ValueError(f"tensor {n!r} is a full fine-tune's residual; a PEFT folder cannot hold it")
         state[n] = reconstruct(init, t, None, like.dtype_of(n))
-    return write_peft_folder(state, like.peft_config, out, overwrite=overwrite)
+    return write_peft_folder(state, config, out, overwrite=overwrite)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -9,7 +10,8 @@ import numpy as np
 
 from ._core import decode_streams as _decode_streams
 from ._expert import CompressedExpert, PathLike, _dtype_str, _torch, load_expert
-from ._peft import active_adapter
+from ._lora import describe, lora_factor, module_scaling
+from ._peft import _config_dict, active_adapter
 
 __all__ = ["load_into"]
 
@@ -144,6 +146,70 @@ def _check(expert: CompressedExpert, targets: Dict[str, Any], adapter: str, peft
                              "only floating-point tensors are converted")
 
 
+def _slot_layers(model: Any, name: str) -> Dict[str, Any]:
+    """The tuner layers (modules holding ``scaling`` and ``merged_adapters``) of the adapter slot,
+    by the state-dict name of each of their tensors."""
+    out = {}
+    for sd_name, (path, _, _) in _SLOTS[model][name][1].items():
+        for i, atom in enumerate(path):
+            if atom in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                        "ia3_l"):
+                layer = _held_module(model, path[:i])
+                if layer is not None:
+                    out[sd_name] = layer
+                break
+    return out
+
+
+def _held_module(model: Any, path: Tuple[str, ...]) -> Any:
+    mod = model
+    for atom in path:
+        mod = mod._modules.get(atom)
+        if mod is None:
+            return None
+    return mod
+
+
+def _check_slot(model: Any, expert: CompressedExpert, name: str) -> None:
+    """Refuses a slot whose adapter is merged into the base weights, and a LoRA expert whose
+    scaling (lora_alpha, r, use_rslora, alpha_pattern, rank_pattern) or fan_in_fan_out differs from
+    the slot's: peft would apply the slot's, silently changing the expert's outputs."""
+    layers = _slot_layers(model, name)
+    for layer in layers.values():
+        if name in (getattr(layer, "merged_adapters", None) or ()):
+            raise ValueError(f"adapter {name!r} is merged into the base weights: swapping it now would change "
+                             "nothing until unmerge_adapter(), which would then subtract the new expert from "
+                             "weights that hold the old one. Call model.unmerge_adapter() first, then merge "
+                             "again after the swap if you want it merged")
+    ecfg = expert.peft_config
+    if ecfg is None or str(ecfg.get("peft_type", "LORA")).upper() != "LORA":
+        return
+    scfg = _config_dict(model.peft_config[name])
+    if bool(ecfg.get("fan_in_fan_out", False)) != bool(scfg.get("fan_in_fan_out", False)):
+        raise ValueError(f"the expert has fan_in_fan_out={bool(ecfg.get('fan_in_fan_out', False))} but adapter "
+                         f"{name!r} has fan_in_fan_out={bool(scfg.get('fan_in_fan_out', False))}; make the slot "
+                         "with the expert's config (compeft_rs.load_peft, or peft's add_adapter with "
+                         "LoraConfig(**expert.peft_config))")
+    seen = set()
+    for sd_name, layer in layers.items():
+        f = lora_factor(sd_name)
+        if f is None or f[0] in seen:
+            continue
+        seen.add(f[0])
+        scaling = getattr(layer, "scaling", None)
+        have = scaling.get(name) if isinstance(scaling, dict) else None
+        if have is None:
+            continue
+        want = module_scaling(ecfg, f[0])
+        if not math.isclose(float(have), want, rel_tol=1e-9, abs_tol=0.0):
+            raise ValueError(
+                f"the expert's LoRA scaling for {f[0]!r} is {want:g} ({describe(ecfg, f[0])}) but adapter "
+                f"{name!r} applies {float(have):g} ({describe(scfg, f[0])}), which would scale the expert's "
+                "update by {:g}. Make the slot with the expert's config (compeft_rs.load_peft, or peft's "
+                "add_adapter with LoraConfig(**expert.peft_config)) or swap in experts trained with the "
+                "slot's".format(float(have) / want if want else float("inf")))
+
+
 def _expand_into(stream: Any, out: Any) -> None:
     """Writes a stream's values into a device tensor in place, DEVICE_CHUNK entries at a time."""
     torch = _torch()
@@ -175,7 +241,11 @@ def load_into(model: Any, expert: Union[CompressedExpert, PathLike], adapter_nam
 
     Names, shapes (so the rank), dtypes and the adapter type are checked first, and every stream
     is parsed and checked; on any mismatch nothing is written and the ``ValueError`` says what
-    differs. CPU parameters are written by the Rust decoder directly, in one parallel call; CUDA
+    differs. The slot must apply the expert's own LoRA scaling (``lora_alpha``, ``r``,
+    ``use_rslora``, ``alpha_pattern``, ``rank_pattern``, compared module by module with the
+    layers' ``scaling``) and have its ``fan_in_fan_out``, else the swap is refused (peft would
+    scale the expert's update by the slot's factor); a slot whose adapter is merged into the base
+    weights is refused too (unmerge first). CPU parameters are written by the Rust decoder directly, in one parallel call; CUDA
     parameters get the stream's 2-bit form uploaded and expanded on the device in chunks of
     ``DEVICE_CHUNK`` entries. Tensors kept exactly (heads, DoRA magnitudes) are copied in, and
     floating-point values are converted to the parameter's dtype, as ``set_peft_model_state_dict``
@@ -193,6 +263,7 @@ def load_into(model: Any, expert: Union[CompressedExpert, PathLike], adapter_nam
     compressed = exp.compressed_keys()
     streams = dict(zip(compressed, exp._parse(compressed)))
     _check(exp, targets, name, peft_type, streams)
+    _check_slot(model, exp, name)
     exact = {n: exp.lossless(n) for n in exp.lossless_keys()}
 
     direct: List[str] = []

@@ -119,7 +119,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ._expert import load_expert
-    from ._merge import merge, write_merged
+    from ._merge import _merge, _recompress, write_merged
 
     out = Path(args.output)
     to_file = out.name.endswith(".safetensors")
@@ -128,20 +128,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     elif args.k is not None:
         raise ValueError("-k compresses the result: give an OUT ending in .safetensors")
     experts = [load_expert(p) for p in args.src]
-    if not to_file:
-        configs = [e.peft_config for e in experts]
-        if configs[0] is None or any(c != configs[0] for c in configs[1:]):
-            raise ValueError("a PEFT folder needs PEFT experts with the same adapter config; "
-                             "give an OUT ending in .safetensors for a compressed expert")
+    if not to_file and any(e.peft_config is None for e in experts):
+        raise ValueError("a PEFT folder needs experts made from PEFT adapters; "
+                         "give an OUT ending in .safetensors for a compressed expert")
     t0 = time.perf_counter()
     k = (args.k if args.k is not None else experts[0].k) if to_file else None
-    result = merge(experts, args.method, weights=args.weights, majority_sign=args.majority_sign,
-                   density=args.density, lam=args.lam, convention=args.convention, compress=k)
+    merged, config, _ = _merge(experts, args.method, args.weights, args.majority_sign, args.density, args.lam,
+                               args.convention, k, args.rescale)
     if to_file:
+        result = _recompress(experts[0], merged, float(k), config)
         result.save(out)
         what = f"compressed expert {out} (k={k:g}, {result.nbytes:,} B)"
     else:
-        write_merged(result, experts[0], out, overwrite=args.force)
+        write_merged(merged, experts[0], out, config=config, overwrite=args.force)
         what = f"PEFT adapter folder {out}"
     if not args.quiet:
         print(f"merged {len(experts)} experts ({args.method}) -> {what}, {time.perf_counter() - t0:.2f}s")
@@ -231,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge compressed experts (TIES or task arithmetic) without decoding them",
         description="Merge the experts SRC... on their compressed form. OUT ending in .safetensors gets "
         "the merge compressed again (at -k, default the first expert's k); any other OUT becomes a PEFT "
-        "adapter folder, for PEFT experts with the same adapter config.",
+        "adapter folder, for PEFT experts. LoRA factors are weighted as peft's add_weighted_adapter does "
+        "(a weight w scales the update B @ A by w); experts whose LoRA scalings differ need --rescale.",
     )
     g.add_argument("src", metavar="SRC", nargs="+")
     g.add_argument("-o", "--output", required=True, metavar="OUT")
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lam", type=float, default=1.0, help="multiplies the result (default 1)")
     g.add_argument("--convention", choices=["peft", "mergekit"], default="peft",
                    help="peft's merge_utils (default) or mergekit's weighting")
+    g.add_argument("--rescale", action="store_true",
+                   help="fold each LoRA expert's scaling into its factors (result: lora_alpha = r), "
+                   "for experts whose lora_alpha/r/rsLoRA/patterns differ")
     g.add_argument("-k", type=float, metavar="K", help="density of the compressed result")
     common(g)
     g.set_defaults(func=cmd_merge)

@@ -11,12 +11,14 @@ import compeft_rs
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 
-SHAPES = {"a.lora_A.weight": (4, 37), "a.lora_B.weight": (29, 4), "b.lora_A.weight": (130,), "c.lora_B.weight": (3, 5, 7)}
+# Plain task vectors (no LoRA names): merged entry by entry with the weights as they are. LoRA
+# factors get peft's weight split instead; test_peft_parity.py checks those on the model.
+SHAPES = {"a.q.weight": (4, 37), "a.v.weight": (29, 4), "b.bias": (130,), "c.conv.weight": (3, 5, 7)}
 
 
 def make_experts(n, seed, ks, dtype=torch.float32, shapes=SHAPES, shared=0.7, residual=False):
     """n experts whose task vectors share a component (so signs agree and disagree), each at its
-    own density and scale: LoRA factors compressed in their own dtype, or with ``residual`` the
+    own density and scale: tensors compressed in their own dtype, or with ``residual`` the
     float32 residuals against a zero base."""
     g = torch.Generator().manual_seed(seed)
     common = {name: torch.randn(s, generator=g) for name, s in shapes.items()}
@@ -156,16 +158,16 @@ def test_exact_tensors_are_copied_or_averaged():
 
 def test_mismatched_experts_are_clear_errors(tmp_path):
     a, b = make_experts(2, 0, [0.1])
-    other = dict(SHAPES, **{"b.lora_A.weight": (131,)})
+    other = dict(SHAPES, **{"b.bias": (131,)})
     c = make_experts(1, 0, [0.1], shapes=other)[0]
-    with pytest.raises(ValueError, match=r"'b.lora_A.weight' has shape \(131,\) in expert 1 but \(130,\) in expert 0"):
+    with pytest.raises(ValueError, match=r"'b.bias' has shape \(131,\) in expert 1 but \(130,\) in expert 0"):
         compeft_rs.merge([a, c])
-    d = make_experts(1, 0, [0.1], shapes={k: v for k, v in SHAPES.items() if k != "c.lora_B.weight"})[0]
-    with pytest.raises(ValueError, match="expert 1 lacks 'c.lora_B.weight'"):
+    d = make_experts(1, 0, [0.1], shapes={k: v for k, v in SHAPES.items() if k != "c.conv.weight"})[0]
+    with pytest.raises(ValueError, match="expert 1 lacks 'c.conv.weight'"):
         compeft_rs.merge([a, d])
     t = {n: torch.randn(shape) for n, shape in SHAPES.items()}
-    e = compeft_rs.compress_expert(t, 0.1, lossless=["c.lora_B.weight"])
-    msg = "'c.lora_B.weight' is a delta from theta_init 'zero' in expert 0 but kept exactly in expert 1"
+    e = compeft_rs.compress_expert(t, 0.1, lossless=["c.conv.weight"])
+    msg = "'c.conv.weight' is a delta from theta_init 'zero' in expert 0 but kept exactly in expert 1"
     with pytest.raises(ValueError, match=msg):
         compeft_rs.merge([a, e])
     c.save(tmp_path / "c.cpft.safetensors")
