@@ -10,7 +10,8 @@ held-out evaluation data and is never read). All three start from the same LoRA 
 and the same base, as experts merged in practice do.
 
 One merged adapter is then scored on all three tasks: task arithmetic (lam * sum of the task
-vectors) and TIES (trim to k = 0.1, elect a sign, disjoint mean, times lam), each from the
+vectors) and TIES (trim to k = 0.1, elect a sign, disjoint mean, times lam; lam scales each
+update B @ A, split as sqrt(lam) on each factor), each from the
 uncompressed experts (peft.utils.merge_utils on the dense tensors) and from the ComPEFT experts
 (k = 0.1, the library's defaults; compeft_rs.merge on the compressed form). LoRA factors are merged
 tensor by tensor (A with A, B with B), as peft's add_weighted_adapter does for these methods; the
@@ -34,12 +35,15 @@ import compeft_rs  # noqa: E402
 from accuracy_study import TASKS, report, trained  # noqa: E402
 
 K = 0.1
-LAMS = {"task_arithmetic": (0.3, 0.5, 0.7, 1.0), "ties": (0.5, 1.0, 1.5, 2.0)}
-QUICK_LAMS = {"task_arithmetic": (0.5,), "ties": (1.0,)}  # no selection: one fixed lam each
+# lam scales each expert's update B @ A (compeft_rs.merge splits it as sqrt(lam) on both factors,
+# as peft's add_weighted_adapter splits weights).
+LAMS = {"task_arithmetic": (0.09, 0.25, 0.49, 1.0), "ties": (0.25, 1.0, 2.25, 4.0)}
+QUICK_LAMS = {"task_arithmetic": (0.25,), "ties": (1.0,)}  # no selection: one fixed lam each
 
 
 def dense_merge(states, method, lam):
-    """peft's merge_utils on the dense adapters: LoRA factors merged per tensor, heads averaged."""
+    """peft's merge_utils on the dense adapters: LoRA factors merged per tensor with lam split as
+    sqrt(lam) on each factor (so B @ A scales by lam, as in compeft_rs.merge), heads averaged."""
     from peft.utils import merge_utils
 
     w = torch.ones(len(states))
@@ -48,9 +52,9 @@ def dense_merge(states, method, lam):
         ts = [s[n].float() for s in states]
         if "lora_A" in n or "lora_B" in n:
             if method == "ties":
-                out[n] = lam * merge_utils.ties(ts, w, K)
+                out[n] = lam ** 0.5 * merge_utils.ties(ts, w, K)
             else:
-                out[n] = lam * merge_utils.task_arithmetic(ts, w)
+                out[n] = lam ** 0.5 * merge_utils.task_arithmetic(ts, w)
         else:
             out[n] = sum(ts) / len(ts)
     return out
