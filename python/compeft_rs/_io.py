@@ -5,21 +5,122 @@ nothing half written; they get the permissions the umask gives (not mkstemp's 06
 fsynced with their folder before they count as written. Replacing a folder never deletes what
 the library did not write: the old folder is renamed aside and removed only after the new one is
 in place, and a folder holding other files, or the current folder, is refused.
+
+Temporary names say who wrote them: ``.<target>.<pid>-<host>-<random>.tmp`` (``.old`` for a
+folder renamed aside), host a short hash of the host name. A process killed mid-write leaves one
+behind; the next write into that folder (at most once a minute per folder and process) removes
+those whose writer is gone: a pid no longer running on this host, or anything older than an hour.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Callable, Dict, Iterable, Optional, Union
 
-__all__ = ["atomic_file", "atomic_dir", "fsync_dir"]
+__all__ = ["atomic_file", "atomic_dir", "fsync_dir", "sweep_stale"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _umask_lock = threading.Lock()
+
+# A leftover older than this is stale whoever wrote it (pids are reused, and another host's
+# processes cannot be asked).
+STALE_AFTER_S = 3600.0
+_SWEEP_EVERY_S = 60.0
+_TEMP = re.compile(r"\.(?P<target>.+)\.(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]+\.(?P<kind>tmp|old)")
+_swept: Dict[str, float] = {}
+_swept_lock = threading.Lock()
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(target: Path) -> str:
+    # Read at each call: a forked child writes under its own pid.
+    return f".{target.name}.{os.getpid()}-{_host_tag()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only when ``pid`` is certainly not running here (unknown counts as alive)."""
+    if os.name != "posix" or pid <= 0:
+        return True  # Windows' os.kill terminates rather than probes
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: running, as another user
+        return True
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    st = path.lstat()
+    newest = st.st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for p in path.iterdir():
+            try:
+                newest = max(newest, p.lstat().st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sweep_stale(folder: PathLike, *, now: Optional[float] = None) -> int:
+    """Removes the temporary files and folders this module's writers left in ``folder`` when
+    they were killed: those of a pid that no longer runs on this host, and any older than an
+    hour. A folder renamed aside (``.old``) goes back to its place if nothing took it. Returns
+    how many were removed; never raises."""
+    folder = Path(folder)
+    now = time.time() if now is None else now
+    host = _host_tag()
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
+        if m is None:
+            continue
+        path = folder / entry.name
+        try:
+            dead = m["host"] == host and not _pid_alive(int(m["pid"]))
+            if not dead and now - _newest_mtime(path) <= STALE_AFTER_S:
+                continue
+            if m["kind"] == "old":
+                target, old = folder / m["target"], path / "old"
+                if old.is_dir() and not target.exists():
+                    os.replace(old, target)  # killed between the two renames of atomic_dir
+            _remove(path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _sweep_if_due(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    now = time.monotonic()
+    with _swept_lock:
+        if now - _swept.get(key, -_SWEEP_EVERY_S) < _SWEEP_EVERY_S:
+            return
+        _swept[key] = now
+    sweep_stale(folder)
 
 
 def _umask() -> int:
@@ -60,7 +161,8 @@ def atomic_file(path: PathLike, write: Callable[[Path], None]) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name for the output")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _sweep_if_due(path.parent)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -108,7 +210,8 @@ def atomic_dir(path: PathLike, build: Callable[[Path], None], names: Iterable[st
             raise FileExistsError(f"{out} exists; pass --force (overwrite=True) to replace it")
         _check_replaceable(out, names)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    _sweep_if_due(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".tmp", dir=out.parent))
     aside = None
     try:
         mask = _umask()
@@ -119,7 +222,7 @@ def atomic_dir(path: PathLike, build: Callable[[Path], None], names: Iterable[st
             _fsync_file(p)
         fsync_dir(tmp)
         if out.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), suffix=".old", dir=out.parent))
             os.replace(out, aside / "old")
         os.replace(tmp, out)
     except BaseException:

@@ -4,20 +4,38 @@ materialised as plain PEFT folders for engines that read those (vLLM, LoRAX)."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import shutil
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from ._expert import CompressedExpert, PathLike, load_expert
-from ._io import atomic_file
-from ._peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_peft
+from ._io import STALE_AFTER_S, atomic_dir, atomic_file, sweep_stale
+from ._peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict
 
-__all__ = ["ExpertStore"]
+__all__ = ["ExpertStore", "DEFAULT_CACHE_MAX_BYTES"]
 
 SUFFIX = ".cpft.safetensors"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+# Temporary files of versions that did not put the writer's pid in the name.
+_LEGACY_TEMP = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]*\.cpft\.safetensors\.[a-z0-9_]{8}\.tmp")
+
+DEFAULT_CACHE_MAX_BYTES = 10 << 30
+SIDECAR = ".compeft.json"  # written last into a materialised folder; engines ignore it
+_SIDECAR_FORMAT = 1
+_DIGEST = re.compile(r"[0-9a-f]{32}")
+
+# A file's identity: (device, inode, mtime_ns, size) locally, what fsspec's info() says of the
+# object remotely. Any write through the store changes it (a new file is renamed in, or a new
+# object replaces the old one).
+Identity = Tuple[Any, ...]
+_REMOTE_KEYS = ("ETag", "etag", "e_tag", "md5Hash", "generation", "version_id", "VersionId", "mtime",
+                "LastModified", "last_modified", "updated", "modified", "created", "size")
 
 
 def _check_name(name: str) -> str:
@@ -25,6 +43,10 @@ def _check_name(name: str) -> str:
         raise ValueError(f"bad expert name {name!r}: use 1-200 letters, digits, '.', '_' or '-', starting with a "
                          f"letter or digit (the file is <name>{SUFFIX})")
     return name
+
+
+def _valid_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None and not name.endswith(SUFFIX)
 
 
 class _LRU:
@@ -58,35 +80,216 @@ class _LRU:
             self.nbytes -= hit[1]
 
 
-class ExpertStore:
-    """A folder of ``<name>.cpft.safetensors`` experts, local or remote.
+class _Cached:
+    """A cached value, the identity of the file it came from and when that was last checked."""
+
+    __slots__ = ("value", "ident", "checked")
+
+    def __init__(self, value: Any, ident: Identity) -> None:
+        self.value = value
+        self.ident = ident
+        self.checked = time.monotonic()
+
+
+def _local_identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _private_dir(path: Path) -> None:
+    """Creates ``path`` and its missing parents readable by the owner only: a materialised folder
+    holds a decoded adapter at a predictable place. Existing folders are left as they are."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)  # mkdir's mode passes through the umask
+    if not path.is_dir():
+        raise NotADirectoryError(f"cache folder {path} exists and is not a folder; choose another cache_dir")
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _verified(out: Path, digest: str) -> bool:
+    """Whether ``out`` is a complete folder materialised from the expert with SHA-256 ``digest``:
+    exactly the files the sidecar lists, each of the size and SHA-256 it records."""
+    try:
+        if out.is_symlink() or not out.is_dir():
+            return False
+        if set(os.listdir(out)) != {ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR}:
+            return False
+        side = json.loads((out / SIDECAR).read_text())
+        files = side["files"]
+        if side.get("format") != _SIDECAR_FORMAT or side.get("expert_sha256") != digest:
+            return False
+        if set(files) != {ADAPTER_CONFIG, ADAPTER_WEIGHTS}:
+            return False
+        for fname, want in files.items():
+            p = out / fname
+            if p.is_symlink() or p.stat().st_size != int(want["size"]) or _file_sha256(p) != want["sha256"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _write_folder(out: Path, expert: CompressedExpert, digest: str) -> None:
+    """The adapter folder of ``expert``, built beside ``out`` and renamed in; the sidecar last."""
+    state = adapter_state_dict(expert)
+    config = expert.peft_config
+
+    def build(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        files = {n: {"size": (tmp / n).stat().st_size, "sha256": _file_sha256(tmp / n)}
+                 for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+        side = {"format": _SIDECAR_FORMAT, "expert_sha256": digest, "files": files}
+        (tmp / SIDECAR).write_text(json.dumps(side, indent=2))
+
+    atomic_dir(out, build, (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR), overwrite=False)
+
+
+def _folder_bytes(path: Path) -> int:
+    total = 0
+    for e in os.scandir(path):
+        try:
+            total += e.stat(follow_symlinks=False).st_size
+        except OSError:
+            pass
+    return total
+
+
+def _evict(cache: Path, max_bytes: int, keep: Path) -> None:
+    """Removes the least recently used materialised folders of ``cache`` (by mtime, which
+    :meth:`ExpertStore.materialize` touches on each use) until the rest fit in ``max_bytes``.
+    ``keep`` stays whatever its size; a folder another process holds the lock of is skipped."""
+    from filelock import FileLock, Timeout
+
+    folders = []
+    for e in os.scandir(cache):
+        if not _DIGEST.fullmatch(e.name) or not e.is_dir(follow_symlinks=False):
+            continue
+        try:
+            folders.append((e.stat(follow_symlinks=False).st_mtime_ns, e.name, _folder_bytes(Path(e.path))))
+        except OSError:
+            continue
+    total = sum(size for _, _, size in folders)
+    for mtime, name, size in sorted(folders):
+        if total <= max_bytes:
+            break
+        if name == keep.name:
+            continue
+        lock = FileLock(str(cache / f".{name}.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            continue  # being written or verified right now
+        try:
+            folder = cache / name
+            if folder.lstat().st_mtime_ns != mtime:
+                continue  # used since it was listed
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
+        except OSError:
+            continue
+        finally:
+            lock.release()
+
+
+class ExpertStore(Mapping[str, CompressedExpert]):
+    """A folder of ``<name>.cpft.safetensors`` experts, local or remote, read as a mapping from
+    names to :class:`CompressedExpert`: ``store[name]`` (KeyError if absent), ``store.get(name)``
+    (None if absent), ``name in store``, ``len(store)``, iteration over the names (sorted).
 
     ``root`` is a local folder or any fsspec URL (``s3://bucket/experts``, ``gs://...``,
     ``memory://...``; the fsspec backend for it must be installed); ``storage_options`` go to
-    fsspec. Compressed experts read from the store are cached in memory up to ``cache_bytes``
-    (their file size) and decoded experts up to ``decoded_cache_bytes``, least recently used
-    dropped first. Safe to use from several threads; :meth:`materialize` is also safe when
-    several processes ask for the same expert at once.
+    fsspec. A missing root is created, or with ``create=False`` refused (FileNotFoundError), so
+    a mistyped path is not taken for an empty store. Compressed experts read from the store are
+    cached in memory up to ``cache_bytes`` (their file size) and decoded experts up to
+    ``decoded_cache_bytes``, least recently used dropped first.
+
+    Consistency. In this object, a :meth:`put` or :meth:`remove` is seen by every call that
+    starts after it returns: each name has a generation, bumped under the lock by put and
+    remove, and a read caches what it read only if the generation has not changed since it
+    started (so a read that overlaps a put returns the old or the new expert, and never leaves
+    the old one cached). Writes by other processes (or other ``ExpertStore`` objects) are seen
+    through the file: every cache hit first checks the file's identity (device, inode, mtime and
+    size locally, one ``stat``; ETag, generation, mtime and size, whichever fsspec's ``info``
+    gives, on a remote store, one metadata request) and reads the file again if it changed or
+    is gone. ``revalidate`` (seconds) trusts a cached expert that long between checks; None
+    never checks, so only this object's own writes are seen. Not guaranteed: a remote store
+    whose ``info`` does not change on rewrite (no ETag or version, mtime in whole seconds and the
+    same size) can hide a rewrite within the same second; dicts returned by :meth:`decoded`
+    earlier are not updated. Writes are atomic (a new file renamed in; an object store replaces
+    the object whole), so a reader sees the old expert or the new one, never a mix.
+
+    Safe to use from several threads; :meth:`materialize` is also safe when several processes
+    ask for the same expert at once.
     """
 
     def __init__(self, root: Union[str, PathLike], *, cache_bytes: int = 1 << 30,
-                 decoded_cache_bytes: int = 1 << 30, storage_options: Optional[Dict[str, Any]] = None) -> None:
+                 decoded_cache_bytes: int = 1 << 30, storage_options: Optional[Dict[str, Any]] = None,
+                 create: bool = True, revalidate: Optional[float] = 0.0) -> None:
         import fsspec
 
         self.root = str(root)
         self.fs, self._path = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
         self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-        self.fs.makedirs(self._path, exist_ok=True)
+        if not self.fs.isdir(self._path):
+            if self.fs.exists(self._path):
+                raise NotADirectoryError(f"expert store root {self.root} is a file, not a folder")
+            if not create:
+                raise FileNotFoundError(f"no expert store at {self.root}: the folder does not exist (check the "
+                                        "path, or pass create=True to start a new store there)")
+            self.fs.makedirs(self._path, exist_ok=True)
+        if revalidate is not None and revalidate < 0:
+            raise ValueError(f"revalidate must be >= 0 seconds or None, got {revalidate}")
+        self.revalidate = revalidate
         self._lock = threading.RLock()
         self._compressed = _LRU(cache_bytes)
         self._decoded = _LRU(decoded_cache_bytes)
+        self._gen: Dict[str, int] = {}
+        if self._local:
+            self._sweep()
 
     def _file(self, name: str) -> str:
         return f"{self._path.rstrip('/')}/{_check_name(name)}{SUFFIX}"
 
+    def _sweep(self) -> None:
+        """Removes what killed writers left in the root (see compeft_rs._io.sweep_stale)."""
+        sweep_stale(self._path)
+        now = time.time()
+        try:
+            for e in os.scandir(self._path):
+                if _LEGACY_TEMP.fullmatch(e.name) and now - e.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S:
+                    os.unlink(e.path)
+        except OSError:
+            pass
+
     def __repr__(self) -> str:
         return f"ExpertStore({self.root!r}, {len(self.names())} experts)"
 
+    # -- the mapping --------------------------------------------------------------------------
     def names(self) -> List[str]:
         """Names of the experts in the store, sorted."""
         out = []
@@ -96,12 +299,126 @@ class ExpertStore:
                 out.append(base[: -len(SUFFIX)])
         return sorted(out)
 
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and _NAME.fullmatch(name) is not None and self.fs.exists(self._file(name))
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
 
     def __len__(self) -> int:
         return len(self.names())
 
+    def __contains__(self, name: object) -> bool:
+        return _valid_name(name) and self.fs.exists(self._file(name))  # type: ignore[arg-type]
+
+    def __getitem__(self, name: str) -> CompressedExpert:
+        """The compressed expert ``name`` (from the in-memory cache when it is there and its
+        file has not changed); KeyError if the store has none."""
+        exp = self.get(name)
+        if exp is None:
+            raise KeyError(self._missing(name))
+        return exp
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        """The compressed expert ``name``, or ``default`` if the store has none. A file that is
+        there but not a valid expert raises CompeftError."""
+        if not _valid_name(name):
+            return default
+        found = self._lookup(name)
+        return default if found is None else found[0]
+
+    # Two stores are equal only if they are the same object (Mapping's equality would read
+    # every expert); hashable like any object.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def _missing(self, name: object) -> str:
+        if not _valid_name(name):
+            return (f"no expert {name!r} in {self.root}: not a valid expert name (1-200 letters, digits, '.', '_' "
+                    "or '-', starting with a letter or digit)")
+        return f"no expert {name!r} in {self.root}"
+
+    # -- reading ------------------------------------------------------------------------------
+    def _identity(self, path: str) -> Optional[Identity]:
+        """The identity of the file at ``path`` now; None if there is none."""
+        try:
+            if self._local:
+                return _local_identity(os.stat(path))
+            self.fs.invalidate_cache(path)  # fsspec caches listings; another writer's change must show
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return None
+        return tuple((k, str(info[k])) for k in _REMOTE_KEYS if info.get(k) is not None)
+
+    def _fresh(self, path: str, hit: _Cached) -> bool:
+        if self.revalidate is None:
+            return True
+        now = time.monotonic()
+        if now - hit.checked < self.revalidate:
+            return True
+        if self._identity(path) != hit.ident:
+            return False
+        hit.checked = now
+        return True
+
+    def _read(self, path: str) -> Tuple[bytes, Identity]:
+        if self._local:
+            with open(path, "rb") as f:
+                # The identity of what was opened: a file renamed over it later is another inode.
+                ident = _local_identity(os.fstat(f.fileno()))
+                data = f.read()
+            return data, ident
+        ident = self._identity(path)  # taken before the read: a rewrite in between is seen next time
+        if ident is None:
+            raise FileNotFoundError(path)
+        return self.fs.cat_file(path), ident
+
+    def _drop(self, name: str, gen: int) -> None:
+        """Forgets the cached copies of ``name`` if no put or remove came since ``gen``."""
+        with self._lock:
+            if self._gen.get(name, 0) == gen:
+                self._compressed.pop(name)
+                self._decoded.pop(name)
+
+    def _lookup(self, name: str) -> Optional[Tuple[CompressedExpert, Identity]]:
+        path = self._file(name)
+        with self._lock:
+            gen = self._gen.get(name, 0)
+            hit = self._compressed.get(name)
+        if hit is not None:
+            if self._fresh(path, hit):
+                return hit.value, hit.ident
+            self._drop(name, gen)
+        try:
+            data, ident = self._read(path)
+        except FileNotFoundError:
+            self._drop(name, gen)
+            return None
+        exp = CompressedExpert.from_bytes(data)
+        with self._lock:
+            if self._gen.get(name, 0) == gen:
+                self._compressed.put(name, _Cached(exp, ident), len(data))
+        return exp, ident
+
+    def decoded(self, name: str) -> Dict[str, Any]:
+        """The adapter weights of ``name`` as torch tensors on the CPU (cached, bounded in bytes;
+        checked against the file like the compressed cache). The dict is shared with the cache:
+        do not modify its tensors."""
+        path = self._file(name)
+        with self._lock:
+            gen = self._gen.get(name, 0)
+            hit = self._decoded.get(name)
+        if hit is not None and self._fresh(path, hit):
+            return hit.value
+        found = self._lookup(name)
+        if found is None:
+            raise KeyError(self._missing(name))
+        exp, ident = found
+        weights = exp.apply()
+        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        with self._lock:
+            if self._gen.get(name, 0) == gen:
+                self._decoded.put(name, _Cached(weights, ident), nbytes)
+        return weights
+
+    # -- writing ------------------------------------------------------------------------------
     def put(self, name: str, expert: Union[CompressedExpert, PathLike], *, overwrite: bool = False) -> None:
         """Stores an expert (or an expert file) under ``name``, written completely or not at all."""
         path = self._file(name)
@@ -110,76 +427,74 @@ class ExpertStore:
         with self._lock:
             if not overwrite and self.fs.exists(path):
                 raise FileExistsError(f"the store already has an expert {name!r}; pass overwrite=True to replace it")
+            ident: List[Identity] = []
             if self._local:
-                atomic_file(path, lambda tmp: Path(tmp).write_bytes(data))
+                def write(tmp: Path) -> None:
+                    tmp.write_bytes(data)
+                    # Renaming keeps the inode and mtime: this is the identity of the stored file.
+                    ident.append(_local_identity(os.stat(tmp)))
+
+                atomic_file(path, write)
             else:  # object stores replace an object whole
                 self.fs.pipe_file(path, data)
+            self._gen[name] = self._gen.get(name, 0) + 1
             self._decoded.pop(name)
-            self._compressed.put(name, CompressedExpert.from_bytes(data), len(data))
-
-    def get(self, name: str) -> CompressedExpert:
-        """The compressed expert ``name`` (from the in-memory cache when it is there)."""
-        path = self._file(name)
-        with self._lock:
-            hit = self._compressed.get(name)
-        if hit is not None:
-            return hit
-        try:
-            data = self.fs.cat_file(path)
-        except FileNotFoundError:
-            raise KeyError(f"no expert {name!r} in {self.root}") from None
-        exp = CompressedExpert.from_bytes(data)
-        with self._lock:
-            self._compressed.put(name, exp, len(data))
-        return exp
-
-    def decoded(self, name: str) -> Dict[str, Any]:
-        """The adapter weights of ``name`` as torch tensors on the CPU (cached, bounded in bytes).
-        The dict is shared with the cache: do not modify its tensors."""
-        with self._lock:
-            hit = self._decoded.get(name)
-        if hit is not None:
-            return hit
-        weights = self.get(name).apply()
-        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-        with self._lock:
-            self._decoded.put(name, weights, nbytes)
-        return weights
+            self._compressed.pop(name)
+            if ident:
+                self._compressed.put(name, _Cached(CompressedExpert.from_bytes(data), ident[0]), len(data))
 
     def remove(self, name: str) -> None:
-        """Deletes ``name`` from the store and its caches (materialised folders stay: they are
-        keyed by content, and another expert may share one)."""
+        """Deletes ``name`` from the store and its caches (materialised folders stay until evicted:
+        they are keyed by content, and another expert may share one)."""
         path = self._file(name)
         with self._lock:
+            self._gen[name] = self._gen.get(name, 0) + 1
             self._compressed.pop(name)
             self._decoded.pop(name)
             try:
                 self.fs.rm(path)
             except FileNotFoundError:
-                raise KeyError(f"no expert {name!r} in {self.root}") from None
+                raise KeyError(self._missing(name)) from None
 
     def content_hash(self, name: str) -> str:
         """SHA-256 of the expert's file bytes (hex)."""
-        return hashlib.sha256(self.get(name).to_bytes()).hexdigest()
+        return hashlib.sha256(self[name].to_bytes()).hexdigest()
 
-    def materialize(self, name: str, cache_dir: Union[str, PathLike, None] = None) -> Path:
-        """A plain PEFT folder (adapter_config.json and adapter_model.safetensors) of ``name``,
-        written once into ``cache_dir`` (default: ``~/.cache/compeft-rs/peft``) under the
-        expert's content hash and reused afterwards. The folder is built beside its place and
-        renamed in, under a file lock, so processes asking at once write it once and never see
-        half of it."""
+    # -- PEFT folders -------------------------------------------------------------------------
+    def materialize(self, name: str, cache_dir: Union[str, PathLike, None] = None, *,
+                    cache_max_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES) -> Path:
+        """A plain PEFT folder (adapter_config.json and adapter_model.safetensors) of ``name`` in
+        ``cache_dir`` (default: ``~/.cache/compeft-rs/peft``, created readable by the owner only),
+        named by the expert's content hash.
+
+        Under a file lock per folder, so processes asking at once write it once: an existing
+        folder is reused only if its sidecar (``.compeft.json``, written last) names this
+        expert's hash and its files have the sizes and SHA-256 the sidecar records; anything else
+        there (partial, changed, foreign) is removed and rebuilt. A folder is built beside its
+        place and renamed in, so a failed write leaves nothing under the hash. Each use touches
+        the folder's mtime; after a write, the least recently used folders are removed until the
+        cache holds at most ``cache_max_bytes`` (None: unbounded), never the one returned (nor one
+        another process holds the lock of). An engine should load the folder soon after it is
+        returned: a full cache may evict it once it is the least recently used.
+        """
         from filelock import FileLock
 
-        exp = self.get(name)
+        exp = self[name]
         if exp.peft_config is None:
             raise ValueError(f"expert {name!r} was not made from a PEFT adapter (no adapter config in it); "
                              "only PEFT experts can be materialised as adapter folders")
         cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "compeft-rs" / "peft"
-        cache.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(exp.to_bytes()).hexdigest()[:32]
-        out = cache / digest
-        with FileLock(str(cache / f".{digest}.lock")):
-            if (out / ADAPTER_CONFIG).is_file() and (out / ADAPTER_WEIGHTS).is_file():
+        _private_dir(cache)
+        digest = hashlib.sha256(exp.to_bytes()).hexdigest()
+        out = cache / digest[:32]
+        with FileLock(str(cache / f".{out.name}.lock")):
+            if _verified(out, digest):
+                os.utime(out)  # most recently used
                 return out
-            save_peft(exp, out, overwrite=out.exists())
+            if out.exists() or out.is_symlink():
+                _remove_entry(out)  # partial, changed or foreign: rebuilt
+            _write_folder(out, exp, digest)
+            os.utime(out)
+        if cache_max_bytes is not None:
+            _evict(cache, cache_max_bytes, keep=out)
         return out

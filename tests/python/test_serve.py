@@ -1,9 +1,6 @@
 """Serving: in-place swaps into a live PeftModel, the expert store, the vLLM resolver."""
 
 import asyncio
-import json
-import multiprocessing
-import threading
 
 import pytest
 import torch
@@ -194,112 +191,6 @@ def test_device_expansion_in_chunks_equals_the_decoder(monkeypatch):
         out = torch.full((37, 29), 7.0, dtype=dtype)
         _serve._expand_into(c._stream, out)
         assert torch.equal(out, c.decode()), dtype
-
-
-# -- the store --------------------------------------------------------------------------------
-
-
-def test_store_put_get_names_remove(tmp_path):
-    store = compeft_rs.ExpertStore(tmp_path / "store")
-    e1, e2 = an_expert(seed=1), an_expert(seed=2)
-    store.put("one", e1)
-    store.put("two", e2)
-    assert store.names() == ["one", "two"] and "one" in store and "three" not in store and len(store) == 2
-    assert (tmp_path / "store" / "one.cpft.safetensors").is_file()
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        store.put("one", e2)
-    fresh = compeft_rs.ExpertStore(tmp_path / "store")  # nothing cached
-    assert fresh.get("two").to_bytes() == e2.to_bytes()
-    for n, t in fresh.decoded("one").items():
-        assert torch.equal(t, e1.apply()[n])
-    store.put("one", e2, overwrite=True)
-    assert store.get("one").to_bytes() == e2.to_bytes()
-    assert torch.equal(store.decoded("one")["base_model.model.q.lora_A.weight"],
-                       e2.apply()["base_model.model.q.lora_A.weight"])
-    store.remove("one")
-    assert store.names() == ["two"]
-    with pytest.raises(KeyError, match="no expert 'one'"):
-        store.get("one")
-    for bad in ["", "../x", "a/b", ".hidden", "x.cpft.safetensors"]:
-        with pytest.raises(ValueError, match="bad expert name"):
-            store.put(bad, e1)
-
-
-def test_store_decoded_cache_is_bounded(tmp_path):
-    e = an_expert()
-    size = sum(t.numel() * t.element_size() for t in e.apply().values())
-    store = compeft_rs.ExpertStore(tmp_path, decoded_cache_bytes=2 * size + 1)
-    for i in range(4):
-        store.put(f"e{i}", e)
-        store.decoded(f"e{i}")
-        assert store._decoded.nbytes <= 2 * size + 1
-    assert list(store._decoded.items) == ["e2", "e3"]
-    store.decoded("e2")  # a hit moves it to the end
-    store.decoded("e0")
-    assert list(store._decoded.items) == ["e2", "e0"]
-
-
-def test_store_on_an_fsspec_url():
-    pytest.importorskip("fsspec")
-    store = compeft_rs.ExpertStore("memory://compeft-test-store")
-    e = an_expert()
-    store.put("x", e)
-    again = compeft_rs.ExpertStore("memory://compeft-test-store")
-    assert again.names() == ["x"] and again.get("x").to_bytes() == e.to_bytes()
-    again.remove("x")
-    assert again.names() == []
-
-
-def test_store_from_many_threads(tmp_path):
-    experts = [an_expert(seed=s) for s in range(4)]
-    store = compeft_rs.ExpertStore(tmp_path, decoded_cache_bytes=30_000)
-    for i, e in enumerate(experts):
-        store.put(f"e{i}", e)
-    want = [e.apply() for e in experts]
-    errors = []
-
-    def work(t):
-        try:
-            for j in range(40):
-                i = (t + j) % 4
-                got = store.decoded(f"e{i}") if j % 2 else store.get(f"e{i}").apply()
-                for n, v in want[i].items():
-                    assert torch.equal(got[n], v)
-                if j % 10 == 0:
-                    store.put(f"e{i}", experts[i], overwrite=True)
-        except BaseException as ex:  # reported in the main thread
-            errors.append(ex)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
-    assert store._decoded.nbytes <= 30_000
-
-
-def _materialize(args):
-    root, cache = args
-    return str(compeft_rs.ExpertStore(root).materialize("x", cache))
-
-
-def test_two_processes_materialize_the_same_expert_once(tmp_path):
-    e = an_expert()
-    compeft_rs.ExpertStore(tmp_path / "s").put("x", e)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(2) as pool:
-        paths = pool.map(_materialize, [(str(tmp_path / "s"), str(tmp_path / "c"))] * 4)
-    assert len(set(paths)) == 1
-    folders = [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
-    assert [p.name for p in folders] == [paths[0].rsplit("/", 1)[-1]]
-    assert sorted(q.name for q in folders[0].iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    from safetensors.torch import load_file
-
-    got = load_file(str(folders[0] / "adapter_model.safetensors"))
-    for n, t in e.apply().items():
-        assert torch.equal(got[n], t)
-    assert json.loads((folders[0] / "adapter_config.json").read_text()) == e.peft_config
 
 
 # -- vLLM ---------------------------------------------------------------------------------------
