@@ -1,6 +1,5 @@
-"""Serving: in-place swaps into a live PeftModel, the expert store, the vLLM resolver."""
-
-import asyncio
+"""Serving: in-place swaps into a live PeftModel (the expert store: test_store.py; the vLLM resolver:
+test_vllm.py)."""
 
 import pytest
 import torch
@@ -191,73 +190,6 @@ def test_device_expansion_in_chunks_equals_the_decoder(monkeypatch):
         out = torch.full((37, 29), 7.0, dtype=dtype)
         _serve._expand_into(c._stream, out)
         assert torch.equal(out, c.decode()), dtype
-
-
-# -- vLLM ---------------------------------------------------------------------------------------
-
-
-def test_vllm_resolver(tmp_path, monkeypatch):
-    pytest.importorskip("vllm.lora.resolver")
-    from vllm.lora.request import LoRARequest
-    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
-
-    from compeft_rs import vllm as cv
-
-    e = an_expert()
-    base = e.peft_config["base_model_name_or_path"]
-    store = compeft_rs.ExpertStore(tmp_path / "s")
-    store.put("math", e)
-    r = cv.CompeftResolver(store, tmp_path / "cache")
-    assert isinstance(r, LoRAResolver)
-    assert asyncio.run(r.resolve_lora(base, "unknown")) is None
-    assert asyncio.run(r.resolve_lora(base, "../etc")) is None
-    assert asyncio.run(r.resolve_lora("some/other-model", "math")) is None
-    req = asyncio.run(r.resolve_lora(base, "math"))
-    assert isinstance(req, LoRARequest) and req.lora_name == "math" and req.lora_int_id > 0
-    from safetensors.torch import load_file
-
-    got = load_file(f"{req.lora_path}/adapter_model.safetensors")
-    for n, t in e.apply().items():
-        assert torch.equal(got[n], t)
-    # Stable across calls (and processes: no salted hash), new when the content changes.
-    assert asyncio.run(r.resolve_lora(base, "math")).lora_int_id == req.lora_int_id
-    store.put("math", an_expert(seed=11), overwrite=True)
-    assert asyncio.run(r.resolve_lora(base, "math")).lora_int_id != req.lora_int_id
-    # The entry point registers it from the environment.
-    monkeypatch.setenv(cv.ENV_STORE, str(tmp_path / "s"))
-    monkeypatch.setenv(cv.ENV_CACHE_DIR, str(tmp_path / "cache2"))
-    cv.register()
-    reg = LoRAResolverRegistry.get_resolver(cv.RESOLVER_NAME)
-    assert isinstance(reg, cv.CompeftResolver) and reg.store.names() == ["math"]
-
-
-def test_vllm_reads_the_materialised_folder(tmp_path):
-    try:  # needs a few of vllm's dependencies besides the package itself (see .ci/run)
-        from vllm.lora.peft_helper import PEFTHelper
-    except ImportError as ex:
-        pytest.skip(f"vllm's PEFTHelper does not import here: {ex}")
-    e = an_expert(r=4)
-    store = compeft_rs.ExpertStore(tmp_path / "s")
-    store.put("x", e)
-    folder = store.materialize("x", tmp_path / "c")
-    helper = PEFTHelper.from_local_dir(str(folder), max_position_embeddings=None)
-    assert helper.r == 4 and helper.lora_alpha == e.peft_config["lora_alpha"]
-    assert sorted(helper.target_modules) == sorted(e.peft_config["target_modules"])
-
-
-def test_vllm_is_not_imported_by_the_package():
-    import subprocess
-    import sys
-
-    code = "import sys, compeft_rs; assert 'vllm' not in sys.modules, 'vllm imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_resolver_entry_point_is_declared():
-    from importlib.metadata import entry_points
-
-    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "compeft"]
-    assert [ep.value for ep in eps] == ["compeft_rs.vllm:register"]
 
 
 def test_load_into_needs_a_peft_model():
