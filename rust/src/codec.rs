@@ -481,6 +481,14 @@ impl GolombBody {
         if self.gaps.len() != words_for(self.gap_bits) || self.signs.len() != words_for(nnz) {
             return malformed("payload sizes disagree with the header");
         }
+        // With no nonzeros nothing is decoded, so gap bits would be bytes no check reads: a
+        // second byte form of the same stream.
+        if nnz == 0 && self.gap_bits != 0 {
+            return malformed(format!(
+                "a stream with no nonzeros has {} gap bits; it must have none",
+                self.gap_bits
+            ));
+        }
         // Each block holds 2^block_log2 nonzeros at distinct positions and at least one bit each.
         let bsz = 1u64 << self.block_log2;
         let mut prev = BlockStart { bit: 0, next: 0 };

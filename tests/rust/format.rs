@@ -191,6 +191,31 @@ fn huge_claimed_sizes_do_not_allocate() {
     assert!(Compressed::from_bytes(&b).is_err());
 }
 
+#[test]
+fn a_golomb_stream_without_nonzeros_has_no_gap_bits() {
+    // An all-zero tensor: nnz = 0, gap_bits = 0, no index, no payload. The same stream with gap
+    // bits (and the bytes they announce) would be a second byte form of it: refused.
+    let good = compress(Tensor::F32(&[0.0; 10]), &[10], 0.1, 1.0, Encoding::Golomb)
+        .unwrap()
+        .to_bytes();
+    assert!(Compressed::from_bytes(&good).is_ok());
+    // magic 4, version, encoding, dtype, ndim, shape, numel, nnz, scale 8, rice_b, block_log2:
+    // gap_bits at 21, index_len at 22, then the (empty) payload.
+    assert_eq!(&good[17..23], &[0, 0, 0, 12, 0, 0]);
+    for (bits, bytes) in [(1u8, 1usize), (8, 1), (9, 2)] {
+        let mut b = good[..23].to_vec();
+        b[21] = bits;
+        b.extend(std::iter::repeat_n(0u8, bytes));
+        b.extend_from_slice(&[0; 4]);
+        refresh_crc(&mut b);
+        let e = Compressed::from_bytes(&b).unwrap_err();
+        assert!(
+            matches!(&e, Error::Malformed(m) if m.contains("no nonzeros")),
+            "{bits} gap bits: {e}"
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
