@@ -648,6 +648,8 @@ fn advise_huge_pages<T>(out: &mut [T]) {
 impl Compressed {
     /// Checks the body against the header (used after parsing and before every decode).
     pub fn check(&self) -> Result<()> {
+        #[cfg(test)]
+        check_count::bump(self);
         check_shape(&self.shape, self.numel)?;
         if self.numel > MAX_NUMEL {
             return Err(Error::TooLarge {
@@ -905,7 +907,15 @@ impl Compressed {
 
     /// Calls `emit(position, negative)` for every kept entry at a position in `[lo, hi)`, in
     /// order, decoding only the blocks that overlap the range (found through the block index).
-    pub fn for_each_kept_in(
+    pub fn for_each_kept_in(&self, lo: u64, hi: u64, emit: impl FnMut(u64, bool)) -> Result<()> {
+        self.check()?;
+        self.for_each_kept_in_checked(lo, hi, emit)
+    }
+
+    /// [`Compressed::for_each_kept_in`] for a stream the caller has checked: callers that
+    /// visit many ranges of one stream check it once, not once per range (the check walks the
+    /// whole block index).
+    pub(crate) fn for_each_kept_in_checked(
         &self,
         lo: u64,
         hi: u64,
@@ -932,7 +942,6 @@ impl Compressed {
                 Ok(())
             }
             Body::Golomb(g) => {
-                self.check()?;
                 let nb = g.block_count(self.nnz) as usize;
                 if nb == 0 {
                     return Ok(());
@@ -947,6 +956,50 @@ impl Compressed {
                         emit(at, neg)
                     }
                 })
+            }
+        }
+    }
+
+    /// The position of kept entry number `keep` (counting from 0 in position order), so that
+    /// the positions below it hold exactly the first `keep` kept entries; `numel` when the
+    /// stream keeps no more than `keep`. For a stream the caller has checked.
+    pub(crate) fn kept_prefix_end(&self, keep: u64) -> Result<u64> {
+        if keep >= self.nnz {
+            return Ok(self.numel);
+        }
+        match &self.body {
+            Body::Bitmask(m) => {
+                let mut seen = 0u64;
+                for (w, (&p, &n)) in m.pos.iter().zip(&m.neg).enumerate() {
+                    let bits = p | n;
+                    let c = bits.count_ones() as u64;
+                    if seen + c > keep {
+                        // Drop the lowest (keep - seen) set bits; the next one is the entry.
+                        let mut rest = bits;
+                        for _ in 0..keep - seen {
+                            rest &= rest - 1;
+                        }
+                        return Ok(w as u64 * 64 + rest.trailing_zeros() as u64);
+                    }
+                    seen += c;
+                }
+                malformed("bitmasks hold fewer nonzeros than the header says")
+            }
+            Body::Golomb(g) => {
+                // Only the block holding the entry is decoded.
+                let j = (keep >> g.block_log2) as usize;
+                let mut left = keep - ((j as u64) << g.block_log2);
+                let mut found = None;
+                g.decode_blocks(self.numel, self.nnz, j, j + 1, |at, _| {
+                    if left == 0 && found.is_none() {
+                        found = Some(at);
+                    }
+                    left = left.wrapping_sub(1);
+                })?;
+                found.map_or_else(
+                    || malformed("a block holds fewer nonzeros than the header says"),
+                    Ok,
+                )
             }
         }
     }
@@ -1019,6 +1072,31 @@ impl Compressed {
                 neg: Vec::new(),
             }),
         }
+    }
+}
+
+/// How often each live stream was checked, for tests that a call checks a stream once, not once
+/// per piece of work (keyed by address: tests running at once hold distinct streams).
+#[cfg(test)]
+pub(crate) mod check_count {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    static COUNTS: Mutex<Option<HashMap<usize, usize>>> = Mutex::new(None);
+
+    pub(crate) fn bump(c: &super::Compressed) {
+        let mut m = COUNTS.lock().unwrap();
+        *m.get_or_insert_with(HashMap::new)
+            .entry(c as *const _ as usize)
+            .or_default() += 1;
+    }
+
+    /// The count for `c` since the last call, reset to 0.
+    pub(crate) fn take(c: &super::Compressed) -> usize {
+        let mut m = COUNTS.lock().unwrap();
+        m.get_or_insert_with(HashMap::new)
+            .remove(&(c as *const _ as usize))
+            .unwrap_or(0)
     }
 }
 

@@ -56,16 +56,16 @@ fn bad(msg: String) -> Error {
     Error::InvalidArgument(msg)
 }
 
-/// What one stream adds per entry.
+/// What one stream adds per entry in TIES. Every sum is float32, as the references compute.
 struct Part {
     pos: Vec<u64>,
     neg: Vec<u64>,
     /// Tally added by a positive entry (subtracted by a negative one) in the election.
-    elect: f64,
-    /// Contribution of a positive entry: w * s (a negative entry gives -w * s).
-    value: f64,
+    elect: f32,
+    /// Contribution of a positive entry: w * s in float32 (a negative entry gives -w * s).
+    value: f32,
     /// Added to the divisor by an agreeing entry.
-    den: f64,
+    den: f32,
     /// The entry's sign in the election is the pattern's sign times -1 (a negative mergekit
     /// weight).
     flip: bool,
@@ -110,6 +110,15 @@ fn check_spec(spec: &MergeSpec) -> Result<()> {
 }
 
 /// Merges streams of one tensor into `out` (numel float32 entries). `weights[i]` weighs stream i.
+///
+/// The arithmetic is that of the references on the decoded float32 tensors: each kept entry is
+/// `±f32(s_i)`, each weight `f32(w_i)`, their product rounded to float32, and every per-entry
+/// sum (the election's tally, the merged value, mergekit's divisor) is a float32 sum in
+/// stream order from 0. That is the order of torch's `sum(dim=0)` over a stack of up to 4
+/// tensors, and of up to 15 except for the entries of a tensor's last partial vector block
+/// (torch adds those 4 rows at a time); so ties in the election, such as
+/// 0.1f + 0.2f - 0.3f == 0 electing +, fall exactly where peft's and mergekit's fall. The
+/// result is multiplied by `f32(lam)`; no entry is -0.0.
 pub fn merge_into(
     streams: &[&Compressed],
     weights: &[f64],
@@ -149,15 +158,14 @@ pub fn merge_into(
     let keep = spec
         .density
         .map(|d| (d * first.numel() as f64).floor() as u64);
-    if spec.method == Method::TaskArithmetic
-        && streams.iter().all(|s| keep.is_none_or(|k| s.nnz() <= k))
-    {
-        return task_arithmetic_scatter(streams, weights, spec.lam, out);
+    if spec.method == Method::TaskArithmetic {
+        return task_arithmetic(streams, weights, keep, spec.lam, out);
     }
     let mut parts = Vec::with_capacity(streams.len());
     for (s, &w) in streams.iter().zip(weights) {
-        // The values a float32 decode holds: the election then ties exactly where peft's does.
-        let scale = s.scale() as f32 as f64;
+        // The values a float32 decode holds, and the weight as a float32 tensor holds it.
+        let (scale, w) = (s.scale() as f32, w as f32);
+        let value = w * scale;
         if scale == 0.0 || s.nnz() == 0 {
             continue; // decodes to zeros: no sign, no value
         }
@@ -165,8 +173,8 @@ pub fn merge_into(
         let (elect, den, flip) = match (spec.convention, spec.election) {
             (Convention::Peft, Election::Total) => (scale, 1.0, false),
             (Convention::Peft, Election::Frequency) => (1.0, 1.0, false),
-            (Convention::Mergekit, _) if w == 0.0 => continue, // w * tau has no sign
-            (Convention::Mergekit, Election::Total) => (w.abs() * scale, w, w < 0.0),
+            (Convention::Mergekit, _) if value == 0.0 => continue, // w * tau has no sign
+            (Convention::Mergekit, Election::Total) => (value.abs(), w, w < 0.0),
             (Convention::Mergekit, Election::Frequency) => (1.0, w, w < 0.0),
         };
         let BitmaskBody { mut pos, mut neg } = s.masks()?.into_owned();
@@ -179,18 +187,19 @@ pub fn merge_into(
             pos,
             neg,
             elect,
-            value: w * scale,
+            value,
             den,
             flip,
         });
     }
+    let lam = spec.lam as f32;
     const WORDS: usize = 256;
     out.par_chunks_mut(64 * WORDS)
         .enumerate()
         .for_each(|(c, chunk)| {
             let mut acc = Acc::default();
             for (j, o) in chunk.chunks_mut(64).enumerate() {
-                merge_word(&parts, c * WORDS + j, spec, o, &mut acc);
+                ties_word(&parts, c * WORDS + j, spec.convention, lam, o, &mut acc);
             }
         });
     Ok(())
@@ -200,32 +209,40 @@ pub fn merge_into(
 /// a whole LoRA factor of a 7B model (16 x 4096) in one task, so no golomb block is decoded twice.
 const TA_RANGE: usize = 1 << 17;
 
-/// Task arithmetic with nothing to trim: each output range sums, in float32, the kept entries
-/// every stream has there, decoded straight from the stream (only the blocks overlapping the
-/// range); no masks are built.
-fn task_arithmetic_scatter(
+/// Task arithmetic, trimmed or not: each output range sums, in float32 and stream order, the
+/// kept entries every stream has there (the first `keep` of each, when trimmed), decoded straight
+/// from the stream (only the blocks overlapping the range); no masks are built. Each stream is
+/// checked once here, not once per range.
+fn task_arithmetic(
     streams: &[&Compressed],
     weights: &[f64],
+    keep: Option<u64>,
     lam: f64,
     out: &mut [f32],
 ) -> Result<()> {
-    let parts: Vec<(&Compressed, f64)> = streams
-        .iter()
-        .zip(weights)
-        .filter(|(s, _)| s.scale() != 0.0 && s.nnz() > 0)
-        .map(|(s, &w)| (*s, w * (s.scale() as f32 as f64)))
-        .collect();
+    let mut parts: Vec<(&Compressed, f32, u64)> = Vec::with_capacity(streams.len());
+    for (s, &w) in streams.iter().zip(weights) {
+        if s.scale() == 0.0 || s.nnz() == 0 {
+            continue;
+        }
+        s.check()?;
+        // Kept entries at positions below `end`: all of them, or the first `keep`.
+        let end = match keep {
+            Some(k) => s.kept_prefix_end(k)?,
+            None => s.numel(),
+        };
+        parts.push((*s, w as f32 * s.scale() as f32, end));
+    }
     let lam = lam as f32;
-    // Summed in float32 in expert order, as peft's sum over the stacked float32 tensors is.
     out.par_chunks_mut(TA_RANGE)
         .enumerate()
         .try_for_each(|(c, chunk)| -> Result<()> {
             let lo = (c * TA_RANGE) as u64;
             let hi = lo + chunk.len() as u64;
             chunk.fill(0.0);
-            for (s, v) in &parts {
-                let vb = (*v as f32).to_bits();
-                s.for_each_kept_in(lo, hi, |at, neg| {
+            for &(s, v, end) in &parts {
+                let vb = v.to_bits();
+                s.for_each_kept_in_checked(lo, hi.min(end), |at, neg| {
                     // The sign by xor, not a branch: signs are random and a branch on them
                     // mispredicted half the time (this loop ran 1.6x slower).
                     chunk[(at - lo) as usize] += f32::from_bits(vb ^ (neg as u32) << 31);
@@ -248,12 +265,12 @@ fn each_bit(mut m: u64, mut f: impl FnMut(usize)) {
     }
 }
 
-/// Per-entry sums of one word, kept zero between words: only the entries some stream keeps are
-/// touched, and reset after use.
+/// Per-entry float32 sums of one word, kept zero between words: only the entries some stream
+/// keeps are touched, and reset after use.
 struct Acc {
-    tally: [f64; 64],
-    num: [f64; 64],
-    den: [f64; 64],
+    tally: [f32; 64],
+    num: [f32; 64],
+    den: [f32; 64],
 }
 
 impl Default for Acc {
@@ -266,68 +283,56 @@ impl Default for Acc {
     }
 }
 
-fn merge_word(parts: &[Part], w: usize, spec: &MergeSpec, out: &mut [f32], acc: &mut Acc) {
+/// TIES on one 64-entry word of the output.
+fn ties_word(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &mut [f32], acc: &mut Acc) {
     out.fill(0.0);
+    // Election: the tally uses each entry's own sign (flipped for a negative mergekit weight);
+    // ties (a tally of exactly 0) elect +, as both references do.
     let mut any = 0u64;
-    match spec.method {
-        Method::TaskArithmetic => {
-            for p in parts {
-                each_bit(p.pos[w], |b| acc.num[b] += p.value);
-                each_bit(p.neg[w], |b| acc.num[b] -= p.value);
-                any |= p.pos[w] | p.neg[w];
-            }
-            each_bit(any, |b| {
-                out[b] = (spec.lam * acc.num[b]) as f32;
-                acc.num[b] = 0.0;
-            });
-        }
-        Method::Ties => {
-            // Election: the tally uses each entry's own sign (flipped for a negative mergekit
-            // weight); ties (a tally of exactly 0) elect +, as both references do.
-            for p in parts {
-                let (ep, en) = if p.flip {
-                    (p.neg[w], p.pos[w])
-                } else {
-                    (p.pos[w], p.neg[w])
-                };
-                // One pass over the kept bits, the sign by xor (a branch or a second loop on
-                // random signs mispredicts).
-                let e = p.elect.to_bits();
-                each_bit(ep | en, |b| {
-                    acc.tally[b] += f64::from_bits(e ^ (en >> b & 1) << 63)
-                });
-                any |= ep | en;
-            }
-            let mut up = 0u64;
-            each_bit(any, |b| {
-                up |= ((acc.tally[b] >= 0.0) as u64) << b;
-                acc.tally[b] = 0.0;
-            });
-            for p in parts {
-                let (ep, en) = if p.flip {
-                    (p.neg[w], p.pos[w])
-                } else {
-                    (p.pos[w], p.neg[w])
-                };
-                let agree = (ep & up) | (en & !up);
-                let (v, neg) = (p.value.to_bits(), p.neg[w]);
-                each_bit(agree, |b| {
-                    acc.num[b] += f64::from_bits(v ^ (neg >> b & 1) << 63);
-                    acc.den[b] += p.den;
-                });
-            }
-            each_bit(any, |b| {
-                let d = match spec.convention {
-                    Convention::Peft => acc.den[b].max(1.0),
-                    Convention::Mergekit if acc.den[b] == 0.0 => 1.0,
-                    Convention::Mergekit => acc.den[b],
-                };
-                out[b] = (spec.lam * (acc.num[b] / d)) as f32;
-                acc.num[b] = 0.0;
-                acc.den[b] = 0.0;
-            });
-        }
+    for p in parts {
+        let (ep, en) = if p.flip {
+            (p.neg[w], p.pos[w])
+        } else {
+            (p.pos[w], p.neg[w])
+        };
+        // One pass over the kept bits, the sign by xor (a branch or a second loop on random
+        // signs mispredicts).
+        let e = p.elect.to_bits();
+        each_bit(ep | en, |b| {
+            acc.tally[b] += f32::from_bits(e ^ ((en >> b & 1) as u32) << 31)
+        });
+        any |= ep | en;
     }
+    let mut up = 0u64;
+    each_bit(any, |b| {
+        up |= ((acc.tally[b] >= 0.0) as u64) << b;
+        acc.tally[b] = 0.0;
+    });
+    for p in parts {
+        let (ep, en) = if p.flip {
+            (p.neg[w], p.pos[w])
+        } else {
+            (p.pos[w], p.neg[w])
+        };
+        let agree = (ep & up) | (en & !up);
+        let (v, neg) = (p.value.to_bits(), p.neg[w]);
+        each_bit(agree, |b| {
+            acc.num[b] += f32::from_bits(v ^ ((neg >> b & 1) as u32) << 31);
+            acc.den[b] += p.den;
+        });
+    }
+    each_bit(any, |b| {
+        let d = match conv {
+            Convention::Peft => acc.den[b].max(1.0),
+            Convention::Mergekit if acc.den[b] == 0.0 => 1.0,
+            Convention::Mergekit => acc.den[b],
+        };
+        let m = acc.num[b] / d;
+        // + 0.0: no -0.0 (a sum that cancels over a negative mergekit divisor, or a negative lam)
+        out[b] = if lam != 1.0 { m * lam } else { m } + 0.0;
+        acc.num[b] = 0.0;
+        acc.den[b] = 0.0;
+    });
 }
 
 /// Merges many tensors at once (parallel over tensors and within each): `groups[t]` holds the
@@ -502,6 +507,152 @@ mod tests {
             *o = *o * 0.75 + 0.0;
         }
         assert_eq!(got, want);
+    }
+
+    /// Streams of `n` entries whose kept entries sit on both sides of every task-arithmetic
+    /// range boundary, with scales that make float32 and float64 sums differ.
+    fn range_streams(n: u64) -> Vec<Compressed> {
+        use crate::{compress, Encoding, Tensor};
+        (0..3u64)
+            .map(|s| {
+                let mut x: Vec<f32> = (0..n)
+                    .map(|i| (((i + 7 * s) * 2_654_435_761) % 1009) as f32 - 504.0)
+                    .collect();
+                for r in (0..=n as usize).step_by(TA_RANGE) {
+                    for i in [r.wrapping_sub(1), r] {
+                        if let Some(v) = x.get_mut(i) {
+                            *v = if (i + s as usize) % 2 == 0 { 1e4 } else { -1e4 };
+                        }
+                    }
+                }
+                x[n as usize - 1] = 2e4;
+                let enc = if s == 1 {
+                    Encoding::Bitmask
+                } else {
+                    Encoding::Golomb
+                };
+                compress(Tensor::F32(&x), &[n], 0.1, 0.1 + 0.2 * s as f64, enc).unwrap()
+            })
+            .collect()
+    }
+
+    /// The reference: each stream decoded to float32, its first `keep` kept entries (all of
+    /// them without a trim) times f32(w), summed in float32 in stream order, times f32(lam).
+    fn ordered_f32_sum(
+        streams: &[Compressed],
+        weights: &[f64],
+        keep: Option<u64>,
+        lam: f32,
+    ) -> Vec<f32> {
+        use crate::TensorMut;
+        let n = streams[0].numel() as usize;
+        let mut want = vec![0f32; n];
+        for (s, w) in streams.iter().zip(weights) {
+            let mut d = vec![0f32; n];
+            s.decode_into(TensorMut::F32(&mut d)).unwrap();
+            let mut seen = 0u64;
+            for (o, v) in want.iter_mut().zip(&d) {
+                if *v != 0.0 {
+                    seen += 1;
+                    if keep.is_some_and(|k| seen > k) {
+                        continue;
+                    }
+                }
+                *o += *w as f32 * v;
+            }
+        }
+        if lam != 1.0 {
+            for o in want.iter_mut() {
+                *o = *o * lam + 0.0;
+            }
+        }
+        want
+    }
+
+    #[test]
+    fn task_arithmetic_has_one_rule_trimmed_or_not() {
+        // 300,001 entries: three output ranges, the last one short; weights whose float32 and
+        // float64 products and sums round differently; two identical streams at +w and -w cancel
+        // to +0.0, never -0.0, under a negative lam.
+        let streams = range_streams(300_001);
+        let n = streams[0].numel() as usize;
+        let weights = [0.1, -1.3, 0.7];
+        for density in [None, Some(0.05), Some(0.0), Some(1.0)] {
+            let keep = density.map(|d| (d * n as f64).floor() as u64);
+            for lam in [1.0f32, -0.75] {
+                let spec = MergeSpec {
+                    method: Method::TaskArithmetic,
+                    election: Election::Total,
+                    convention: Convention::Peft,
+                    density,
+                    lam: lam as f64,
+                };
+                let refs: Vec<&Compressed> = streams.iter().collect();
+                let mut got = vec![f32::NAN; n];
+                merge_into(&refs, &weights, &spec, &mut got).unwrap();
+                let want = ordered_f32_sum(&streams, &weights, keep, lam);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&got) == bits(&want), "density {density:?}, lam {lam}");
+                let pair = [&streams[0], &streams[0]];
+                merge_into(&pair, &[0.3, -0.3], &spec, &mut got).unwrap();
+                assert!(
+                    got.iter().all(|x| x.to_bits() == 0),
+                    "density {density:?}, lam {lam}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_merge_checks_each_stream_once_not_once_per_range() {
+        use crate::codec::check_count;
+        // 5 output ranges over streams of many golomb blocks: checking per range walked the
+        // whole block index each time.
+        let streams = range_streams(5 * TA_RANGE as u64 + 3);
+        let refs: Vec<&Compressed> = streams.iter().collect();
+        let mut out = vec![0f32; streams[0].numel() as usize];
+        for density in [None, Some(0.05)] {
+            let spec = MergeSpec {
+                method: Method::TaskArithmetic,
+                election: Election::Total,
+                convention: Convention::Peft,
+                density,
+                lam: 1.0,
+            };
+            for s in &streams {
+                check_count::take(s);
+            }
+            merge_into(&refs, &[1.0, 2.0, 3.0], &spec, &mut out).unwrap();
+            for s in &streams {
+                assert_eq!(check_count::take(s), 1, "density {density:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ties_votes_in_float32_in_stream_order() {
+        use crate::{compress, Encoding, Tensor};
+        // One kept entry per stream, scales 0.1f, 0.2f, 0.3f (the mean of the kept |x|): in
+        // float32 0.1 + 0.2 - 0.3 is exactly 0, which elects +; in float64 it is -7.5e-9.
+        let one = |v: f32| compress(Tensor::F32(&[v, 0.0]), &[2], 0.5, 1.0, Encoding::Golomb);
+        let one = |v: f32| {
+            let c = one(v).unwrap();
+            c.with_scale(v.abs() as f64).unwrap()
+        };
+        let streams = [one(0.1), one(0.2), one(-0.3)];
+        let refs: Vec<&Compressed> = streams.iter().collect();
+        for convention in [Convention::Peft, Convention::Mergekit] {
+            let spec = MergeSpec {
+                method: Method::Ties,
+                election: Election::Total,
+                convention,
+                density: None,
+                lam: 1.0,
+            };
+            let mut got = [f32::NAN; 2];
+            merge_into(&refs, &[1.0, 1.0, 1.0], &spec, &mut got).unwrap();
+            assert_eq!(got, [(0.1f32 + 0.2f32) / 2.0, 0.0], "{convention:?}");
+        }
     }
 
     #[test]
