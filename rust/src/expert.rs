@@ -270,7 +270,11 @@ pub fn serialize_expert(
             Payload::Raw { .. } => None,
         })
         .collect();
-    let pack = (!packed.is_empty()).then(|| write_pack(&packed));
+    let pack = if packed.is_empty() {
+        None
+    } else {
+        Some(write_pack(&packed)?)
+    };
     let mut views = Vec::with_capacity(items.len() + 1);
     if let Some(p) = &pack {
         views.push((

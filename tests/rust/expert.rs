@@ -11,6 +11,64 @@ use compeft::pack::{write_pack, Pack};
 use compeft::{compress, decode_many, Compressed, Encoding, Error, Tensor, TensorMut};
 use half::{bf16, f16};
 
+/// Counts the bytes each thread holds and the most it held, so that a test can show that a
+/// parse refused its input without allocating what the input asked for.
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        static LIVE: Cell<usize> = const { Cell::new(0) };
+        static PEAK: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn add(n: usize) {
+        let _ = LIVE.try_with(|l| {
+            l.set(l.get() + n);
+            let _ = PEAK.try_with(|p| p.set(p.get().max(l.get())));
+        });
+    }
+
+    fn sub(n: usize) {
+        let _ = LIVE.try_with(|l| l.set(l.get().saturating_sub(n)));
+    }
+
+    // SAFETY: every call is passed to the system allocator unchanged; the counters are
+    // const-initialised thread locals without destructors, so touching them never allocates.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            add(l.size());
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            add(l.size());
+            unsafe { System.alloc_zeroed(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            sub(l.size());
+            unsafe { System.dealloc(p, l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            add(new);
+            sub(l.size());
+            unsafe { System.realloc(p, l, new) }
+        }
+    }
+
+    /// The most this thread held above what it held when `f` started.
+    pub fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
+        let base = LIVE.with(Cell::get);
+        PEAK.with(|p| p.set(base));
+        let r = f();
+        (r, PEAK.with(Cell::get) - base)
+    }
+}
+
+#[global_allocator]
+static ALLOC: counting::Counting = counting::Counting;
+
 /// Decoded half values are sign * scale with the sign bit set for negative entries, compared
 /// value by value (not through the sign masks).
 #[test]
@@ -260,7 +318,7 @@ fn hostile_stream_packs_are_errors_not_panics() {
         .map(|(i, c)| (i.to_string(), c))
         .collect();
     let refs: Vec<(&str, &Compressed)> = items.iter().map(|(k, c)| (k.as_str(), *c)).collect();
-    let good = write_pack(&refs);
+    let good = write_pack(&refs).unwrap();
     assert!(Pack::parse(&good).is_ok());
     // Every truncation (the checksum, or a length check, refuses it).
     for cut in 0..good.len() {
@@ -334,12 +392,52 @@ fn hostile_stream_packs_are_errors_not_panics() {
         .unwrap_err()
         .to_string()
         .contains("inflate"));
-    // A deflate bomb: 64 MiB of zeros in a few kB of index is refused by the size limit.
+    // A deflate bomb: 64 MiB of zeros in 64 kB of index. Deflate's own bound (1032x) let it
+    // inflate whole before the index was found wrong; the index bound refuses it after 2 MB.
     let bomb = miniz_oxide::deflate::compress_to_vec(&vec![0u8; 64 << 20], 9);
     let mut b = b"CPFK\x01\x01".to_vec();
     put_varint(&mut b, bomb.len() as u64);
     b.extend_from_slice(&bomb);
-    assert!(Pack::parse(&sealed(&b)).is_err());
+    let b = sealed(&b);
+    let limit = compeft::pack::index_limit(bomb.len(), 0);
+    assert!(limit < 4 << 20, "{limit}");
+    let (r, peak) = counting::peak_during(|| Pack::parse(&b));
+    let e = r.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("inflates past {limit} bytes")),
+        "{e}"
+    );
+    // The output grows by doubling, and a reallocation briefly holds both buffers.
+    assert!(peak < 4 * limit, "parse held {peak} bytes");
+    // A count no index of these bytes can hold is refused before inflating.
+    let mut b = b"CPFK\x01".to_vec();
+    put_varint(&mut b, 1 << 40);
+    put_varint(&mut b, bomb.len() as u64);
+    b.extend_from_slice(&bomb);
+    let (r, peak) = counting::peak_during(|| Pack::parse(&sealed(&b)));
+    assert!(r.unwrap_err().to_string().contains("more than its"));
+    assert!(peak < 1 << 20, "parse held {peak} bytes");
+    // The writer refuses what readers would: thousands of empty streams under long keys.
+    let empty = compress(Tensor::F32(&[]), &[0; 8], 0.1, 1.0, Encoding::Golomb).unwrap();
+    let keys: Vec<String> = (0..5000).map(|i| format!("{:0>200}", i)).collect();
+    let many: Vec<(&str, &Compressed)> = keys.iter().map(|k| (k.as_str(), &empty)).collect();
+    let e = write_pack(&many).unwrap_err();
+    assert!(e.to_string().contains("a reader accepts"), "{e}");
+    // Real experts are far below the bound: thousands of empty 8-dimensional streams under
+    // decimal keys (the worst case measured) write and read back.
+    let empty8 = compress(
+        Tensor::F32(&[]),
+        &[0, 3, 3, 3, 3, 3, 3, 3],
+        0.1,
+        1.0,
+        Encoding::Golomb,
+    )
+    .unwrap();
+    let keys: Vec<String> = (0..5000).map(|i| i.to_string()).collect();
+    let many: Vec<(&str, &Compressed)> = keys.iter().map(|k| (k.as_str(), &empty8)).collect();
+    let p = write_pack(&many).unwrap();
+    assert_eq!(Pack::parse(&p).unwrap().entries().len(), 5000);
     // A pack key that is also a raw tensor's key.
     let raw = [0u8; 4];
     let items = [
