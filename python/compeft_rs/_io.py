@@ -119,6 +119,8 @@ def _sweep_if_due(folder: Path) -> None:
     with _swept_lock:
         if now - _swept.get(key, -_SWEEP_EVERY_S) < _SWEEP_EVERY_S:
             return
+        if len(_swept) > 10_000:  # a process writing into very many folders: forget, sweep again
+            _swept.clear()
         _swept[key] = now
     sweep_stale(folder)
 

@@ -454,7 +454,7 @@ def test_the_folder_cache_is_bounded_least_recently_used_first(tmp_path):
 
     def use(i, cap=2 * size + size // 2):
         p = store.materialize(f"e{i}", cache, cache_max_bytes=cap)
-        time.sleep(0.02)  # distinct mtimes
+        time.sleep(0.05)  # distinct mtimes (the kernel's clock may tick every 10 ms)
         return p.name
 
     p0, p1 = use(0), use(1)
