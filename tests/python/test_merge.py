@@ -1,5 +1,5 @@
-"""merge() and similarity() against peft's merge_utils on the decoded experts, and a plain numpy
-reference for mergekit's convention and for trimming below an expert's own density."""
+"""merge() and similarity() against peft's merge_utils on the decoded experts and mergekit's
+float32 arithmetic, bit for bit where torch sums a stack in order, with and without trimming."""
 
 import numpy as np
 import pytest
@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 import compeft_rs
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
+# peft warns on every density >= 1 ("no pruning will be performed"), which is what is meant here.
+pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning")
 
 # Plain task vectors (no LoRA names): merged entry by entry with the weights as they are. LoRA
 # factors get peft's weight split instead; test_peft_parity.py checks those on the model.
@@ -43,19 +45,34 @@ def first_kept(t, keep):
 
 
 def mergekit_reference(taus, weights, method, majority, lam):
-    """mergekit's generalized task arithmetic, written plainly in numpy (float64)."""
-    d = np.stack([t.astype(np.float64) for t in taus])
-    w = np.asarray(weights, dtype=np.float64).reshape((-1,) + (1,) * (d.ndim - 1))
+    """mergekit's generalized task arithmetic (merge_group and get_mask) as it computes merging in
+    float32, written out with torch on the deltas (no base)."""
+    d = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in taus])
+    w = torch.tensor(weights, dtype=torch.float32).reshape((-1,) + (1,) * (d.dim() - 1))
     wd = d * w
     if method == "task_arithmetic":
-        return lam * wd.sum(0)
-    tally = wd.sum(0) if majority == "total" else np.sign(wd).sum(0)
-    elected = np.where(tally >= 0, 1.0, -1.0)
-    mask = np.sign(wd) == elected
-    num = (wd * mask).sum(0)
-    den = (w * mask).sum(0)
-    den[den == 0] = 1.0
-    return lam * num / den
+        mixed = wd.sum(0)
+    else:
+        sign = wd.sign()
+        tally = wd.sum(0) if majority == "total" else sign.sum(0)
+        mask = sign == (tally >= 0).float() * 2 - 1
+        mixed = (wd * mask).sum(0)
+        den = (w * mask).sum(0)
+        den[den == 0] = 1
+        mixed = mixed / den
+    return scaled(mixed, lam)
+
+
+def scaled(t, lam):
+    """The result times lam as merge() applies it: in float32, never -0.0."""
+    return (t * lam if lam != 1 else t) + 0.0
+
+
+def assert_same(got, want):
+    """Equal entry for entry, as float32 bits (so -0.0 and 0.0 differ)."""
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+    bad = (got.view(torch.int32) != want.view(torch.int32)).nonzero()
+    assert len(bad) == 0, f"{len(bad)} entries differ, first at {bad[0].tolist()}: {got[tuple(bad[0])]} != {want[tuple(bad[0])]}"
 
 
 @given(
@@ -98,25 +115,93 @@ def test_density_above_own_density_equals_peft_pruning(majority):
     method=st.sampled_from(["ties", "task_arithmetic"]),
     majority=st.sampled_from(["total", "frequency"]),
     convention=st.sampled_from(["peft", "mergekit"]),
-    lam=st.sampled_from([1.0, 0.5, 3.0]),
+    lam=st.sampled_from([1.0, 0.5, 3.0, -0.75]),
 )
-def test_against_numpy_reference_with_trimming(n, seed, density, weights, method, majority, convention, lam):
+def test_against_the_references_with_trimming(n, seed, density, weights, method, majority, convention, lam):
+    """Exactly, with the first int(density * numel) kept entries of each tensor: task arithmetic
+    (one rule, trimmed or not) and TIES equal peft's merge_utils and mergekit's float32
+    arithmetic bit for bit (up to 4 experts, where torch sums a stack in order)."""
     experts = make_experts(n, seed, [0.3, 0.6], residual=seed % 2 == 0)
     w = weights[:n]
     got = compeft_rs.merge(experts, method, weights=w, majority_sign=majority, density=density,
                            lam=lam, convention=convention)
     for name, shape in SHAPES.items():
         keep = int(density * int(np.prod(shape)))
-        taus = [first_kept(t.numpy(), keep) for t in decoded(experts, name)]
+        tt = [torch.from_numpy(first_kept(t.numpy(), keep)) for t in decoded(experts, name)]
         if convention == "mergekit":
-            want = mergekit_reference(taus, w, method, majority, lam)
+            want = mergekit_reference(tt, w, method, majority, lam)
+        elif method == "ties":
+            want = scaled(merge_utils.ties(tt, torch.tensor(w), 1.0, majority), lam)
         else:
-            tt = [torch.from_numpy(t) for t in taus]
-            if method == "ties":
-                want = lam * merge_utils.ties(tt, torch.tensor(w), 1.0, majority).double().numpy()
-            else:
-                want = lam * merge_utils.task_arithmetic(tt, torch.tensor(w)).double().numpy()
-        np.testing.assert_allclose(got[name].numpy(), want, rtol=2e-6, atol=1e-6)
+            want = scaled(merge_utils.task_arithmetic(tt, torch.tensor(w)), lam)
+        assert_same(got[name], want)
+
+
+def one_magnitude_expert(seed, c, shape, dtype=torch.float32):
+    """An expert of one tensor whose kept entries (about half, random signs) all have magnitude
+    c, so that its scale (the mean kept |x|) is c exactly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full(shape, c) * torch.randint(-1, 2, shape, generator=g)
+    return compeft_rs.compress_expert({"w": x.to(dtype)}, 1.0, scale="mean")
+
+
+def test_ties_vote_is_float32_as_in_peft():
+    """0.1f + 0.2f - 0.3f is exactly 0 in float32 and elects +, as peft's sum over the stacked
+    tensors does; in float64 it is -7.5e-9, which elected - (the merge gave -0.30, peft +0.15)."""
+    one = lambda v: compeft_rs.compress_expert({"w": torch.tensor([v, 0.0, 0.0])}, 1.0, scale="mean")  # noqa: E731
+    experts = [one(0.1), one(0.2), one(-0.3)]
+    taus = decoded(experts, "w")
+    assert [t[0].item() for t in taus] == [torch.tensor(v).item() for v in (0.1, 0.2, -0.3)]
+    for convention in ("peft", "mergekit"):
+        got = compeft_rs.merge(experts, "ties", convention=convention)["w"]
+        assert_same(got, merge_utils.ties(taus, torch.ones(3), 1.0, "total"))
+        assert got[0].item() == pytest.approx(0.15)
+
+
+@given(
+    n=st.integers(1, 8),
+    seed=st.integers(0, 2**31 - 1),
+    scales=st.lists(st.sampled_from([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9, 1.0, 1.1]), min_size=8, max_size=8),
+    weights=st.lists(st.floats(-2.0, 2.0, allow_nan=False, width=32), min_size=8, max_size=8),
+    majority=st.sampled_from(["total", "frequency"]),
+)
+def test_ties_and_task_arithmetic_equal_peft_bit_for_bit(n, seed, scales, weights, majority):
+    """Experts whose scales are decimal fractions, so that the float32 vote ties where a float64
+    one does not. Up to 4 experts any shape; more only where torch adds the stack in order (a
+    tensor of whole 64-entry vector blocks: torch adds the entries of a last partial block 4
+    rows at a time)."""
+    shape = (3, 50) if n <= 4 else (4, 64)
+    experts = [one_magnitude_expert(seed + i, scales[i], shape) for i in range(n)]
+    w = weights[:n]
+    taus = decoded(experts, "w")
+    got = compeft_rs.merge(experts, "ties", weights=w, majority_sign=majority)["w"]
+    assert_same(got, merge_utils.ties(taus, torch.tensor(w), 1.0, majority))
+    got = compeft_rs.merge(experts, "task_arithmetic", weights=w)["w"]
+    assert_same(got, merge_utils.task_arithmetic(taus, torch.tensor(w)))
+
+
+def test_task_arithmetic_across_output_ranges_equals_peft():
+    """Tensors of three task-arithmetic output ranges (2^17 entries each, the last one short)
+    with kept entries on both sides of each boundary, trimmed and not, against peft."""
+    n = 2 * (1 << 17) + 1000
+    g = torch.Generator().manual_seed(3)
+    experts = []
+    for i in range(3):
+        x = torch.randn(n, generator=g) * 0.01
+        for b in (1 << 17, 2 << 17):
+            x[b - 2:b + 2] = torch.tensor([1.0, -1.0, 1.0, -1.0]) * (i + 1)
+        experts.append(compeft_rs.compress_expert({"w": x}, 0.05, 0.5 + i, scale="std"))
+    taus = decoded(experts, "w")
+    for b in (1 << 17, 2 << 17):
+        assert all(t[b - 1] != 0 and t[b] != 0 for t in taus)
+    w = [0.7, -1.3, 0.25]
+    got = compeft_rs.merge(experts, "task_arithmetic", weights=w)["w"]
+    assert_same(got, merge_utils.task_arithmetic(taus, torch.tensor(w)))
+    keep = int(0.03 * n)
+    trimmed = [torch.from_numpy(first_kept(t.numpy(), keep)) for t in taus]
+    assert all(t[(2 << 17) - 1:].abs().sum() == 0 and t[(1 << 17) - 1] != 0 for t in trimmed)
+    got = compeft_rs.merge(experts, "task_arithmetic", weights=w, density=0.03)["w"]
+    assert_same(got, merge_utils.task_arithmetic(trimmed, torch.tensor(w)))
 
 
 def test_mergekit_differs_from_peft_where_weights_matter():
