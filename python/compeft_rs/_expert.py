@@ -1,7 +1,7 @@
 """Whole experts: many tensors compressed together, stored as one safetensors-compatible file.
 
 A :class:`CompressedExpert` is a view over its storage, an ``ExpertFile`` of the Rust core: the
-file memory-mapped, or its bytes in memory (a fresh expert is serialised once, when it is made).
+file's bytes, read into memory once (a fresh expert is serialised once, when it is made).
 Whole-expert work is one call into Rust: every stream parsed once and all tensors decoded in
 parallel into outputs allocated once, the GIL released.
 """
@@ -536,8 +536,9 @@ def _alloc_outputs(shapes: Sequence[Tuple[int, ...]], dtypes: Sequence[str]) -> 
 
 
 def load_expert(path: PathLike) -> CompressedExpert:
-    """Opens a file written by :meth:`CompressedExpert.save`: the file is memory-mapped and its
-    header checked; tensors are read when asked for."""
+    """Opens a file written by :meth:`CompressedExpert.save`: the file is read into memory once
+    (not mapped, so that truncating or rewriting it later cannot crash the process or change what
+    was checked) and its header checked; tensors are decoded when asked for."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist or is not a file")

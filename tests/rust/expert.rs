@@ -478,3 +478,50 @@ fn hostile_stream_packs_are_errors_not_panics() {
     )];
     assert!(serialize_expert(&reserved, HashMap::new()).is_err());
 }
+
+/// A file is read when it is opened: truncating it or changing its bytes afterwards (another
+/// process rewriting it in place) changes nothing the reader returns. A mapped file truncated
+/// under the reader killed the process with SIGBUS.
+#[test]
+fn an_open_expert_file_does_not_see_later_changes() {
+    let streams = expert_streams();
+    let raw: Vec<u8> = (0u8..24).collect();
+    let mut items: Vec<(String, Payload<'_>)> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i.to_string(), Payload::Stream(c)))
+        .collect();
+    items.push((
+        "head".into(),
+        Payload::Raw {
+            dtype: safetensors::Dtype::F32,
+            shape: vec![2, 3],
+            data: &raw,
+        },
+    ));
+    let bytes = serialize_expert(&items, HashMap::new()).unwrap();
+    let dir = std::env::temp_dir().join(format!("compeft-open-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("e.cpft.safetensors");
+    let keys: Vec<String> = (0..streams.len()).map(|i| i.to_string()).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    for change in ["truncate", "rewrite"] {
+        std::fs::write(&path, &bytes).unwrap();
+        let f = ExpertFile::open(&path).unwrap().unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        if change == "truncate" {
+            file.set_len(100).unwrap();
+        } else {
+            // The same length, every byte after the header flipped, in place.
+            use std::os::unix::fs::FileExt;
+            let n = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let flipped: Vec<u8> = bytes[n..].iter().map(|b| !b).collect();
+            file.write_all_at(&flipped, n as u64).unwrap();
+        }
+        file.sync_all().unwrap();
+        assert_eq!(f.bytes(), &bytes[..], "{change}");
+        assert_eq!(f.streams(&refs).unwrap(), streams, "{change}");
+        assert_eq!(f.tensor_bytes("head").unwrap(), &raw[..], "{change}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
