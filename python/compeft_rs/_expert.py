@@ -102,21 +102,53 @@ def load_tensors(path: PathLike) -> Dict[str, Any]:
     return out
 
 
-def deflate_json(obj: Any) -> str:
+#: The most a deflated name list or adapter config may inflate to: 1 KiB per tensor of the file
+#: plus 1 MiB. A name list holds one name per tensor (names of real models run to about 100
+#: bytes); an adapter config a few module names per tensor at most (target_modules, rank_pattern,
+#: alpha_pattern) besides its fixed fields. zlib itself expands up to 1032 times, so without a
+#: bound a small file could ask for gigabytes before its JSON was found wrong.
+INFLATE_PER_TENSOR = 1 << 10
+INFLATE_SLACK = 1 << 20
+
+
+def inflate_limit(tensors: int) -> int:
+    return INFLATE_PER_TENSOR * tensors + INFLATE_SLACK
+
+
+def deflate_json(obj: Any, tensors: int, what: str) -> str:
     """JSON, deflated and base64-coded: tensor names share long prefixes and an adapter config
-    is mostly defaults; as text they would outweigh a small expert's streams."""
+    is mostly defaults; as text they would outweigh a small expert's streams. Refuses what a
+    reader would (above :func:`inflate_limit` for a file of ``tensors`` tensors)."""
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=list).encode()
+    if len(raw) > inflate_limit(tensors):
+        raise ValueError(f"the {what} takes {len(raw)} bytes as JSON, more than the {inflate_limit(tensors)} a "
+                         f"reader accepts for {tensors} tensors (1 KiB a tensor + 1 MiB); shorten it")
     return base64.b64encode(zlib.compress(raw, 9)).decode()
+
+
+def inflate(data: bytes, tensors: int) -> bytes:
+    """zlib data inflated to at most :func:`inflate_limit` bytes for a file of ``tensors``
+    tensors; ValueError beyond it, zlib.error for data that is not zlib or ends early. Bytes
+    after the end of the zlib stream are ignored, as zlib.decompress ignores them."""
+    limit = inflate_limit(tensors)
+    d = zlib.decompressobj()
+    out = d.decompress(data, limit)
+    if d.unconsumed_tail or (not d.eof and len(out) >= limit):
+        raise ValueError(f"inflates past {limit} bytes, the most a file of {tensors} tensors holds "
+                         "(1 KiB a tensor + 1 MiB)")
+    if not d.eof:
+        raise zlib.error("incomplete or truncated stream")
+    return out
 
 
 def pack_names(names: List[str]) -> str:
     """Tensor names as a deflated JSON list (JSON keeps any character a name has)."""
-    return deflate_json(names)
+    return deflate_json(names, len(names), "tensor name list")
 
 
 def unpack_names(packed: str, count: int, where: str, version: int = FILE_VERSION) -> List[str]:
     try:
-        raw = zlib.decompress(base64.b64decode(packed, validate=True)).decode()
+        raw = inflate(base64.b64decode(packed, validate=True), count).decode()
         if version == 1:  # newline-joined
             names: Any = [] if count == 0 and raw == "" else raw.split("\n")
         else:
@@ -177,7 +209,8 @@ class ExpertSummary:
         return "\n".join(lines)
 
 
-def _parse_metadata(md: Mapping[str, str], where: str) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+def _parse_metadata(md: Mapping[str, str], tensors: int,
+                    where: str) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
     if md.get("format") != FILE_FORMAT or "compeft" not in md:
         raise CompeftError(f"{where} is a safetensors file but not a compeft expert (no compeft metadata)")
     try:
@@ -187,7 +220,7 @@ def _parse_metadata(md: Mapping[str, str], where: str) -> Tuple[Dict[str, Any], 
             raw = md["peft_config"]
             # Version 3 deflates it; earlier versions stored the JSON text.
             if isinstance(info, dict) and info.get("file_version") == FILE_VERSION:
-                raw = zlib.decompress(base64.b64decode(raw, validate=True)).decode()
+                raw = inflate(base64.b64decode(raw, validate=True), tensors).decode()
             peft_config = json.loads(raw)
     except (ValueError, zlib.error) as e:
         raise CompeftError(f"{where}: corrupt compeft metadata: {e}") from None
@@ -244,15 +277,16 @@ class CompressedExpert:
 
     Made by :func:`compress_expert`, :func:`compeft_rs.compress_peft`,
     :func:`compeft_rs.compress_checkpoint`, :func:`load_expert` or :meth:`from_bytes`. A loaded
-    expert maps its file; nothing is decoded until asked for.
+    expert holds a copy of its file's bytes (later changes to the file do not reach it); nothing
+    is decoded until asked for.
     """
 
     def __init__(self, storage: ExpertFile, *, path: Optional[Path] = None, where: str = "<bytes>") -> None:
         self._file = storage
         self._path = path
         md = storage.metadata()
-        info, self.peft_config = _parse_metadata(md, where)
         entries = storage.entries()
+        info, self.peft_config = _parse_metadata(md, len(entries), where)
         names = unpack_names(str(info.pop("names", "")), len(entries), where, int(info["file_version"]))
         self._keys = {n: str(i) for i, n in enumerate(names)}
         if set(self._keys.values()) != set(entries):
@@ -698,7 +732,7 @@ def build_expert(
     info = dict(info, file_version=FILE_VERSION, names=pack_names(names))
     md = {"format": FILE_FORMAT, "compeft": json.dumps(info, separators=(",", ":"))}
     if peft_config is not None:
-        md["peft_config"] = deflate_json(peft_config)
+        md["peft_config"] = deflate_json(peft_config, len(names), "adapter config")
     raw = [_raw_entry(keys[n], _as_torch(t)) for n, t in exact.items()]
     storage = ExpertFile.build([(keys[n], streams[n]._stream) for n in names if n in streams], raw, md)
     return CompressedExpert(storage)

@@ -402,6 +402,89 @@ def test_hostile_expert_files_give_clean_errors(tmp_path):
         compeft_rs.CompressedExpert.from_bytes(data[: len(data) // 2])
 
 
+def with_metadata(data, **fields):
+    """The file `data` with `__metadata__` fields replaced (the header rewritten and re-padded)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(header["__metadata__"], **fields)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return len(h).to_bytes(8, "little") + h + data[8 + n:]
+
+
+def test_deflate_bombs_in_the_metadata_fail_fast_naming_the_bound(tmp_path):
+    """The name list and adapter config are zlib data: a few kB that inflate to 64 MiB are refused
+    once past 1 KiB per tensor + 1 MiB, without holding the 64 MiB (zlib alone expands 1032x)."""
+    import base64
+    import tracemalloc
+    import zlib
+
+    e = compeft_rs.compress_peft(tiny_peft(), 0.5)
+    data = e.to_bytes()
+    info = json.loads(e._file.metadata()["compeft"])
+    count = len(e.keys())
+    bomb = base64.b64encode(zlib.compress(b" " * (64 << 20), 9)).decode()
+    assert len(bomb) < 100_000
+    limit = 1024 * count + (1 << 20)
+    for field, value in [("compeft", json.dumps(dict(info, names=bomb))), ("peft_config", bomb)]:
+        path = tmp_path / f"{field}.cpft.safetensors"
+        path.write_bytes(with_metadata(data, **{field: value}))
+        tracemalloc.start()
+        try:
+            with pytest.raises(CompeftError, match=f"inflates past {limit} bytes, the most a file of {count} tensors"):
+                compeft_rs.load_expert(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 3 * limit, (field, peak)
+    # A zlib stream that ends early is corrupt, as zlib.decompress says; bytes after its end are
+    # ignored, as zlib.decompress ignores them.
+    names = base64.b64decode(info["names"])
+    for raw, ok in [(names[:-3], False), (names + b"tail", True)]:
+        md = json.dumps(dict(info, names=base64.b64encode(raw).decode()))
+        if ok:
+            compeft_rs.CompressedExpert.from_bytes(with_metadata(data, compeft=md))
+        else:
+            with pytest.raises(CompeftError, match="truncated"):
+                compeft_rs.CompressedExpert.from_bytes(with_metadata(data, compeft=md))
+    # The writer refuses what a reader would: a config beyond the bound.
+    with pytest.raises(ValueError, match="adapter config takes .* a reader accepts"):
+        compeft_rs.compress_expert(dora_state_dict(), 0.5, peft_config={"x": "y" * (2 << 20)})
+
+
+CHANGE_AFTER_LOAD = r"""
+import sys, torch, compeft_rs
+path, change = sys.argv[1], sys.argv[2]
+e = compeft_rs.load_expert(path)
+data = open(path, "rb").read()
+want = compeft_rs.CompressedExpert.from_bytes(data).decode()
+n = 8 + int.from_bytes(data[:8], "little")
+with open(path, "r+b") as f:
+    if change == "truncate":
+        f.truncate(64)
+    else:  # every byte after the header changed in place, the length kept
+        f.seek(n)
+        f.write(bytes(b ^ 0xA5 for b in data[n:]))
+got = e.decode()
+print("same" if all(torch.equal(got[k], want[k]) for k in want) else "different")
+"""
+
+
+@pytest.mark.parametrize("change", ["truncate", "rewrite"])
+def test_a_loaded_expert_does_not_see_later_changes_to_its_file(tmp_path, change):
+    """load_expert reads the file: truncating it afterwards killed a process that had it mapped
+    (SIGBUS), and bytes changed in place were decoded after the checksum had passed. Run in a
+    subprocess so that a crash is a failure, not the end of the test run."""
+    g = torch.Generator().manual_seed(2)
+    t = {f"base_model.model.l{i}.lora_A.weight": torch.randn(256, 1024, generator=g) for i in range(4)}
+    t.update(dora_state_dict())
+    path = tmp_path / "e.cpft.safetensors"
+    compeft_rs.compress_expert(t, 0.3, lossless=[HEAD]).save(path)
+    assert path.stat().st_size > 16 * 4096
+    r = subprocess.run([sys.executable, "-c", CHANGE_AFTER_LOAD, str(path), change], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "same", (r.returncode, r.stdout, r.stderr[-2000:])
+
+
 def test_cli_maps_every_error_to_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
     r = run(["compress", tmp_path / "f" / "sub", "-o", tmp_path / "o", "-k", "0.1"])
