@@ -1,7 +1,10 @@
 //! PyO3 bindings: the extension module `compeft_rs._core`. The Python package wraps it; users
 //! never import it directly. Long work runs with the GIL released (`py.detach`).
 
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadwriteArray1, PyReadwriteArrayDyn};
+use numpy::{
+    BorrowError, Element, IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1,
+    PyReadwriteArray, PyReadwriteArrayDyn,
+};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyMemoryError, PyValueError};
 use pyo3::prelude::*;
@@ -56,9 +59,18 @@ enum InArray<'py> {
     F64(PyReadonlyArray1<'py, f64>),
 }
 
-/// An output array of any shape, C-contiguous (u16 holds float16 or bfloat16 bits).
+/// An output array of any shape, C-contiguous (u16 holds float16 or bfloat16 bits). Taken
+/// unborrowed: [`writable`] borrows it, with an error instead of rust-numpy's panic for an array
+/// that is read-only or already borrowed.
 #[derive(FromPyObject)]
 enum OutArray<'py> {
+    U16(Bound<'py, PyArrayDyn<u16>>),
+    F32(Bound<'py, PyArrayDyn<f32>>),
+    F64(Bound<'py, PyArrayDyn<f64>>),
+}
+
+/// An [`OutArray`] borrowed for writing.
+enum OutBorrow<'py> {
     U16(PyReadwriteArrayDyn<'py, u16>),
     F32(PyReadwriteArrayDyn<'py, f32>),
     F64(PyReadwriteArrayDyn<'py, f64>),
@@ -66,6 +78,32 @@ enum OutArray<'py> {
 
 fn not_contiguous(_: impl std::fmt::Debug) -> PyErr {
     PyValueError::new_err("array must be C-contiguous")
+}
+
+/// Borrows an output array for writing. rust-numpy's `readwrite()` panics (a PanicException,
+/// not an Exception) for a read-only array or one already borrowed in this call (the same array,
+/// or a view of its memory, passed twice); these are errors in the caller's arguments.
+fn writable<'py, T: Element, D: numpy::ndarray::Dimension>(
+    a: &Bound<'py, numpy::PyArray<T, D>>,
+    what: &str,
+) -> PyResult<PyReadwriteArray<'py, T, D>> {
+    a.try_readwrite().map_err(|e| match e {
+        BorrowError::NotWriteable => PyValueError::new_err(format!(
+            "{what} is read-only; pass a writeable array (for example a copy: np.array(out))"
+        )),
+        _ => PyValueError::new_err(format!(
+            "{what} shares memory with another array of this call (the same array, or a view \
+             of it, passed twice); pass a separate array for each output"
+        )),
+    })
+}
+
+fn borrow_out<'py>(o: &OutArray<'py>, what: &str) -> PyResult<OutBorrow<'py>> {
+    Ok(match o {
+        OutArray::U16(a) => OutBorrow::U16(writable(a, what)?),
+        OutArray::F32(a) => OutBorrow::F32(writable(a, what)?),
+        OutArray::F64(a) => OutBorrow::F64(writable(a, what)?),
+    })
 }
 
 fn tensor_of<'a>(a: &'a InArray<'_>, dtype: DType) -> PyResult<Tensor<'a>> {
@@ -83,14 +121,20 @@ fn tensor_of<'a>(a: &'a InArray<'_>, dtype: DType) -> PyResult<Tensor<'a>> {
     })
 }
 
-fn tensor_mut<'a>(o: &'a mut OutArray<'_>, dtype: DType) -> PyResult<TensorMut<'a>> {
+fn tensor_mut<'a>(o: &'a mut OutBorrow<'_>, dtype: DType) -> PyResult<TensorMut<'a>> {
     Ok(match (o, dtype) {
-        (OutArray::U16(x), DType::F16) => TensorMut::F16(x.as_slice_mut().map_err(not_contiguous)?),
-        (OutArray::U16(x), DType::BF16) => {
+        (OutBorrow::U16(x), DType::F16) => {
+            TensorMut::F16(x.as_slice_mut().map_err(not_contiguous)?)
+        }
+        (OutBorrow::U16(x), DType::BF16) => {
             TensorMut::BF16(x.as_slice_mut().map_err(not_contiguous)?)
         }
-        (OutArray::F32(x), DType::F32) => TensorMut::F32(x.as_slice_mut().map_err(not_contiguous)?),
-        (OutArray::F64(x), DType::F64) => TensorMut::F64(x.as_slice_mut().map_err(not_contiguous)?),
+        (OutBorrow::F32(x), DType::F32) => {
+            TensorMut::F32(x.as_slice_mut().map_err(not_contiguous)?)
+        }
+        (OutBorrow::F64(x), DType::F64) => {
+            TensorMut::F64(x.as_slice_mut().map_err(not_contiguous)?)
+        }
         _ => {
             return Err(PyValueError::new_err(format!(
                 "output array element type does not match dtype {}",
@@ -129,6 +173,9 @@ fn parse_scale(name: &str) -> PyResult<Scale> {
 fn parse_encoding(name: &str) -> PyResult<Encoding> {
     Encoding::from_name(name).map_err(to_py)
 }
+
+/// The positive and negative masks of a stream, as uint64 words.
+type MaskArrays<'py> = (Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<u64>>);
 
 /// One compressed tensor (the Rust side of `compeft_rs.CompressedTensor`).
 #[pyclass(module = "compeft_rs._core", name = "Stream", frozen)]
@@ -196,7 +243,8 @@ impl PyStream {
 
     /// Decodes into `out`, a contiguous 1-D array of numel entries (uint16 holds the bits of
     /// float16/bfloat16, named by `dtype`).
-    fn decode_into(&self, py: Python<'_>, mut out: OutArray<'_>, dtype: &str) -> PyResult<()> {
+    fn decode_into(&self, py: Python<'_>, out: OutArray<'_>, dtype: &str) -> PyResult<()> {
+        let mut out = borrow_out(&out, "the output array")?;
         let t = tensor_mut(&mut out, parse_dtype(dtype)?)?;
         let c = &self.inner;
         py.detach(|| c.decode_into(t)).map_err(to_py)
@@ -220,10 +268,7 @@ impl PyStream {
     }
 
     /// The positive and negative bitmasks as uint64 words (bit i of word w is entry 64*w + i).
-    fn masks<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> PyResult<(Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<u64>>)> {
+    fn masks<'py>(&self, py: Python<'py>) -> PyResult<MaskArrays<'py>> {
         let m = py
             .detach(|| self.inner.masks().map(|m| m.into_owned()))
             .map_err(to_py)?;
@@ -430,7 +475,7 @@ fn decode_streams(
     py: Python<'_>,
     streams: Vec<Bound<'_, PyStream>>,
     names: Vec<String>,
-    mut outs: Vec<OutArray<'_>>,
+    outs: Vec<OutArray<'_>>,
     dtypes: Vec<String>,
 ) -> PyResult<()> {
     if streams.len() != outs.len() || streams.len() != dtypes.len() || streams.len() != names.len()
@@ -439,8 +484,12 @@ fn decode_streams(
             "streams, names, outputs and dtypes differ in length",
         ));
     }
+    let mut borrows = Vec::with_capacity(outs.len());
+    for (o, n) in outs.iter().zip(&names) {
+        borrows.push(borrow_out(o, &format!("the output for tensor '{n}'"))?);
+    }
     let mut views = Vec::with_capacity(outs.len());
-    for (o, d) in outs.iter_mut().zip(&dtypes) {
+    for (o, d) in borrows.iter_mut().zip(&dtypes) {
         views.push(tensor_mut(o, parse_dtype(d)?)?);
     }
     let jobs: Vec<(&Compressed, TensorMut<'_>)> =
@@ -449,7 +498,7 @@ fn decode_streams(
         .map_err(|(i, e)| named_error(&names, (Some(i), e)))
 }
 
-/// An expert file, memory-mapped or in memory: its safetensors header parsed and checked once.
+/// An expert file, read into memory: its safetensors header parsed and checked once.
 #[pyclass(module = "compeft_rs._core", name = "ExpertFile", frozen)]
 pub struct PyExpertFile {
     inner: ExpertFile,
@@ -457,7 +506,7 @@ pub struct PyExpertFile {
 
 #[pymethods]
 impl PyExpertFile {
-    /// Maps the file at `path` (OSError if it cannot be opened, CompeftError if it is not a
+    /// Reads the file at `path` (OSError if it cannot be read, CompeftError if it is not a
     /// readable safetensors file).
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<PyExpertFile> {
@@ -534,13 +583,9 @@ impl PyExpertFile {
     }
 
     /// Copies the bytes of tensor `key` into `out` (a uint8 array of exactly that size).
-    fn read_raw(
-        &self,
-        py: Python<'_>,
-        key: &str,
-        mut out: PyReadwriteArray1<'_, u8>,
-    ) -> PyResult<()> {
+    fn read_raw(&self, py: Python<'_>, key: &str, out: Bound<'_, PyArray1<u8>>) -> PyResult<()> {
         let src = self.inner.tensor_bytes(key).map_err(to_py)?;
+        let mut out = writable(&out, "the output array")?;
         let dst = out.as_slice_mut().map_err(not_contiguous)?;
         if dst.len() != src.len() {
             return Err(PyValueError::new_err(format!(
@@ -602,7 +647,7 @@ fn merge_streams(
     groups: Vec<Vec<Bound<'_, PyStream>>>,
     names: Vec<String>,
     weights: Vec<f64>,
-    mut outs: Vec<PyReadwriteArrayDyn<'_, f32>>,
+    outs: Vec<Bound<'_, PyArrayDyn<f32>>>,
     method: &str,
     election: &str,
     convention: &str,
@@ -645,8 +690,12 @@ fn merge_streams(
         .iter()
         .map(|g| g.iter().map(|s| &s.get().inner).collect())
         .collect();
+    let mut borrows = Vec::with_capacity(outs.len());
+    for (o, n) in outs.iter().zip(&names) {
+        borrows.push(writable(o, &format!("the output for tensor '{n}'"))?);
+    }
     let mut views = Vec::with_capacity(outs.len());
-    for o in outs.iter_mut() {
+    for o in borrows.iter_mut() {
         views.push(o.as_slice_mut().map_err(not_contiguous)?);
     }
     py.detach(|| crate::merge::merge_many(&refs, &weights, &spec, views))

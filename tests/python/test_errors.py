@@ -124,8 +124,9 @@ def test_compeft_error_is_an_exception_class():
     assert issubclass(CompeftError, Exception) and not issubclass(CompeftError, ValueError)
 
 
-def _empty_stream(numel: int) -> bytes:
-    """A valid golomb stream of `numel` float32 entries with nothing kept (about 35 bytes)."""
+def _empty_stream(numel: int, gaps: bytes = b"", gap_bits: int = 0) -> bytes:
+    """A valid golomb stream of `numel` float32 entries with nothing kept (about 35 bytes); with
+    `gap_bits` (below 128) and `gaps`, one that announces gap codes it cannot have."""
     import struct
     import zlib
 
@@ -138,8 +139,56 @@ def _empty_stream(numel: int) -> bytes:
         return bytes(out)
 
     body = b"CPFT\x01\x00\x03\x01" + varint(numel) + varint(numel) + varint(0)
-    body += struct.pack("<d", 0.0) + bytes([0, 12, 0, 0])
+    body += struct.pack("<d", 0.0) + bytes([0, 12, gap_bits, 0]) + gaps
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_a_stream_without_nonzeros_has_no_gap_bits():
+    # One byte string per stream: gap bits in a stream with no nonzeros would be a second form.
+    assert compeft_rs.decode(_empty_stream(1000)).abs().sum() == 0
+    for bits, gaps in [(1, b"\x01"), (8, b"\x00"), (9, b"\x00\x00")]:
+        with pytest.raises(CompeftError, match=f"no nonzeros has {bits} gap bits"):
+            CompressedTensor.from_bytes(_empty_stream(1000, gaps, bits))
+
+
+def test_read_only_and_aliased_outputs_are_value_errors():
+    """Every function that writes into caller's arrays refuses a read-only one and one passed
+    twice (or overlapping another output) with a ValueError, not a PanicException."""
+    from compeft_rs import _core
+
+    x = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    s = _core.encode(x, "float32", [100], 0.3, 1.0, "golomb")
+
+    def read_only(n, dtype=np.float32):
+        a = np.zeros(n, dtype)
+        a.setflags(write=False)
+        return a
+
+    with pytest.raises(ValueError, match="output array is read-only"):
+        s.decode_into(read_only(100), "float32")
+    with pytest.raises(ValueError, match="tensor 'b' is read-only"):
+        _core.decode_streams([s, s], ["a", "b"], [np.zeros(100, np.float32), read_only(100)], ["float32"] * 2)
+    out = np.zeros(100, np.float32)
+    with pytest.raises(ValueError, match="tensor 'b' shares memory"):
+        _core.decode_streams([s, s], ["a", "b"], [out, out], ["float32"] * 2)
+    big = np.zeros(150, np.float32)
+    with pytest.raises(ValueError, match="shares memory"):
+        _core.decode_streams([s, s], ["a", "b"], [big[:100], big[50:]], ["float32"] * 2)
+    f = _core.ExpertFile.build([], [("0", "F32", [4], np.arange(16, dtype=np.uint8))], {})
+    with pytest.raises(ValueError, match="output array is read-only"):
+        f.read_raw("0", read_only(16, np.uint8))
+    args = ("ties", "total", "peft", None, 1.0)
+    with pytest.raises(ValueError, match="tensor 'w' is read-only"):
+        _core.merge_streams([[s, s]], ["w"], [1.0, 1.0], [read_only(100)], *args)
+    with pytest.raises(ValueError, match="tensor 'w2' shares memory"):
+        _core.merge_streams([[s, s], [s, s]], ["w", "w2"], [1.0, 1.0], [out, out], *args)
+    # Separate writeable outputs work, and the ones refused above were left as they were.
+    _core.decode_streams([s, s], ["a", "b"], [big[:100], np.zeros(100, np.float32)], ["float32"] * 2)
+    assert np.array_equal(big[:100], compeft_rs.decode(s.to_bytes()).numpy())
+    assert not out.any()
+    raw = np.zeros(16, np.uint8)
+    f.read_raw("0", raw)
+    assert raw.tolist() == list(range(16))
 
 
 def test_decode_limit_refuses_a_tiny_stream_declaring_huge_size():
