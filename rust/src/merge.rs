@@ -115,10 +115,10 @@ fn check_spec(spec: &MergeSpec) -> Result<()> {
 /// `±f32(s_i)`, each weight `f32(w_i)`, their product rounded to float32, and every per-entry
 /// sum (the election's tally, the merged value, mergekit's divisor) is a float32 sum in
 /// stream order from 0. That is the order of torch's `sum(dim=0)` over a stack of up to 4
-/// tensors, and of up to 15 except for the entries of a tensor's last partial vector block
-/// (torch adds those 4 rows at a time); so ties in the election, such as
-/// 0.1f + 0.2f - 0.3f == 0 electing +, fall exactly where peft's and mergekit's fall. The
-/// result is multiplied by `f32(lam)`; no entry is -0.0.
+/// tensors, and of up to 15 on all but a tensor's last `numel % 64` entries (`% 32` with AVX2),
+/// which torch adds 4 rows at a time (from 16 rows on it adds blocks of 16); so ties in the
+/// election, such as 0.1f + 0.2f - 0.3f == 0 electing +, fall exactly where peft's and
+/// mergekit's fall. The result is multiplied by `f32(lam)`; no entry is -0.0.
 pub fn merge_into(
     streams: &[&Compressed],
     weights: &[f64],
