@@ -450,6 +450,21 @@ def test_deflate_bombs_in_the_metadata_fail_fast_naming_the_bound(tmp_path):
     # The writer refuses what a reader would: a config beyond the bound.
     with pytest.raises(ValueError, match="adapter config takes .* a reader accepts"):
         compeft_rs.compress_expert(dora_state_dict(), 0.5, peft_config={"x": "y" * (2 << 20)})
+    # The stream pack's index (raw deflate, inflated in Rust) is bounded the same way: 32 bytes
+    # per deflated byte + 2 per payload byte + 64 KiB (FORMAT.md, "The stream pack").
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    z = c.compress(bytes(64 << 20)) + c.flush()
+    assert 1 << 14 <= len(z) < 1 << 21  # its length is a 3-byte varint
+    pack = b"CPFK\x01\x01" + bytes([len(z) & 0x7F | 0x80, len(z) >> 7 & 0x7F | 0x80, len(z) >> 14]) + z
+    pack += zlib.crc32(pack).to_bytes(4, "little")
+    header = {"streams": {"dtype": "U8", "shape": [len(pack)], "data_offsets": [0, len(pack)]},
+              "__metadata__": {"format": "compeft"}}
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path = tmp_path / "pack.cpft.safetensors"
+    path.write_bytes(len(h).to_bytes(8, "little") + h + pack)
+    with pytest.raises(CompeftError, match=f"pack.cpft.safetensors: .*index inflates past {32 * len(z) + (64 << 10)} bytes"):
+        compeft_rs.load_expert(path)
 
 
 CHANGE_AFTER_LOAD = r"""
