@@ -170,9 +170,11 @@ def merge(
         majority_sign: what the TIES election sums: "total" (the values) or "frequency" (the
             signs). A tally of exactly 0 elects +.
         density: trims each tensor first to its first ``int(density * numel)`` kept entries in
-            row-major order: every kept entry of a ComPEFT tensor has the same magnitude, so ties
-            go to the lower index, as in selection. Above an expert's own density it changes
-            nothing. Default: no trim.
+            row-major order (as peft's ``magnitude_based_pruning``; with convention "mergekit",
+            ``max(1, int(density * numel))`` for a density > 0, as mergekit's magnitude
+            sparsification, so a density under 1 / numel keeps one entry): every kept entry of a
+            ComPEFT tensor has the same magnitude, so ties go to the lower index, as in
+            selection. Above an expert's own density it changes nothing. Default: no trim.
         lam: multiplies the result.
         convention: "peft" equals ``peft.utils.merge_utils.task_arithmetic`` / ``ties`` on the
             decoded experts (sign elected on the unweighted tensors, the sum of the agreeing

@@ -45,8 +45,9 @@ pub struct MergeSpec {
     pub method: Method,
     pub election: Election,
     pub convention: Convention,
-    /// Keep only the first `floor(density * numel)` kept entries of each stream (row-major); all
-    /// kept entries of a stream have one magnitude, so the lowest indices win, as in selection.
+    /// Keep only the first `floor(density * numel)` kept entries of each stream (row-major; at
+    /// least 1 for a density > 0 in mergekit's convention, see `keep_count`); all kept entries
+    /// of a stream have one magnitude, so the lowest indices win, as in selection.
     pub density: Option<f64>,
     /// Multiplies the result.
     pub lam: f64,
@@ -94,6 +95,18 @@ fn trim(pos: &mut [u64], neg: &mut [u64], keep: u64) {
             neg[j] = 0;
         }
         return;
+    }
+}
+
+/// How many kept entries of a `numel`-entry stream a trim to `density` leaves at most:
+/// `floor(density * numel)`, as peft's `magnitude_based_pruning` keeps; mergekit's magnitude
+/// sparsification keeps at least 1 for any density > 0 (so a density under 1 / numel keeps one
+/// entry there, none in peft).
+fn keep_count(density: f64, numel: u64, convention: Convention) -> u64 {
+    let keep = (density * numel as f64).floor() as u64;
+    match convention {
+        Convention::Mergekit if density > 0.0 => keep.max(1),
+        _ => keep,
     }
 }
 
@@ -157,7 +170,7 @@ pub fn merge_into(
     }
     let keep = spec
         .density
-        .map(|d| (d * first.numel() as f64).floor() as u64);
+        .map(|d| keep_count(d, first.numel(), spec.convention));
     if spec.method == Method::TaskArithmetic {
         return task_arithmetic(streams, weights, keep, spec.lam, out);
     }
@@ -652,6 +665,41 @@ mod tests {
             let mut got = [f32::NAN; 2];
             merge_into(&refs, &[1.0, 1.0, 1.0], &spec, &mut got).unwrap();
             assert_eq!(got, [(0.1f32 + 0.2f32) / 2.0, 0.0], "{convention:?}");
+        }
+    }
+
+    #[test]
+    fn a_density_under_one_entry_keeps_one_in_mergekit_none_in_peft() {
+        use crate::{compress, Encoding, Tensor};
+        assert_eq!(keep_count(0.005, 130, Convention::Peft), 0);
+        assert_eq!(keep_count(0.005, 130, Convention::Mergekit), 1);
+        for convention in [Convention::Peft, Convention::Mergekit] {
+            assert_eq!(keep_count(0.0, 130, convention), 0, "{convention:?}");
+            assert_eq!(keep_count(0.05, 130, convention), 6, "{convention:?}");
+            assert_eq!(keep_count(1.0, 130, convention), 130, "{convention:?}");
+        }
+        // Two kept entries (at 3 and 7): density 0.005 keeps the first in mergekit's convention,
+        // nothing in peft's, for both methods.
+        let mut x = [0f32; 130];
+        (x[3], x[7]) = (-2.0, 2.0);
+        let c = compress(Tensor::F32(&x), &[130], 2.0 / 130.0, 1.0, Encoding::Golomb)
+            .and_then(|c| c.with_scale(2.0))
+            .unwrap();
+        for method in [Method::Ties, Method::TaskArithmetic] {
+            for (convention, want) in [(Convention::Peft, 0.0), (Convention::Mergekit, -2.0)] {
+                let spec = MergeSpec {
+                    method,
+                    election: Election::Total,
+                    convention,
+                    density: Some(0.005),
+                    lam: 1.0,
+                };
+                let mut got = [f32::NAN; 130];
+                merge_into(&[&c], &[1.0], &spec, &mut got).unwrap();
+                let mut expect = [0f32; 130];
+                expect[3] = want;
+                assert_eq!(got, expect, "{method:?} {convention:?}");
+            }
         }
     }
 

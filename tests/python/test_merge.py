@@ -118,15 +118,18 @@ def test_density_above_own_density_equals_peft_pruning(majority):
     lam=st.sampled_from([1.0, 0.5, 3.0, -0.75]),
 )
 def test_against_the_references_with_trimming(n, seed, density, weights, method, majority, convention, lam):
-    """Exactly, with the first int(density * numel) kept entries of each tensor: task arithmetic
-    (one rule, trimmed or not) and TIES equal peft's merge_utils and mergekit's float32
-    arithmetic bit for bit (up to 4 experts, where torch sums a stack in order)."""
+    """Exactly, with the first int(density * numel) kept entries of each tensor (at least 1 for
+    mergekit): task arithmetic (one rule, trimmed or not) and TIES equal peft's merge_utils and
+    mergekit's float32 arithmetic bit for bit (up to 4 experts, where torch sums a stack in
+    order)."""
     experts = make_experts(n, seed, [0.3, 0.6], residual=seed % 2 == 0)
     w = weights[:n]
     got = compeft_rs.merge(experts, method, weights=w, majority_sign=majority, density=density,
                            lam=lam, convention=convention)
     for name, shape in SHAPES.items():
         keep = int(density * int(np.prod(shape)))
+        if convention == "mergekit" and density > 0:
+            keep = max(1, keep)  # mergekit's magnitude sparsification keeps at least one entry
         tt = [torch.from_numpy(first_kept(t.numpy(), keep)) for t in decoded(experts, name)]
         if convention == "mergekit":
             want = mergekit_reference(tt, w, method, majority, lam)
