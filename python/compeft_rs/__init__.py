@@ -25,7 +25,7 @@ from ._checkpoint import apply_checkpoint, compress_checkpoint
 from ._tune import TunePoint, TuneResult, tune
 from ._serve import load_into
 from ._store import ExpertStore
-from ._merge import merge, similarity
+from ._merge import merge, merge_peft, similarity
 
 __version__ = "0.1.0"
 
@@ -45,6 +45,7 @@ __all__ = [
     "load_into",
     "load_peft",
     "merge",
+    "merge_peft",
     "similarity",
     "save_peft",
     "tune",

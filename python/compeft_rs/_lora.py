@@ -22,7 +22,9 @@ _PREFIX = "base_model.model."
 
 
 def lora_factor(name: str) -> Optional[Tuple[str, str]]:
-    """(module name in the base model, "A" or "B") for a LoRA factor's state-dict name, else None.
+    """(module name in the base model, side) for a LoRA tensor's state-dict name, else None; side
+    is "A" or "B" for the factors and "bias" for lora_B's bias (``lora_bias=True``), which the
+    layer adds as ``scaling * bias``: it is not one of a product's two factors.
     ``base_model.model.enc.q.lora_A.weight`` -> ("enc.q", "A")."""
     segs = name.split(".")
     for i, seg in enumerate(segs):
@@ -30,7 +32,8 @@ def lora_factor(name: str) -> Optional[Tuple[str, str]]:
             module = ".".join(segs[:i])
             if module.startswith(_PREFIX):
                 module = module[len(_PREFIX):]
-            return module, _FACTORS[seg]
+            side = "bias" if segs[-1] == "bias" and _FACTORS[seg] == "B" else _FACTORS[seg]
+            return module, side
     return None
 
 

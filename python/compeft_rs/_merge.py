@@ -21,7 +21,7 @@ from ._lora import describe, expert_scalings, lora_factor, merged_lora_config
 from ._plan import TensorPlan
 from ._tensor import check_k_alpha
 
-__all__ = ["merge", "similarity"]
+__all__ = ["merge", "merge_peft", "similarity"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ExpertLike = Union[CompressedExpert, PathLike]
@@ -120,18 +120,23 @@ def _factor_weights(experts: List[CompressedExpert], names: List[str], w: List[f
         raise ValueError(f"{_label(i, experts[i])} {'has no' if configs[i] is None else 'has an'} adapter config "
                          f"and expert 0 {'has one' if configs[i] is None else 'has none'}: their LoRA scalings "
                          "cannot be compared; merge experts that all come from PEFT adapters (or all not)")
+    if rescale and lora and configs[0] is None:
+        raise ValueError("rescale=True needs the experts' adapter configs (they give each module's scaling); "
+                         "these experts were not made from PEFT adapters")
     if not rescale:
         for i in range(1, len(experts)):
             for m, s in scalings[i].items():
                 if not math.isclose(s, scalings[0][m], rel_tol=1e-9):
                     raise ValueError(
                         f"module {m!r} has LoRA scaling {s:g} in {_label(i, experts[i])} "
-                        f"({describe(configs[i], m)}) but {scalings[0][m]:g} in expert 0 "
+                        f"({describe(configs[i], m)}) but {scalings[0][m]:g} in {_label(0, experts[0])} "
                         f"({describe(configs[0], m)}): merged factors would apply one scaling to both. "
-                        "Pass rescale=True to fold each expert's scaling into its factors, as peft's "
-                        "add_weighted_adapter does (the result then has scaling 1: lora_alpha = r)")
+                        "Pass rescale=True (CLI: --rescale) to fold each expert's scaling into its factors, as "
+                        "peft's add_weighted_adapter does (the result then has scaling 1: lora_alpha = r)")
 
     def split(c: float, side: str) -> float:
+        if side == "bias":  # added as scaling * bias: the whole weight
+            return c
         root = math.sqrt(abs(c))
         return math.copysign(root, c) if side == "A" else root
 
@@ -200,6 +205,34 @@ def merge(
     if compress is None:
         return merged
     return _recompress(exps[0], merged, float(compress), config)
+
+
+def merge_peft(
+    experts: Sequence[ExpertLike],
+    out_dir: PathLike,
+    method: str = "ties",
+    *,
+    weights: Optional[Sequence[float]] = None,
+    majority_sign: str = "total",
+    density: Optional[float] = None,
+    lam: float = 1.0,
+    convention: str = "peft",
+    rescale: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Merges PEFT experts as :func:`merge` does and writes the result as a PEFT adapter folder
+    (``adapter_config.json``, ``adapter_model.safetensors``) that peft's
+    ``PeftModel.from_pretrained`` loads: the experts' common config, or with ``rescale=True`` one
+    whose modules all have scaling 1 (``lora_alpha = r``), tensors in their original dtypes.
+    Written beside ``out_dir`` and renamed in; an existing folder needs ``overwrite=True``.
+    Returns the folder."""
+    exps = _open(experts)
+    missing = [i for i, e in enumerate(exps) if e.peft_config is None]
+    if missing:
+        raise ValueError(f"{_label(missing[0], exps[missing[0]])} was not made from a PEFT adapter (no adapter "
+                         "config in it); a PEFT folder needs PEFT experts (use merge() for plain task vectors)")
+    merged, config, exps = _merge(exps, method, weights, majority_sign, density, lam, convention, None, rescale)
+    return write_merged(merged, exps[0], out_dir, config=config, overwrite=overwrite)
 
 
 def _merge(experts: Sequence[ExpertLike], method: str, weights: Optional[Sequence[float]], majority_sign: str,

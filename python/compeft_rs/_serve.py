@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -146,18 +148,31 @@ def _check(expert: CompressedExpert, targets: Dict[str, Any], adapter: str, peft
                              "only floating-point tensors are converted")
 
 
-def _slot_layers(model: Any, name: str) -> Dict[str, Any]:
+_LAYER_SEGMENTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                             "ia3_l"})
+# Per model (weakly): adapter name -> (the slot's entries object, [(module name or None, layer)]).
+_LAYERS: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _slot_layers(model: Any, name: str) -> List[Tuple[Optional[str], Any]]:
     """The tuner layers (modules holding ``scaling`` and ``merged_adapters``) of the adapter slot,
-    by the state-dict name of each of their tensors."""
-    out = {}
-    for sd_name, (path, _, _) in _SLOTS[model][name][1].items():
-        for i, atom in enumerate(path):
-            if atom in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                        "ia3_l"):
-                layer = _held_module(model, path[:i])
-                if layer is not None:
-                    out[sd_name] = layer
-                break
+    once each, with the LoRA module name of each (None for other layers). Kept with the slot's
+    parameter map: a replaced layer has new parameters, so the map and this list are rebuilt."""
+    entries = _SLOTS[model][name][1]
+    cached = _LAYERS.setdefault(model, {}).get(name)
+    if cached is not None and cached[0] is entries:
+        return cached[1]
+    out, seen = [], set()
+    for sd_name, (path, _, _) in entries.items():
+        i = next((i for i, atom in enumerate(path) if atom in _LAYER_SEGMENTS), None)
+        if i is None or path[:i] in seen:
+            continue
+        seen.add(path[:i])
+        layer = _held_module(model, path[:i])
+        if layer is not None:
+            f = lora_factor(sd_name)
+            out.append((f[0] if f is not None else None, layer))
+    _LAYERS[model][name] = (entries, out)
     return out
 
 
@@ -170,12 +185,19 @@ def _held_module(model: Any, path: Tuple[str, ...]) -> Any:
     return mod
 
 
+@functools.lru_cache(maxsize=64)
+def _expert_scalings(config_key: str, modules: Tuple[str, ...]) -> Tuple[float, ...]:
+    config = json.loads(config_key)
+    return tuple(module_scaling(config, m) for m in modules)
+
+
 def _check_slot(model: Any, expert: CompressedExpert, name: str) -> None:
     """Refuses a slot whose adapter is merged into the base weights, and a LoRA expert whose
-    scaling (lora_alpha, r, use_rslora, alpha_pattern, rank_pattern) or fan_in_fan_out differs from
-    the slot's: peft would apply the slot's, silently changing the expert's outputs."""
+    scaling (lora_alpha, r, use_rslora, alpha_pattern, rank_pattern) differs from what the slot's
+    layers apply: peft would apply the slot's, silently changing the expert's outputs. An expert
+    without an adapter config cannot say its scaling: it takes the slot's."""
     layers = _slot_layers(model, name)
-    for layer in layers.values():
+    for _, layer in layers:
         if name in (getattr(layer, "merged_adapters", None) or ()):
             raise ValueError(f"adapter {name!r} is merged into the base weights: swapping it now would change "
                              "nothing until unmerge_adapter(), which would then subtract the new expert from "
@@ -184,30 +206,23 @@ def _check_slot(model: Any, expert: CompressedExpert, name: str) -> None:
     ecfg = expert.peft_config
     if ecfg is None or str(ecfg.get("peft_type", "LORA")).upper() != "LORA":
         return
-    scfg = _config_dict(model.peft_config[name])
-    if bool(ecfg.get("fan_in_fan_out", False)) != bool(scfg.get("fan_in_fan_out", False)):
-        raise ValueError(f"the expert has fan_in_fan_out={bool(ecfg.get('fan_in_fan_out', False))} but adapter "
-                         f"{name!r} has fan_in_fan_out={bool(scfg.get('fan_in_fan_out', False))}; make the slot "
-                         "with the expert's config (compeft_rs.load_peft, or peft's add_adapter with "
-                         "LoraConfig(**expert.peft_config))")
-    seen = set()
-    for sd_name, layer in layers.items():
-        f = lora_factor(sd_name)
-        if f is None or f[0] in seen:
-            continue
-        seen.add(f[0])
+    lora = [(m, layer) for m, layer in layers if m is not None]
+    key = json.dumps({f: ecfg.get(f) for f in ("lora_alpha", "r", "use_rslora", "alpha_pattern", "rank_pattern")},
+                     sort_keys=True)
+    wants = _expert_scalings(key, tuple(m for m, _ in lora))
+    for (module, layer), want in zip(lora, wants):
         scaling = getattr(layer, "scaling", None)
         have = scaling.get(name) if isinstance(scaling, dict) else None
-        if have is None:
+        if have is None or math.isclose(float(have), want, rel_tol=1e-9, abs_tol=0.0):
             continue
-        want = module_scaling(ecfg, f[0])
-        if not math.isclose(float(have), want, rel_tol=1e-9, abs_tol=0.0):
-            raise ValueError(
-                f"the expert's LoRA scaling for {f[0]!r} is {want:g} ({describe(ecfg, f[0])}) but adapter "
-                f"{name!r} applies {float(have):g} ({describe(scfg, f[0])}), which would scale the expert's "
-                "update by {:g}. Make the slot with the expert's config (compeft_rs.load_peft, or peft's "
-                "add_adapter with LoraConfig(**expert.peft_config)) or swap in experts trained with the "
-                "slot's".format(float(have) / want if want else float("inf")))
+        scfg = _config_dict(model.peft_config[name])
+        raise ValueError(
+            f"the expert's LoRA scaling for {module!r} is {want:g} ({describe(ecfg, module)}) but adapter "
+            f"{name!r} applies {float(have):g} ({describe(scfg, module)}), which would scale the expert's "
+            "update by {:g}. Make the slot with the expert's config (compeft_rs.load_peft, or peft's "
+            "add_adapter with LoraConfig(**expert.peft_config)) or swap in experts trained with the "
+            "slot's. (Inside peft's rescale_adapter_scale context the slot's scaling is changed on "
+            "purpose: swap outside it.)".format(float(have) / want if want else float("inf")))
 
 
 def _expand_into(stream: Any, out: Any) -> None:
@@ -243,9 +258,9 @@ def load_into(model: Any, expert: Union[CompressedExpert, PathLike], adapter_nam
     is parsed and checked; on any mismatch nothing is written and the ``ValueError`` says what
     differs. The slot must apply the expert's own LoRA scaling (``lora_alpha``, ``r``,
     ``use_rslora``, ``alpha_pattern``, ``rank_pattern``, compared module by module with the
-    layers' ``scaling``) and have its ``fan_in_fan_out``, else the swap is refused (peft would
-    scale the expert's update by the slot's factor); a slot whose adapter is merged into the base
-    weights is refused too (unmerge first). CPU parameters are written by the Rust decoder directly, in one parallel call; CUDA
+    layers' ``scaling``), else the swap is refused (peft would scale the expert's update by the
+    slot's factor); an expert without an adapter config takes the slot's scaling. A slot whose
+    adapter is merged into the base weights is refused too (unmerge first). CPU parameters are written by the Rust decoder directly, in one parallel call; CUDA
     parameters get the stream's 2-bit form uploaded and expanded on the device in chunks of
     ``DEVICE_CHUNK`` entries. Tensors kept exactly (heads, DoRA magnitudes) are copied in, and
     floating-point values are converted to the parameter's dtype, as ``set_peft_model_state_dict``

@@ -119,7 +119,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ._expert import load_expert
-    from ._merge import _merge, _recompress, write_merged
+    from ._merge import merge, merge_peft
 
     out = Path(args.output)
     to_file = out.name.endswith(".safetensors")
@@ -128,19 +128,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     elif args.k is not None:
         raise ValueError("-k compresses the result: give an OUT ending in .safetensors")
     experts = [load_expert(p) for p in args.src]
-    if not to_file and any(e.peft_config is None for e in experts):
-        raise ValueError("a PEFT folder needs experts made from PEFT adapters; "
-                         "give an OUT ending in .safetensors for a compressed expert")
     t0 = time.perf_counter()
-    k = (args.k if args.k is not None else experts[0].k) if to_file else None
-    merged, config, _ = _merge(experts, args.method, args.weights, args.majority_sign, args.density, args.lam,
-                               args.convention, k, args.rescale)
+    opts = dict(weights=args.weights, majority_sign=args.majority_sign, density=args.density, lam=args.lam,
+                convention=args.convention, rescale=args.rescale)
     if to_file:
-        result = _recompress(experts[0], merged, float(k), config)
+        k = args.k if args.k is not None else experts[0].k
+        result = merge(experts, args.method, compress=k, **opts)
         result.save(out)
         what = f"compressed expert {out} (k={k:g}, {result.nbytes:,} B)"
     else:
-        write_merged(merged, experts[0], out, config=config, overwrite=args.force)
+        merge_peft(experts, out, args.method, overwrite=args.force, **opts)
         what = f"PEFT adapter folder {out}"
     if not args.quiet:
         print(f"merged {len(experts)} experts ({args.method}) -> {what}, {time.perf_counter() - t0:.2f}s")
