@@ -117,7 +117,8 @@ def resolve(store: ExpertStore, base_model_name: str, lora_name: str, *,
             return None, why
         why = _refusal(expert, base_model_name, limits)
         if why is None:
-            return store.materialize(lora_name, cache_dir, cache_max_bytes=limits.cache_max_bytes), ""
+            # The expert checked, not the file read again: it may have been replaced meanwhile.
+            return store._materialize(lora_name, expert, cache_dir, limits.cache_max_bytes), ""
     except Exception as e:  # anything raised here would reach the client as a server error
         why = f"{type(e).__name__}: {e}"
         _log.debug("compeft-rs resolver: %r failed", lora_name, exc_info=True)

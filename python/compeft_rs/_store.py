@@ -477,9 +477,14 @@ class ExpertStore(Mapping[str, CompressedExpert]):
         another process holds the lock of). An engine should load the folder soon after it is
         returned: a full cache may evict it once it is the least recently used.
         """
+        return self._materialize(name, self[name], cache_dir, cache_max_bytes)
+
+    def _materialize(self, name: str, exp: CompressedExpert, cache_dir: Union[str, PathLike, None],
+                     cache_max_bytes: Optional[int]) -> Path:
+        """:meth:`materialize` of ``exp``, which the caller read as ``name`` (and may have
+        checked: the folder is made from exactly this object, not from the file read again)."""
         from filelock import FileLock
 
-        exp = self[name]
         if exp.peft_config is None:
             raise ValueError(f"expert {name!r} was not made from a PEFT adapter (no adapter config in it); "
                              "only PEFT experts can be materialised as adapter folders")

@@ -2,6 +2,8 @@
 the test extra is installed), then vLLM's classes around it where vllm imports."""
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -78,6 +80,32 @@ def test_resolve_never_raises(store, tmp_path, caplog):
     assert not cache.exists()
     (tmp_path / "file").write_text("x")  # the cache folder cannot be made: the write fails
     refused(caplog, store, BASE, "math", tmp_path / "file" / "c", match="Error")
+
+
+def test_the_expert_checked_is_the_one_written(store, tmp_path, caplog, monkeypatch):
+    """An expert replaced in the store between the check and the write: the folder holds the
+    expert that was checked, never the replacement (which was not)."""
+    checked = store["math"]
+    other = an_expert(seed=9)
+    intruder = compeft_rs.compress_expert(other.apply(), 0.5, peft_config=dict(
+        other.peft_config, base_model_name_or_path="some/other-model"))
+    store.put("intruder", intruder)
+    refused(caplog, store, BASE, "intruder", tmp_path / "c", match="names base model 'some/other-model'")
+    real = _resolve._refusal
+
+    def swap_after_the_check(*args):
+        why = real(*args)
+        store.put("math", intruder, overwrite=True)
+        return why
+
+    monkeypatch.setattr(_resolve, "_refusal", swap_after_the_check)
+    folder, why = resolve(store, BASE, "math", cache_dir=tmp_path / "c")
+    assert why == "" and store["math"].to_bytes() == intruder.to_bytes()
+    assert folder.name == hashlib.sha256(checked.to_bytes()).hexdigest()[:32]
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE
+    from safetensors.torch import load_file
+
+    assert same_weights(load_file(str(folder / "adapter_model.safetensors")), checked.apply())
 
 
 def huge_rank_expert(r=8192, width=16):
