@@ -234,22 +234,25 @@ def test_a_removed_expert_is_never_served_from_the_cache(tmp_path, monkeypatch, 
     _racing(monkeypatch, CompressedExpert, "apply", lambda: store.remove("x"))
     store.decoded("x")  # started before the remove
     monkeypatch.undo()
-    assert store.get("x") is None and "x" not in store
+    # decoded() first: a get() would drop the cached copies on its way and hide a stale one.
     with pytest.raises(KeyError, match="no expert 'x'"):
         store.decoded("x")
+    assert store.get("x") is None and "x" not in store
 
 
 def test_another_writers_put_and_remove_are_seen(tmp_path):
     e1, e2 = an_expert(seed=1), an_expert(seed=2)
-    a, b = compeft_rs.ExpertStore(tmp_path), compeft_rs.ExpertStore(tmp_path)
+    # a's compressed cache and c's decoded cache are each checked first after b's writes (one
+    # read drops both caches of a store, which would hide a stale hit in the other).
+    a, b, c = (compeft_rs.ExpertStore(tmp_path) for _ in range(3))
     a.put("x", e1)
-    assert a["x"].to_bytes() == e1.to_bytes() and same_weights(a.decoded("x"), e1.apply())
+    assert a["x"].to_bytes() == e1.to_bytes() and same_weights(c.decoded("x"), e1.apply())
     b.put("x", e2, overwrite=True)
-    assert a["x"].to_bytes() == e2.to_bytes() and same_weights(a.decoded("x"), e2.apply())
+    assert a["x"].to_bytes() == e2.to_bytes() and same_weights(c.decoded("x"), e2.apply())
     b.remove("x")
     assert a.get("x") is None and "x" not in a
     with pytest.raises(KeyError):
-        a.decoded("x")
+        c.decoded("x")
     # Another process, and a rewrite that keeps the size and mtime: the inode still tells.
     a.put("y", e1)
     assert same_weights(a.decoded("y"), e1.apply())
@@ -270,13 +273,14 @@ def test_another_writers_put_and_remove_are_seen(tmp_path):
 def test_another_writer_on_an_fsspec_url_is_seen():
     pytest.importorskip("fsspec")
     e1, e2 = an_expert(seed=1), an_expert(seed=2)
-    a = compeft_rs.ExpertStore("memory://compeft-test-consistency")
-    b = compeft_rs.ExpertStore("memory://compeft-test-consistency")
+    a, b, c = (compeft_rs.ExpertStore("memory://compeft-test-consistency") for _ in range(3))
     a.put("x", e1)
-    assert a["x"].to_bytes() == e1.to_bytes()
+    assert a["x"].to_bytes() == e1.to_bytes() and same_weights(c.decoded("x"), e1.apply())
     b.put("x", e2, overwrite=True)
-    assert a["x"].to_bytes() == e2.to_bytes() and same_weights(a.decoded("x"), e2.apply())
+    assert a["x"].to_bytes() == e2.to_bytes() and same_weights(c.decoded("x"), e2.apply())
     b.remove("x")
+    with pytest.raises(KeyError):
+        c.decoded("x")
     assert a.get("x") is None
 
 
