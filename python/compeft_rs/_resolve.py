@@ -22,6 +22,7 @@ ENV_CACHE_DIR = "COMPEFT_CACHE_DIR"
 ENV_CACHE_MAX_BYTES = "COMPEFT_CACHE_MAX_BYTES"
 ENV_MAX_RANK = "COMPEFT_MAX_RANK"
 ENV_MAX_ENTRIES = "COMPEFT_MAX_ENTRIES"
+ENV_MAX_EXPANSION = "COMPEFT_MAX_EXPANSION"
 
 # vLLM 0.33 serves LoRA ranks up to 512 (its --max-lora-rank choices end there), so nothing it
 # could load is refused.
@@ -29,6 +30,12 @@ DEFAULT_MAX_RANK = 512
 # 2^31 entries: 8 GiB as float32 (peft's adapter dtype), under the folder cache's 10 GiB. A rank-128
 # adapter on every linear layer of a 70B Llama has 1.66e9; a rank-16 one 0.21e9.
 DEFAULT_MAX_ENTRIES = 1 << 31
+# Bytes of the folder per byte of the expert file. A sparse expert's file is small by design, so
+# a size limit alone lets a 1 KB file declare hundreds of MB of zeros. fp16 LoRA factors at
+# k = 0.001 expand about 1100x (1062x for rank-16 q and v pairs on 32 layers 4096 wide), float32
+# ones twice that; at 4096x a 1 KB file writes at most 4 MB.
+DEFAULT_MAX_EXPANSION = 4096
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 _log = logging.getLogger("compeft_rs.vllm")
 # Which dimension of a LoRA factor is the rank: A is (r, in, ...), B is (out, r, ...).
@@ -53,22 +60,25 @@ def _env_int(environ: Mapping[str, str], name: str, default: Optional[int]) -> O
 class Limits:
     """What the resolver serves: LoRA ranks up to ``max_rank`` (the config's ``r`` and
     ``rank_pattern`` and every factor's shape), experts of at most ``max_entries`` tensor entries
-    in all, and a folder cache of at most ``cache_max_bytes`` (None: unbounded)."""
+    in all whose folder (entries times their dtype's size) is at most ``max_expansion`` bytes per
+    byte of their file, and a folder cache of at most ``cache_max_bytes`` (None: unbounded)."""
 
     max_rank: int = DEFAULT_MAX_RANK
     max_entries: int = DEFAULT_MAX_ENTRIES
     cache_max_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES
+    max_expansion: int = DEFAULT_MAX_EXPANSION
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Limits":
-        """From ``COMPEFT_MAX_RANK``, ``COMPEFT_MAX_ENTRIES`` and ``COMPEFT_CACHE_MAX_BYTES``
-        (defaults where unset); ValueError naming the variable for a value that is not a positive
-        whole number."""
+        """From ``COMPEFT_MAX_RANK``, ``COMPEFT_MAX_ENTRIES``, ``COMPEFT_MAX_EXPANSION`` and
+        ``COMPEFT_CACHE_MAX_BYTES`` (defaults where unset); ValueError naming the variable for a
+        value that is not a positive whole number."""
         env = os.environ if environ is None else environ
         return cls(
             max_rank=int(_env_int(env, ENV_MAX_RANK, DEFAULT_MAX_RANK)),  # type: ignore[arg-type]
             max_entries=int(_env_int(env, ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES)),  # type: ignore[arg-type]
             cache_max_bytes=_env_int(env, ENV_CACHE_MAX_BYTES, DEFAULT_CACHE_MAX_BYTES),
+            max_expansion=int(_env_int(env, ENV_MAX_EXPANSION, DEFAULT_MAX_EXPANSION)),  # type: ignore[arg-type]
         )
 
 
@@ -84,8 +94,14 @@ def check_limits(expert: CompressedExpert, limits: Limits) -> Optional[str]:
         if isinstance(r, int) and r > limits.max_rank:
             return f"its adapter config declares {field} = {r}, above the limit of {limits.max_rank} ({ENV_MAX_RANK})"
     comp = expert.compressed_keys()
-    shapes = {n: tuple(s.shape) for n, s in zip(comp, expert._parse(comp))}
-    shapes.update({n: tuple(expert._entries[expert._keys[n]][1]) for n in expert.lossless_keys()})
+    shapes, dense = {}, 0  # dense: bytes of the decoded tensors, as the folder holds them
+    for n, s in zip(comp, expert._parse(comp)):
+        shapes[n] = tuple(s.shape)
+        dense += math.prod(shapes[n]) * _ITEMSIZE.get(expert._orig_dtype(n, s), 8)
+    for n in expert.lossless_keys():
+        _, shape, nbytes = expert._entries[expert._keys[n]]
+        shapes[n] = tuple(shape)
+        dense += int(nbytes)
     total = 0
     for n, shape in shapes.items():
         total += math.prod(shape)
@@ -95,6 +111,9 @@ def check_limits(expert: CompressedExpert, limits: Limits) -> Optional[str]:
                     f"{limits.max_rank} ({ENV_MAX_RANK})")
     if total > limits.max_entries:
         return f"it has {total:,} entries, above the limit of {limits.max_entries:,} ({ENV_MAX_ENTRIES})"
+    if dense > limits.max_expansion * expert.nbytes:
+        return (f"its folder would hold {dense:,} bytes, {dense / expert.nbytes:,.0f} times its {expert.nbytes:,}-byte "
+                f"file, above the limit of {limits.max_expansion:,} times ({ENV_MAX_EXPANSION})")
     return None
 
 

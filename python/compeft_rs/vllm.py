@@ -17,7 +17,10 @@ point, :func:`register` sets it up from the environment:
 - ``COMPEFT_MAX_RANK``: the largest LoRA rank served (default 512, vLLM's largest
   ``--max-lora-rank``), checked in the adapter config and in every factor's shape;
 - ``COMPEFT_MAX_ENTRIES``: the most tensor entries one expert may have (default 2^31, 8 GiB as
-  float32).
+  float32);
+- ``COMPEFT_MAX_EXPANSION``: the most bytes the folder may hold per byte of the expert's file
+  (default 4096: fp16 LoRA factors at k = 0.001 expand about 1100x; a 1 KB file writes at most
+  4 MB).
 
 The limits are read from the expert's headers before anything is decoded, so a small file that
 declares a huge adapter is refused without writing anything.
@@ -46,6 +49,7 @@ from ._resolve import (
     ENV_CACHE_DIR,
     ENV_CACHE_MAX_BYTES,
     ENV_MAX_ENTRIES,
+    ENV_MAX_EXPANSION,
     ENV_MAX_RANK,
     ENV_STORE,
     Limits,
@@ -57,7 +61,7 @@ from ._resolve import (
 from ._store import ExpertStore
 
 __all__ = ["CompeftResolver", "Limits", "register", "RESOLVER_NAME", "ENV_STORE", "ENV_CACHE_DIR",
-           "ENV_CACHE_MAX_BYTES", "ENV_MAX_RANK", "ENV_MAX_ENTRIES"]
+           "ENV_CACHE_MAX_BYTES", "ENV_MAX_RANK", "ENV_MAX_ENTRIES", "ENV_MAX_EXPANSION"]
 
 RESOLVER_NAME = "compeft"
 

@@ -142,13 +142,56 @@ def test_limits_are_checked_from_the_headers_before_anything_is_decoded(store, t
     assert why == "" and folder.is_dir()
 
 
+def lora_pairs(rank, width, layers, dtype, k):
+    """A LoRA expert with ``layers`` q pairs of the given rank and width, random values kept at k."""
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for i in range(layers):
+        t[f"base_model.model.layers.{i}.q.lora_A.weight"] = torch.randn(rank, width, generator=g).to(dtype)
+        t[f"base_model.model.layers.{i}.q.lora_B.weight"] = torch.randn(width, rank, generator=g).to(dtype)
+    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_modules": ["q"], "base_model_name_or_path": BASE}
+    return compeft_rs.compress_expert(t, k, peft_config=cfg)
+
+
+def test_a_tiny_file_cannot_write_a_huge_folder(store, tmp_path, caplog, monkeypatch):
+    """Rank and entries within their limits, but nothing kept: a ~1 KB file that would write
+    19 MB is refused from its headers, nothing decoded; real sparse experts are served."""
+    cache = tmp_path / "c"
+    bomb = lora_pairs(8, 600_000, 1, torch.float32, 1e-9)
+    dense = 2 * 8 * 600_000 * 4
+    assert bomb.nbytes < 2000 and dense > 4096 * bomb.nbytes
+    store.put("bomb", bomb)
+    decoded = []
+    monkeypatch.setattr(compeft_rs.CompressedExpert, "apply", lambda *a, **k: decoded.append(1))
+    why = refused(caplog, store, BASE, "bomb", cache, match="above the limit of 4,096 times (COMPEFT_MAX_EXPANSION)")
+    assert f"would hold {dense:,} bytes" in why and f"its {bomb.nbytes:,}-byte file" in why
+    assert decoded == [] and not cache.exists()
+    monkeypatch.undo()
+    # fp16 and float32 LoRA factors at k = 0.001 fit the default (600x and 1200x here, where headers
+    # weigh more than in a 7B-sized expert: 1100x and 2200x).
+    for dtype in (torch.float16, torch.float32):
+        store.put("sparse", lora_pairs(16, 2048, 8, dtype, 0.001), overwrite=True)
+        folder, why = resolve(store, BASE, "sparse", cache_dir=cache)
+        assert why == "" and folder.is_dir()
+    # The bound is on the folder's tensor bytes per file byte: just under this expert's ratio refuses it.
+    e = lora_pairs(16, 2048, 8, torch.float32, 0.001)
+    ratio = sum(2 * 16 * 2048 * 4 for _ in range(8)) / e.nbytes
+    store.put("f32", e)
+    refused(caplog, store, BASE, "f32", cache, limits=Limits(max_expansion=int(ratio)), match="COMPEFT_MAX_EXPANSION")
+    assert resolve(store, BASE, "f32", cache_dir=cache, limits=Limits(max_expansion=int(ratio) + 1))[0] is not None
+
+
 def test_limits_from_the_environment(monkeypatch):
-    assert Limits.from_env({}) == Limits(512, 1 << 31, 10 << 30)
-    env = {"COMPEFT_MAX_RANK": "64", "COMPEFT_MAX_ENTRIES": "1_000_000", "COMPEFT_CACHE_MAX_BYTES": "4096"}
-    assert Limits.from_env(env) == Limits(64, 1_000_000, 4096)
+    assert Limits.from_env({}) == Limits(max_rank=512, max_entries=1 << 31, cache_max_bytes=10 << 30,
+                                         max_expansion=4096)
+    env = {"COMPEFT_MAX_RANK": "64", "COMPEFT_MAX_ENTRIES": "1_000_000", "COMPEFT_CACHE_MAX_BYTES": "4096",
+           "COMPEFT_MAX_EXPANSION": "100"}
+    assert Limits.from_env(env) == Limits(max_rank=64, max_entries=1_000_000, cache_max_bytes=4096,
+                                          max_expansion=100)
     monkeypatch.setenv("COMPEFT_MAX_RANK", "16")
     assert Limits.from_env().max_rank == 16
-    for var, bad in [("COMPEFT_MAX_RANK", "0"), ("COMPEFT_MAX_ENTRIES", "lots"), ("COMPEFT_CACHE_MAX_BYTES", "-1")]:
+    for var, bad in [("COMPEFT_MAX_RANK", "0"), ("COMPEFT_MAX_ENTRIES", "lots"), ("COMPEFT_CACHE_MAX_BYTES", "-1"),
+                     ("COMPEFT_MAX_EXPANSION", "0")]:
         with pytest.raises(ValueError, match=f"{var}='{bad}' is not a positive whole number"):
             Limits.from_env({var: bad})
 
@@ -201,7 +244,7 @@ def vllm_registry(monkeypatch):
 
     monkeypatch.setattr(LoRAResolverRegistry, "resolvers", {})  # this test's registrations only
     for var in ("COMPEFT_STORE", "COMPEFT_CACHE_DIR", "COMPEFT_CACHE_MAX_BYTES", "COMPEFT_MAX_RANK",
-                "COMPEFT_MAX_ENTRIES"):
+                "COMPEFT_MAX_ENTRIES", "COMPEFT_MAX_EXPANSION"):
         monkeypatch.delenv(var, raising=False)
     return LoRAResolverRegistry
 
