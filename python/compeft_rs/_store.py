@@ -14,6 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
+from ._core import CompeftError, ExpertFile
 from ._expert import CompressedExpert, PathLike, load_expert
 from ._io import STALE_AFTER_S, atomic_dir, atomic_file, sweep_stale
 from ._peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict
@@ -89,6 +90,15 @@ class _Cached:
         self.value = value
         self.ident = ident
         self.checked = time.monotonic()
+
+
+def _expert_from(data: bytes, where: str) -> CompressedExpert:
+    """The expert in ``data``, read from ``where``: errors name the file, as load_expert's do."""
+    try:
+        storage = ExpertFile.from_bytes(data)
+    except CompeftError as e:
+        raise CompeftError(f"{where}: {e}") from None
+    return CompressedExpert(storage, where=where)
 
 
 def _local_identity(st: os.stat_result) -> Identity:
@@ -318,7 +328,7 @@ class ExpertStore(Mapping[str, CompressedExpert]):
 
     def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
         """The compressed expert ``name``, or ``default`` if the store has none. A file that is
-        there but not a valid expert raises CompeftError."""
+        there but not a valid expert raises CompeftError naming the file."""
         if not _valid_name(name):
             return default
         found = self._lookup(name)
@@ -391,7 +401,7 @@ class ExpertStore(Mapping[str, CompressedExpert]):
         except FileNotFoundError:
             self._drop(name, gen)
             return None
-        exp = CompressedExpert.from_bytes(data)
+        exp = _expert_from(data, path if self._local else self.fs.unstrip_protocol(path))
         with self._lock:
             if self._gen.get(name, 0) == gen:
                 self._compressed.put(name, _Cached(exp, ident), len(data))

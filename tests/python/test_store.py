@@ -4,6 +4,7 @@ materialised PEFT folders (verified, bounded, written once), and what killed wri
 import json
 import multiprocessing
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -122,6 +123,19 @@ def test_store_is_a_mapping_of_names_to_experts(tmp_path):
     assert len({store}) == 1
 
 
+def test_a_file_that_is_not_an_expert_is_named_in_the_error(tmp_path):
+    from safetensors.torch import save_file
+
+    store = compeft_rs.ExpertStore(tmp_path)
+    (tmp_path / "junk.cpft.safetensors").write_bytes(b"not an expert at all")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "foreign.cpft.safetensors"))
+    for name, why in [("junk", "not a readable safetensors file"), ("foreign", "not a compeft expert")]:
+        path = str(tmp_path / f"{name}.cpft.safetensors")
+        for read in (lambda: store[name], lambda: store.get(name), lambda: store.decoded(name)):
+            with pytest.raises(compeft_rs.CompeftError, match=f"^{re.escape(path)}[: ].*{why}"):
+                read()
+
+
 def test_a_missing_root_is_refused_without_create(tmp_path):
     with pytest.raises(FileNotFoundError, match="no expert store at .*create=True"):
         compeft_rs.ExpertStore(tmp_path / "typo", create=False)
@@ -211,17 +225,7 @@ def test_a_put_between_read_and_cache_is_not_hidden(tmp_path, monkeypatch, reval
     monkeypatch.undo()
 
     fresh = compeft_rs.ExpertStore(tmp_path, revalidate=revalidate)  # nothing cached: get reads the file
-    orig = CompressedExpert.from_bytes.__func__
-    done = []
-
-    def from_bytes(cls, data):
-        out = orig(cls, data)
-        if not done:
-            done.append(1)
-            fresh.put("x", e1, overwrite=True)
-        return out
-
-    monkeypatch.setattr(CompressedExpert, "from_bytes", classmethod(from_bytes))
+    _racing(monkeypatch, _store, "_expert_from", lambda: fresh.put("x", e1, overwrite=True))
     assert fresh["x"].to_bytes() == e2.to_bytes()
     assert fresh["x"].to_bytes() == e1.to_bytes()
 

@@ -67,7 +67,7 @@ def test_resolve_never_raises(store, tmp_path, caplog):
     root = Path(store.root)
     (root / "junk.cpft.safetensors").write_bytes(b"not an expert at all")
     why = refused(caplog, store, BASE, "junk", cache)
-    assert "CompeftError" in why
+    assert "CompeftError" in why and str(root / "junk.cpft.safetensors") in why
     from safetensors.torch import save_file
 
     save_file({"w": torch.ones(2)}, str(root / "foreign.cpft.safetensors"))  # a safetensors file, not ours
