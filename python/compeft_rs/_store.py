@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -115,7 +116,10 @@ def _file_sha256(path: Path) -> str:
 
 def _private_dir(path: Path) -> None:
     """Creates ``path`` and its missing parents readable by the owner only: a materialised folder
-    holds a decoded adapter at a predictable place. Existing folders are left as they are."""
+    holds a decoded adapter at a predictable place. An existing ``path`` must be ours: group and
+    other access are removed (earlier versions created it 0755), and one owned by another user is
+    refused (PermissionError), since its owner could put what we serve there. Existing parents are
+    left as they are."""
     missing = []
     p = path
     while not p.exists() and p != p.parent:
@@ -129,6 +133,15 @@ def _private_dir(path: Path) -> None:
         os.chmod(d, 0o700)  # mkdir's mode passes through the umask
     if not path.is_dir():
         raise NotADirectoryError(f"cache folder {path} exists and is not a folder; choose another cache_dir")
+    if os.name != "posix":
+        return
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"cache folder {path} belongs to another user (uid {st.st_uid}, not {os.geteuid()}), "
+                              "who could change the adapter folders served from it; choose a cache_dir of your own "
+                              "(COMPEFT_CACHE_DIR for the vLLM resolver)")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
 
 
 def _remove_entry(path: Path) -> None:

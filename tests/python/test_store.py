@@ -365,6 +365,30 @@ def test_cache_folder_is_private(tmp_path):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
 
 
+def test_an_open_cache_folder_is_made_private(tmp_path):
+    store = compeft_rs.ExpertStore(tmp_path / "s")
+    store.put("x", an_expert())
+    cache = tmp_path / "c"
+    cache.mkdir()
+    os.chmod(cache, 0o755)  # as earlier versions made it
+    store.materialize("x", cache)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.parametrize("mode", [0o700, 0o777], ids=["0700", "0777"])
+def test_a_cache_folder_of_another_user_is_refused(tmp_path, mode):
+    store = compeft_rs.ExpertStore(tmp_path / "s")
+    store.put("x", an_expert())
+    cache = tmp_path / "c"
+    cache.mkdir()
+    os.chmod(cache, mode)
+    os.chown(cache, 12345, 12345)
+    with pytest.raises(PermissionError, match=r"cache folder .*/c belongs to another user \(uid 12345"):
+        store.materialize("x", cache)
+    assert list(cache.iterdir()) == [] and stat.S_IMODE(cache.stat().st_mode) == mode
+
+
 def test_a_failed_write_leaves_nothing_under_the_hash(tmp_path, monkeypatch):
     import safetensors.torch
 

@@ -80,6 +80,12 @@ def test_resolve_never_raises(store, tmp_path, caplog):
     assert not cache.exists()
     (tmp_path / "file").write_text("x")  # the cache folder cannot be made: the write fails
     refused(caplog, store, BASE, "math", tmp_path / "file" / "c", match="Error")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root can give a folder to another user
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 12345, 12345)
+        refused(caplog, store, BASE, "math", theirs, match="PermissionError: cache folder")
+        assert list(theirs.iterdir()) == []
 
 
 def test_the_expert_checked_is_the_one_written(store, tmp_path, caplog, monkeypatch):
