@@ -9,7 +9,11 @@ in place, and a folder holding other files, or the current folder, is refused.
 Temporary names say who wrote them: ``.<target>.<pid>-<host>-<random>.tmp`` (``.old`` for a
 folder renamed aside), host a short hash of the host name. A process killed mid-write leaves one
 behind; the next write into that folder (at most once a minute per folder and process) removes
-those whose writer is gone: a pid no longer running on this host, or anything older than an hour.
+those whose writer is gone (a pid no longer running on this host) and that nothing touched for
+ten minutes, and anything untouched for an hour whoever wrote it. The pid alone is not enough:
+containers that share a volume and a host name but not a pid namespace see each other's writers
+as gone, so a live writer's temporary is safe as long as it writes to it at least every ten
+minutes (and, in any case, for an hour).
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ __all__ = ["atomic_file", "atomic_dir", "fsync_dir", "sweep_stale"]
 PathLike = Union[str, "os.PathLike[str]"]
 _umask_lock = threading.Lock()
 
-# A leftover older than this is stale whoever wrote it (pids are reused, and another host's
+# A leftover untouched this long is stale whoever wrote it (pids are reused, and another host's
 # processes cannot be asked).
 STALE_AFTER_S = 3600.0
+# A leftover of a writer that looks gone, untouched this long: the pid may belong to another pid
+# namespace (containers sharing the volume and the host name), where it still runs.
+DEAD_WRITER_AFTER_S = 600.0
 _SWEEP_EVERY_S = 60.0
 _TEMP = re.compile(r"\.(?P<target>.+)\.(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})-[a-z0-9_]+\.(?P<kind>tmp|old)")
 _swept: Dict[str, float] = {}
@@ -82,9 +89,10 @@ def _remove(path: Path) -> None:
 
 def sweep_stale(folder: PathLike, *, now: Optional[float] = None) -> int:
     """Removes the temporary files and folders this module's writers left in ``folder`` when
-    they were killed: those of a pid that no longer runs on this host, and any older than an
-    hour. A folder renamed aside (``.old``) goes back to its place if nothing took it. Returns
-    how many were removed; never raises."""
+    they were killed: those of a pid that no longer runs on this host untouched for ten minutes
+    (a folder counts as touched when anything in it is), and any untouched for an hour. A folder
+    renamed aside (``.old``) goes back to its place if nothing took it. Returns how many were
+    removed; never raises."""
     folder = Path(folder)
     now = time.time() if now is None else now
     host = _host_tag()
@@ -99,8 +107,10 @@ def sweep_stale(folder: PathLike, *, now: Optional[float] = None) -> int:
             continue
         path = folder / entry.name
         try:
-            dead = m["host"] == host and not _pid_alive(int(m["pid"]))
-            if not dead and now - _newest_mtime(path) <= STALE_AFTER_S:
+            idle = now - _newest_mtime(path)
+            if idle <= DEAD_WRITER_AFTER_S:
+                continue
+            if idle <= STALE_AFTER_S and (m["host"] != host or _pid_alive(int(m["pid"]))):
                 continue
             if m["kind"] == "old":
                 target, old = folder / m["target"], path / "old"

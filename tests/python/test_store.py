@@ -564,36 +564,55 @@ def dead_pid():
     return p.pid
 
 
+def untouched(path, seconds):
+    """Sets the mtimes of ``path`` and everything in it ``seconds`` back (as if nothing wrote there)."""
+    t = time.time() - seconds
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.utime(p, (t, t), follow_symlinks=False)
+
+
 def test_stale_temporaries_are_swept_when_writing_there_again(tmp_path):
     host, other = _io._host_tag(), "0badf00d"
     assert host != other
     d = tmp_path / "d"
     d.mkdir()
     me, gone = os.getpid(), dead_pid()
-    hour_ago = time.time() - 2 * 3600
-    names = {
-        f".a.cpft.safetensors.{gone}-{host}-k3j4h5g6.tmp": False,  # writer gone
-        f".b.cpft.safetensors.{me}-{host}-k3j4h5g6.tmp": True,  # writer alive, recent
-        f".c.cpft.safetensors.{me}-{host}-k3j4h5g6.tmp": False,  # alive but two hours old
-        f".d.cpft.safetensors.{gone}-{other}-k3j4h5g6.tmp": True,  # another host's, recent
-        f".e.cpft.safetensors.{gone}-{other}-k3j4h5g6.tmp": False,  # another host's, old
-        ".f.tmp": True,  # not ours
-        f".g.{gone}-{host}.tmp": True,  # not ours either
+    minute, hour = 60, 3600
+    names = {  # name: (seconds untouched, kept)
+        f".a.cpft.safetensors.{gone}-{host}-k3j4h5g6.tmp": (11 * minute, False),  # writer gone, idle 11 min
+        # Writer gone from this pid namespace, but recently touched: maybe another container's.
+        f".a2.cpft.safetensors.{gone}-{host}-k3j4h5g6.tmp": (9 * minute, True),
+        f".b.cpft.safetensors.{me}-{host}-k3j4h5g6.tmp": (0, True),  # writer alive, recent
+        f".b2.cpft.safetensors.{me}-{host}-k3j4h5g6.tmp": (50 * minute, True),  # alive, idle under an hour
+        f".c.cpft.safetensors.{me}-{host}-k3j4h5g6.tmp": (2 * hour, False),  # alive but idle two hours
+        f".d.cpft.safetensors.{gone}-{other}-k3j4h5g6.tmp": (50 * minute, True),  # another host's, under an hour
+        f".e.cpft.safetensors.{gone}-{other}-k3j4h5g6.tmp": (2 * hour, False),  # another host's, old
+        ".f.tmp": (2 * hour, True),  # not ours
+        f".g.{gone}-{host}.tmp": (2 * hour, True),  # not ours either
     }
-    for n in names:
+    for n, (idle, _) in names.items():
         (d / n).write_bytes(b"partial")
-    for n in (f".c.cpft.safetensors.{me}-{host}-k3j4h5g6.tmp", f".e.cpft.safetensors.{gone}-{other}-k3j4h5g6.tmp"):
-        os.utime(d / n, (hour_ago, hour_ago))
+        untouched(d / n, idle)
     # A folder renamed aside by a writer killed before the new one took its place: put back.
     aside = d / f".out.{gone}-{host}-abcdefgh.old"
     (aside / "old").mkdir(parents=True)
     (aside / "old" / "adapter_config.json").write_text("{}")
+    untouched(aside, 11 * minute)
     tmpdir = d / f".out2.{gone}-{host}-abcdefgh.tmp"
     tmpdir.mkdir()
     (tmpdir / "adapter_model.safetensors").write_bytes(b"half")
+    untouched(tmpdir, 11 * minute)
+    # A folder counts as touched when a file in it is: one being filled is left alone.
+    busy = d / f".out3.{gone}-{host}-abcdefgh.tmp"
+    busy.mkdir()
+    (busy / "adapter_config.json").write_text("{}")
+    (busy / "adapter_model.safetensors").write_bytes(b"being")
+    untouched(busy, 11 * minute)
+    (busy / "adapter_model.safetensors").write_bytes(b"being written")  # the folder's own mtime stays
+    assert time.time() - busy.stat().st_mtime > 10 * minute
     an_expert().save(d / "new.cpft.safetensors")
     left = sorted(p.name for p in d.iterdir())
-    assert left == sorted([n for n, keep in names.items() if keep] + ["new.cpft.safetensors", "out"])
+    assert left == sorted([n for n, (_, keep) in names.items() if keep] + [busy.name, "new.cpft.safetensors", "out"])
     assert (d / "out" / "adapter_config.json").read_text() == "{}"
 
 
@@ -623,6 +642,11 @@ def test_a_writer_killed_mid_save_leaves_a_temporary_the_next_store_sweeps(tmp_p
         p.kill()
         p.wait()
     assert [q.name for q in d.iterdir()] == [tmp]  # what kill -9 leaves
+    # Its pid is gone, but a writer in another pid namespace (a container sharing the volume and
+    # the host name) would look the same: kept until untouched for ten minutes.
+    compeft_rs.ExpertStore(d)
+    assert [q.name for q in d.iterdir()] == [tmp]
+    untouched(d / tmp, 601)
     store = compeft_rs.ExpertStore(d)
     assert list(d.iterdir()) == [] and len(store) == 0
     store.put("x", e)
