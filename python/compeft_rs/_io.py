@@ -18,6 +18,7 @@ minutes (and, in any case, for an hour).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Union
 
-__all__ = ["atomic_file", "atomic_dir", "fsync_dir", "sweep_stale"]
+__all__ = ["atomic_file", "atomic_dir", "fsync_dir", "publish_file", "stage_file", "sweep_stale"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 _umask_lock = threading.Lock()
@@ -169,6 +170,13 @@ def _fsync_file(path: Path) -> None:
 def atomic_file(path: PathLike, write: Callable[[Path], None]) -> Path:
     """Calls ``write(tmp)`` to fill a temporary file beside ``path``, then syncs it and renames
     it into place. An existing file at ``path`` is replaced only by a complete new one."""
+    return publish_file(stage_file(path, write), path)
+
+
+def stage_file(path: PathLike, write: Callable[[Path], None]) -> Path:
+    """The first half of :func:`atomic_file`: a temporary file beside ``path``, filled by
+    ``write(tmp)``, given the umask's permissions and synced. Pass it to :func:`publish_file`,
+    which renames it in (or removes it); on failure nothing is left."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name for the output")
@@ -182,7 +190,34 @@ def atomic_file(path: PathLike, write: Callable[[Path], None]) -> Path:
         # After writing: a writer may replace the file (safetensors writes through a temp file).
         os.chmod(tmp, 0o666 & ~_umask())
         _fsync_file(tmp)
-        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def publish_file(tmp: Path, path: PathLike, *, overwrite: bool = True) -> Path:
+    """The second half of :func:`atomic_file`: renames the staged ``tmp`` to ``path``. Without
+    ``overwrite``, FileExistsError if ``path`` exists, decided atomically (``tmp`` is hard-linked
+    to ``path``, which fails if anything is there, then unlinked); where the filesystem has no
+    hard links, ``path`` is checked and then replaced, and a file another process makes in
+    between is replaced. The file keeps its inode and mtime. ``tmp`` is gone afterwards, either
+    way."""
+    path = Path(path)
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here (FAT, some network filesystems)
+                if os.path.lexists(path):
+                    raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+                os.replace(tmp, path)
+            else:
+                tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from ._core import CompeftError, ExpertFile
 from ._expert import CompressedExpert, PathLike, load_expert
-from ._io import STALE_AFTER_S, atomic_dir, atomic_file, sweep_stale
+from ._io import STALE_AFTER_S, atomic_dir, publish_file, stage_file, sweep_stale
 from ._peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict
 
 __all__ = ["ExpertStore", "DEFAULT_CACHE_MAX_BYTES"]
@@ -292,6 +292,7 @@ class ExpertStore(Mapping[str, CompressedExpert]):
         self._compressed = _LRU(cache_bytes)
         self._decoded = _LRU(decoded_cache_bytes)
         self._gen: Dict[str, int] = {}
+        self._uploading: Dict[str, int] = {}  # remote puts in progress, by name
         if self._local:
             self._sweep()
 
@@ -443,37 +444,69 @@ class ExpertStore(Mapping[str, CompressedExpert]):
 
     # -- writing ------------------------------------------------------------------------------
     def put(self, name: str, expert: Union[CompressedExpert, PathLike], *, overwrite: bool = False) -> None:
-        """Stores an expert (or an expert file) under ``name``, written completely or not at all."""
+        """Stores an expert (or an expert file) under ``name``, written completely or not at all.
+        Without ``overwrite``, FileExistsError if the store has ``name``: decided atomically on a
+        local store (even against other processes, where the filesystem has hard links); on a
+        remote one, against this object's other puts, but another writer's object created between
+        the check and the upload is replaced. The file is written and synced without holding up
+        readers; only renaming it in and forgetting the cached copies take the store's lock."""
         path = self._file(name)
         exp = expert if isinstance(expert, CompressedExpert) else load_expert(expert)
         data = exp.to_bytes()
+        if not overwrite and self.fs.exists(path):
+            raise FileExistsError(self._exists(name))
+        if not self._local:
+            self._put_remote(name, path, data, overwrite)
+            return
+        cached = CompressedExpert.from_bytes(data)
+        tmp = stage_file(path, lambda t: t.write_bytes(data))
+        try:
+            # Renaming keeps the inode and mtime: this is the identity of the stored file.
+            ident = _local_identity(os.stat(tmp))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         with self._lock:
-            if not overwrite and self.fs.exists(path):
-                raise FileExistsError(f"the store already has an expert {name!r}; pass overwrite=True to replace it")
-            ident: List[Identity] = []
-            if self._local:
-                def write(tmp: Path) -> None:
-                    tmp.write_bytes(data)
-                    # Renaming keeps the inode and mtime: this is the identity of the stored file.
-                    ident.append(_local_identity(os.stat(tmp)))
+            try:
+                publish_file(tmp, path, overwrite=overwrite)
+            except FileExistsError:
+                raise FileExistsError(self._exists(name)) from None
+            self._invalidate(name)
+            self._compressed.put(name, _Cached(cached, ident), len(data))
 
-                atomic_file(path, write)
-            else:  # object stores replace an object whole
-                self.fs.pipe_file(path, data)
-            self._gen[name] = self._gen.get(name, 0) + 1
-            self._decoded.pop(name)
-            self._compressed.pop(name)
-            if ident:
-                self._compressed.put(name, _Cached(CompressedExpert.from_bytes(data), ident[0]), len(data))
+    def _put_remote(self, name: str, path: str, data: bytes, overwrite: bool) -> None:
+        # An object store replaces an object whole. The upload runs outside the lock; without
+        # overwrite, the name is reserved first so that this object's other puts see it taken.
+        with self._lock:
+            if not overwrite and name in self._uploading:
+                raise FileExistsError(self._exists(name))
+            self._uploading[name] = self._uploading.get(name, 0) + 1
+        try:
+            if not overwrite and self.fs.exists(path):
+                raise FileExistsError(self._exists(name))
+            self.fs.pipe_file(path, data)
+        finally:
+            with self._lock:
+                self._uploading[name] -= 1
+                if not self._uploading[name]:
+                    del self._uploading[name]
+                self._invalidate(name)
+
+    def _invalidate(self, name: str) -> None:
+        """Under the lock: a new generation of ``name``, its cached copies forgotten."""
+        self._gen[name] = self._gen.get(name, 0) + 1
+        self._decoded.pop(name)
+        self._compressed.pop(name)
+
+    def _exists(self, name: str) -> str:
+        return f"the store already has an expert {name!r}; pass overwrite=True to replace it"
 
     def remove(self, name: str) -> None:
         """Deletes ``name`` from the store and its caches (materialised folders stay until evicted:
         they are keyed by content, and another expert may share one)."""
         path = self._file(name)
         with self._lock:
-            self._gen[name] = self._gen.get(name, 0) + 1
-            self._compressed.pop(name)
-            self._decoded.pop(name)
+            self._invalidate(name)
             try:
                 self.fs.rm(path)
             except FileNotFoundError:

@@ -83,6 +83,9 @@ def test_store_put_get_names_remove(tmp_path):
     store.put("one", e1)
     store.put("two", e2)
     assert store.names() == ["one", "two"] and "one" in store and "three" not in store and len(store) == 2
+    for n in ("one", "two"):  # cached under the identity of the file linked in: hits are not read again
+        on_disk = os.stat(tmp_path / "store" / f"{n}.cpft.safetensors")
+        assert store._compressed.get(n).ident == _store._local_identity(on_disk)
     assert (tmp_path / "store" / "one.cpft.safetensors").is_file()
     with pytest.raises(FileExistsError, match="overwrite=True"):
         store.put("one", e2)
@@ -327,6 +330,111 @@ def test_store_from_many_threads(tmp_path):
         t.join()
     assert not errors, errors[0]
     assert store._decoded.nbytes == held_bytes(store._decoded) <= 30_000
+
+
+def _stalled(monkeypatch, obj, attr):
+    """Patches obj.attr to stop, once, inside its call until ``release`` is set; ``inside`` is set
+    when it gets there. Returns (inside, release)."""
+    orig = getattr(obj, attr)
+    inside, release = threading.Event(), threading.Event()
+
+    def stalled(*args, **kwargs):
+        if not inside.is_set():
+            inside.set()
+            assert release.wait(60), "never released"
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(obj, attr, stalled)
+    return inside, release
+
+
+def _in_thread(fn):
+    """Runs fn in a thread; returns (done event, results list: fn's value or the exception)."""
+    done, out = threading.Event(), []
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as ex:  # reported by the test
+            out.append(ex)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done, out
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_slow_put_does_not_hold_up_reads(tmp_path, monkeypatch, where):
+    """While a put writes (stalled here inside the write), gets and decodes of other names, and
+    of the name being written, return."""
+    root = tmp_path if where == "local" else f"memory://compeft-test-slow-put-{os.getpid()}"
+    store = compeft_rs.ExpertStore(root)
+    e1, e2 = an_expert(seed=1), an_expert(seed=2)
+    store.put("other", e1)
+    store.put("x", e1)
+    store.decoded("other")
+    if where == "local":
+        inside, release = _stalled(monkeypatch, _store, "stage_file")
+    else:
+        inside, release = _stalled(monkeypatch, store.fs, "pipe_file")
+    put_done, put_out = _in_thread(lambda: store.put("x", e2, overwrite=True))
+    try:
+        assert inside.wait(60)
+        done, out = _in_thread(lambda: (store["other"], store.decoded("other"), store["x"]))
+        assert done.wait(30), "a read waited for another name's put"
+        assert not put_done.is_set()  # the put was still in progress
+        other, dec, x = out[0]
+        assert other.to_bytes() == e1.to_bytes() and same_weights(dec, e1.apply())
+        assert x.to_bytes() == e1.to_bytes()  # not yet replaced
+    finally:
+        release.set()
+    assert put_done.wait(60) and put_out == [None]
+    assert store["x"].to_bytes() == e2.to_bytes() and same_weights(store.decoded("x"), e2.apply())
+    if where == "local":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["other.cpft.safetensors", "x.cpft.safetensors"]
+    else:
+        store.remove("x")
+        store.remove("other")
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_two_puts_without_overwrite_one_wins(tmp_path, monkeypatch, links):
+    """A put checks that the name is free, then writes; another put of the name that lands in
+    between wins, and the first fails rather than replace it."""
+    if not links:
+        def no_links(src, dst, *a, **k):
+            raise OSError(1, "Operation not permitted")  # as on FAT
+
+        monkeypatch.setattr(_io.os, "link", no_links)
+    store = compeft_rs.ExpertStore(tmp_path)
+    e1, e2 = an_expert(seed=1), an_expert(seed=2)
+    inside, release = _stalled(monkeypatch, _store, "stage_file")
+    done, out = _in_thread(lambda: store.put("x", e1))
+    assert inside.wait(60)  # past its check, writing
+    store.put("x", e2)  # not stalled: the patch stops once
+    release.set()
+    assert done.wait(60)
+    assert isinstance(out[0], FileExistsError) and "overwrite=True" in str(out[0])
+    assert store["x"].to_bytes() == e2.to_bytes()
+    assert compeft_rs.ExpertStore(tmp_path)["x"].to_bytes() == e2.to_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["x.cpft.safetensors"]  # no temporary left
+
+
+def test_two_remote_puts_without_overwrite_one_wins(monkeypatch):
+    pytest.importorskip("fsspec")
+    store = compeft_rs.ExpertStore(f"memory://compeft-test-two-puts-{os.getpid()}")
+    e1, e2 = an_expert(seed=1), an_expert(seed=2)
+    inside, release = _stalled(monkeypatch, store.fs, "pipe_file")
+    done, out = _in_thread(lambda: store.put("x", e1))
+    try:
+        assert inside.wait(60)
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            store.put("x", e2)  # the first is uploading
+    finally:
+        release.set()
+    assert done.wait(60) and out == [None]
+    assert store["x"].to_bytes() == e1.to_bytes()
+    store.remove("x")
 
 
 # -- materialised folders -----------------------------------------------------------------------
