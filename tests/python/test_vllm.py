@@ -333,8 +333,22 @@ def test_vllm_is_not_imported_by_the_package():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_resolver_entry_point_is_declared():
+def entry_points_of(group):
     from importlib.metadata import entry_points
 
-    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "compeft"]
+    eps = entry_points()
+    # Python 3.9 returns a dict of groups; select() (and entry_points(group=...)) came in 3.10.
+    return eps.select(group=group) if hasattr(eps, "select") else eps.get(group, [])
+
+
+def test_resolver_entry_point_is_declared():
+    eps = [ep for ep in entry_points_of("vllm.general_plugins") if ep.name == "compeft"]
     assert [ep.value for ep in eps] == ["compeft_rs.vllm:register"]
+
+
+def test_entry_points_of_reads_the_dict_of_python_3_9(monkeypatch):
+    import importlib.metadata
+
+    ep = importlib.metadata.EntryPoint("compeft", "compeft_rs.vllm:register", "vllm.general_plugins")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda: {"vllm.general_plugins": (ep,)})
+    assert list(entry_points_of("vllm.general_plugins")) == [ep] and list(entry_points_of("other")) == []
