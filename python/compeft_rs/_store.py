@@ -231,7 +231,7 @@ def _evict(cache: Path, max_bytes: int, keep: Path) -> None:
             folder = cache / name
             if folder.lstat().st_mtime_ns != mtime:
                 continue  # used since it was listed
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)  # the lock file stays (see materialize)
             total -= size
         except OSError:
             continue
@@ -520,7 +520,8 @@ class ExpertStore(Mapping[str, CompressedExpert]):
     def materialize(self, name: str, cache_dir: Union[str, PathLike, None] = None, *,
                     cache_max_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES) -> Path:
         """A plain PEFT folder (adapter_config.json and adapter_model.safetensors) of ``name`` in
-        ``cache_dir`` (default: ``~/.cache/compeft-rs/peft``, created readable by the owner only),
+        ``cache_dir`` (default: ``~/.cache/compeft-rs/peft``, created readable by the owner only;
+        an existing one is made so, and refused with PermissionError if another user owns it),
         named by the expert's content hash.
 
         Under a file lock per folder, so processes asking at once write it once: an existing
@@ -532,6 +533,11 @@ class ExpertStore(Mapping[str, CompressedExpert]):
         cache holds at most ``cache_max_bytes`` (None: unbounded), never the one returned (nor one
         another process holds the lock of). An engine should load the folder soon after it is
         returned: a full cache may evict it once it is the least recently used.
+
+        The lock files (``.<hash>.lock``, empty) stay when their folders are evicted: one per
+        expert content ever materialised there. Deleting a lock file that another process has
+        opened and is waiting on would let a third lock a new file of the same name, and both
+        would write the folder at once; remove them only while no process uses the cache.
         """
         return self._materialize(name, self[name], cache_dir, cache_max_bytes)
 
