@@ -472,31 +472,10 @@ mod tests {
 
     #[test]
     fn task_arithmetic_over_many_output_ranges_is_the_ordered_float32_sum() {
-        use crate::{compress, Encoding, Tensor, TensorMut};
+        use crate::TensorMut;
         // 300,001 entries: three output ranges, the last one short, in both encodings.
         let n = 300_001u64;
-        let streams: Vec<Compressed> = (0..3u64)
-            .map(|s| {
-                let mut x: Vec<f32> = (0..n)
-                    .map(|i| (((i + 7 * s) * 2_654_435_761) % 1009) as f32 - 504.0)
-                    .collect();
-                // Entries on both sides of every range boundary are kept.
-                for r in (0..=n as usize).step_by(TA_RANGE) {
-                    for i in [r.wrapping_sub(1), r] {
-                        if let Some(v) = x.get_mut(i) {
-                            *v = if (i + s as usize) % 2 == 0 { 1e4 } else { -1e4 };
-                        }
-                    }
-                }
-                x[n as usize - 1] = 2e4;
-                let enc = if s == 1 {
-                    Encoding::Bitmask
-                } else {
-                    Encoding::Golomb
-                };
-                compress(Tensor::F32(&x), &[n], 0.1, 1.0 + s as f64, enc).unwrap()
-            })
-            .collect();
+        let streams = range_streams(n);
         let refs: Vec<&Compressed> = streams.iter().collect();
         let weights = [0.5, -1.25, 2.0];
         let spec = MergeSpec {
