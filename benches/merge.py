@@ -6,8 +6,9 @@ parameters, fp16, compressed at k=0.1 with the defaults). Side by side, in one r
 
 - TIES and task arithmetic over --experts experts: compeft_rs.merge from the compressed experts in
   memory, and from their files; peft.utils.merge_utils.ties / task_arithmetic per tensor on the
-  same experts already decoded to dense float32 in memory (density 1: no extra trim; the
-  decode is not timed);
+  same experts already decoded to dense float32 in memory, with the factor weights peft's
+  add_weighted_adapter gives them (sqrt(w) on lora_A and lora_B, as compeft_rs.merge; density 1:
+  no extra trim; the decode is not timed);
 - the N x N cosine matrix of --sim-experts experts: compeft_rs.similarity against torch on the
   dense float32 experts (rows normalised, one matrix product; the decode is not timed).
 
@@ -72,7 +73,7 @@ def main():
     few = experts[: args.experts]
     dense = [e.decode(dtype=torch.float32) for e in few]
     w = [1.0 / (i + 1) for i in range(len(few))]
-    wt = torch.tensor(w)
+    wt = torch.tensor(w).sqrt()  # every tensor here is a LoRA factor: add_weighted_adapter's split
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i, e in enumerate(few):
