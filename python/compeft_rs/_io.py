@@ -242,7 +242,8 @@ def _check_replaceable(out: Path, names: Iterable[str]) -> None:
         )
 
 
-def atomic_dir(path: PathLike, build: Callable[[Path], None], names: Iterable[str], *, overwrite: bool) -> Path:
+def atomic_dir(path: PathLike, build: Callable[[Path], None], names: Iterable[str], *, overwrite: bool,
+               dir_mode: Optional[int] = None) -> Path:
     """Calls ``build(tmp)`` to fill a temporary folder beside ``path`` with files named in
     ``names``, then renames it into place.
 
@@ -262,7 +263,7 @@ def atomic_dir(path: PathLike, build: Callable[[Path], None], names: Iterable[st
     aside = None
     try:
         mask = _umask()
-        os.chmod(tmp, 0o777 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask if dir_mode is None else dir_mode)
         build(tmp)
         for p in tmp.iterdir():
             os.chmod(p, 0o666 & ~mask)

@@ -116,10 +116,11 @@ def _file_sha256(path: Path) -> str:
 
 def _private_dir(path: Path) -> None:
     """Creates ``path`` and its missing parents readable by the owner only: a materialised folder
-    holds a decoded adapter at a predictable place. An existing ``path`` must be ours: group and
-    other access are removed (earlier versions created it 0755), and one owned by another user is
-    refused (PermissionError), since its owner could put what we serve there. Existing parents are
-    left as they are."""
+    holds a decoded adapter at a predictable place. An existing ``path`` is never changed (it may
+    be a shared folder such as /tmp): one owned by another user, or one that group or others can
+    write, is refused (PermissionError), since someone else could put what we serve there. One
+    that others can only read (earlier versions created it 0755) is used as it is; each adapter
+    folder in it is made 0700."""
     missing = []
     p = path
     while not p.exists() and p != p.parent:
@@ -140,8 +141,11 @@ def _private_dir(path: Path) -> None:
         raise PermissionError(f"cache folder {path} belongs to another user (uid {st.st_uid}, not {os.geteuid()}), "
                               "who could change the adapter folders served from it; choose a cache_dir of your own "
                               "(COMPEFT_CACHE_DIR for the vLLM resolver)")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        raise PermissionError(f"cache folder {path} can be written by other users (mode "
+                              f"{stat.S_IMODE(st.st_mode):#o}), who could change the adapter folders served from "
+                              f"it; make it yours alone (chmod 700 {path}) or choose another cache_dir "
+                              "(COMPEFT_CACHE_DIR for the vLLM resolver)")
 
 
 def _remove_entry(path: Path) -> None:
@@ -189,7 +193,7 @@ def _write_folder(out: Path, expert: CompressedExpert, digest: str) -> None:
         side = {"format": _SIDECAR_FORMAT, "expert_sha256": digest, "files": files}
         (tmp / SIDECAR).write_text(json.dumps(side, indent=2))
 
-    atomic_dir(out, build, (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR), overwrite=False)
+    atomic_dir(out, build, (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR), overwrite=False, dir_mode=0o700)
 
 
 def _folder_bytes(path: Path) -> int:

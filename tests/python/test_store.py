@@ -473,14 +473,27 @@ def test_cache_folder_is_private(tmp_path):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
 
 
-def test_an_open_cache_folder_is_made_private(tmp_path):
+def test_a_readable_cache_folder_is_left_as_it_is_and_its_entries_are_private(tmp_path):
     store = compeft_rs.ExpertStore(tmp_path / "s")
     store.put("x", an_expert())
     cache = tmp_path / "c"
     cache.mkdir()
     os.chmod(cache, 0o755)  # as earlier versions made it
-    store.materialize("x", cache)
-    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    out = store.materialize("x", cache)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o755  # never chmod a folder we did not make
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o775, 0o757], ids=["tmp-like", "group", "others"])
+def test_a_cache_folder_others_can_write_is_refused_and_left_alone(tmp_path, mode):
+    store = compeft_rs.ExpertStore(tmp_path / "s")
+    store.put("x", an_expert())
+    cache = tmp_path / "c"
+    cache.mkdir()
+    os.chmod(cache, mode)
+    with pytest.raises(PermissionError, match=r"can be written by other users .*chmod 700"):
+        store.materialize("x", cache)
+    assert list(cache.iterdir()) == [] and stat.S_IMODE(cache.stat().st_mode) == mode
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
