@@ -150,30 +150,40 @@ def _check(expert: CompressedExpert, targets: Dict[str, Any], adapter: str, peft
 
 _LAYER_SEGMENTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                              "ia3_l"})
-# Per model (weakly): adapter name -> (the slot's entries object, [(module name or None, layer)]).
+# Per model (weakly): adapter name -> (the slot's entries object, [(path, module name or None,
+# weak reference to the layer)]).
 _LAYERS: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 def _slot_layers(model: Any, name: str) -> List[Tuple[Optional[str], Any]]:
     """The tuner layers (modules holding ``scaling`` and ``merged_adapters``) of the adapter slot,
-    once each, with the LoRA module name of each (None for other layers). Kept with the slot's
-    parameter map: a replaced layer has new parameters, so the map and this list are rebuilt."""
+    once each, with the LoRA module name of each (None for other layers). The list is kept with
+    the slot's parameter map and each layer rechecked on every call, as parameters are: still the
+    module the model holds at its path."""
     entries = _SLOTS[model][name][1]
     cached = _LAYERS.setdefault(model, {}).get(name)
     if cached is not None and cached[0] is entries:
-        return cached[1]
-    out, seen = [], set()
+        out = []
+        for path, module, ref in cached[1]:
+            layer = ref()
+            if layer is None or _held_module(model, path) is not layer:
+                break
+            out.append((module, layer))
+        else:
+            return out
+    found: Dict[Tuple[str, ...], Optional[str]] = {}
     for sd_name, (path, _, _) in entries.items():
         i = next((i for i, atom in enumerate(path) if atom in _LAYER_SEGMENTS), None)
-        if i is None or path[:i] in seen:
+        if i is None:
             continue
-        seen.add(path[:i])
-        layer = _held_module(model, path[:i])
-        if layer is not None:
-            f = lora_factor(sd_name)
-            out.append((f[0] if f is not None else None, layer))
-    _LAYERS[model][name] = (entries, out)
-    return out
+        f = lora_factor(sd_name)
+        # A layer's LoRA module name from any of its factors (a DoRA magnitude may come first).
+        if found.get(path[:i]) is None:
+            found[path[:i]] = f[0] if f is not None else None
+    layers = [(path, module, _held_module(model, path)) for path, module in found.items()]
+    layers = [(path, module, layer) for path, module, layer in layers if layer is not None]
+    _LAYERS[model][name] = (entries, [(path, module, weakref.ref(layer)) for path, module, layer in layers])
+    return [(module, layer) for _, module, layer in layers]
 
 
 def _held_module(model: Any, path: Tuple[str, ...]) -> Any:

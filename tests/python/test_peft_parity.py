@@ -407,3 +407,20 @@ def test_rescale_needs_adapter_configs():
         compeft_rs.merge([e, e], "task_arithmetic", rescale=True)
     with pytest.raises(ValueError, match="not made from a PEFT adapter"):
         compeft_rs.merge_peft([e, e], "/nonexistent/out", "task_arithmetic")
+
+
+def test_a_replaced_layer_holding_the_same_parameters_is_checked_again():
+    """load_into keeps the slot's layers between calls; a layer replaced by another module that
+    holds the same parameters (so the parameter map still matches) must be seen."""
+    kind, kw = CONFIGS["alpha32"]
+    e = expert_of("alpha32", seed=1)
+    slot = trained(kind, kw, seed=7)
+    compeft_rs.load_into(slot, e)  # the slot's layers are cached now
+    inner = slot.base_model.model
+    old = inner.q  # kept alive: the cache must not rely on a dead reference to notice
+    twin = copy.copy(old)  # same parameter objects, its own scaling
+    twin.scaling = {"default": 99.0}
+    inner.q = twin
+    with pytest.raises(ValueError, match="scaling"):
+        compeft_rs.load_into(slot, e)
+    assert old.scaling["default"] == 8.0
