@@ -191,7 +191,7 @@ def merge(
         rescale: for LoRA experts whose scalings (lora_alpha / r, rsLoRA, patterns) differ:
             fold each expert's scaling into its factors and give the result scaling 1
             (``lora_alpha = r``), as peft's ``add_weighted_adapter`` does. Without it such experts
-            are refused.
+            are refused. Needs the experts' adapter configs (experts made from PEFT adapters).
 
     LoRA factors are weighted as peft's ``add_weighted_adapter`` weights them: a weight w (and
     lam) becomes sqrt(|w|) on lora_A and lora_B with the sign on lora_A, so the update B @ A
@@ -222,10 +222,14 @@ def merge_peft(
 ) -> Path:
     """Merges PEFT experts as :func:`merge` does and writes the result as a PEFT adapter folder
     (``adapter_config.json``, ``adapter_model.safetensors``) that peft's
-    ``PeftModel.from_pretrained`` loads: the experts' common config, or with ``rescale=True`` one
-    whose modules all have scaling 1 (``lora_alpha = r``), tensors in their original dtypes.
-    Written beside ``out_dir`` and renamed in; an existing folder needs ``overwrite=True``.
+    ``PeftModel.from_pretrained`` loads, tensors in their original dtypes. The config is the first
+    expert's (the experts' scalings agree, or the merge refuses; fields that do not change the
+    outputs, such as ``base_model_name_or_path``, are taken from it), or with ``rescale=True`` the
+    first expert's with every module at scaling 1 (``lora_alpha = r``). Written beside ``out_dir``
+    and renamed in; an existing folder needs ``overwrite=True`` (checked before merging).
     Returns the folder."""
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     exps = _open(experts)
     missing = [i for i, e in enumerate(exps) if e.peft_config is None]
     if missing:

@@ -128,6 +128,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     elif args.k is not None:
         raise ValueError("-k compresses the result: give an OUT ending in .safetensors")
     experts = [load_expert(p) for p in args.src]
+    if not to_file and any(e.peft_config is None for e in experts):
+        raise ValueError("a PEFT folder needs experts made from PEFT adapters; "
+                         "give an OUT ending in .safetensors for a compressed expert")
     t0 = time.perf_counter()
     opts = dict(weights=args.weights, majority_sign=args.majority_sign, density=args.density, lam=args.lam,
                 convention=args.convention, rescale=args.rescale)

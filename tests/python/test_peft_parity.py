@@ -424,3 +424,12 @@ def test_a_replaced_layer_holding_the_same_parameters_is_checked_again():
     with pytest.raises(ValueError, match="scaling"):
         compeft_rs.load_into(slot, e)
     assert old.scaling["default"] == 8.0
+
+
+def test_merge_peft_refuses_an_existing_folder_before_merging(tmp_path, monkeypatch):
+    e = expert_of("alpha32")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(compeft_rs._merge, "_merge", lambda *a, **k: pytest.fail("merged before the check"))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        compeft_rs.merge_peft([e], out, "task_arithmetic")

@@ -410,9 +410,11 @@ def test_two_puts_without_overwrite_one_wins(tmp_path, monkeypatch, links):
     e1, e2 = an_expert(seed=1), an_expert(seed=2)
     inside, release = _stalled(monkeypatch, _store, "stage_file")
     done, out = _in_thread(lambda: store.put("x", e1))
-    assert inside.wait(60)  # past its check, writing
-    store.put("x", e2)  # not stalled: the patch stops once
-    release.set()
+    try:
+        assert inside.wait(60)  # past its check, writing
+        store.put("x", e2)  # not stalled: the patch stops once
+    finally:
+        release.set()
     assert done.wait(60)
     assert isinstance(out[0], FileExistsError) and "overwrite=True" in str(out[0])
     assert store["x"].to_bytes() == e2.to_bytes()
