@@ -6,6 +6,8 @@
 //! bfloat16 keys have 15 bits, so one 2^15-bin histogram is exact; float32 takes two passes and
 //! float64 four. Tensors of different dtypes selected together (global scope) are compared in the
 //! widest key space they need (float32, or float64 if any is float64), where every value is exact.
+//! A small tensor selected on its own ([`select_one`]) takes a path with histograms sized for it,
+//! with the same result to the bit.
 //!
 //! The result is a [`Threshold`]: the key `t` of the n-th largest magnitude and how many entries
 //! equal to `t` are still kept (`ties`), taken in row-major (and, across tensors, caller) order.
@@ -712,11 +714,18 @@ fn run_selector(tensors: &[Tensor<'_>], space: KeySpace, k: f64) -> Result<Selec
 /// the same threshold and sigma as [`select`], from two small histograms that stay in L1 (256
 /// bins on the top 8 bits of the magnitude, then 128 bins over the entries of the threshold's
 /// bin) instead of one 2^15-bin table, which for such tensors costs more than the data.
-/// Falls back to [`select`] for other tensors.
+/// float32 and float64 tensors shorter than 2^20 entries take [`select_small_wide`], likewise
+/// exact. Falls back to [`select`] for other tensors.
 pub fn select_one(t: Tensor<'_>, k: f64) -> Result<(Threshold, Spread)> {
     let (s, space) = match t {
         Tensor::F16(s) if s.len() < SMALL_HALF => (s, KeySpace::F16),
         Tensor::BF16(s) if s.len() < SMALL_HALF => (s, KeySpace::BF16),
+        Tensor::F32(s) if s.len() < SMALL_WIDE => {
+            return select_small_wide(t, s, k, KeySpace::F32);
+        }
+        Tensor::F64(s) if s.len() < SMALL_WIDE => {
+            return select_small_wide(t, s, k, KeySpace::F64);
+        }
         _ => {
             let s = run_selector(&[t], KeySpace::for_dtypes([t.dtype()]), k)?;
             let thr = s.threshold().expect("finished selector has a threshold");
@@ -768,6 +777,178 @@ pub fn select_one(t: Tensor<'_>, k: f64) -> Result<(Threshold, Spread)> {
     let key = ((top << 7) | walk(&fine, &mut remaining)) as u64;
     // Zeros are never kept: their sign is 0.
     let ties = if key == 0 { 0 } else { remaining };
+    Ok((Threshold { space, key, ties }, spread))
+}
+
+/// float32 and float64 tensors shorter than this select through [`select_small_wide`]: one
+/// 2^11-bin histogram in L1 and an exact select among the entries of the threshold's bin, instead
+/// of a 2^16-bin pass and one more per 15-16 bits of key, each allocated, zeroed and walked.
+const SMALL_WIDE: usize = 1 << 20;
+
+/// Bins of the small-tensor histogram for float32 and float64.
+const WIDE_BINS: usize = 1 << 11;
+
+/// Bins from here up hold every NaN and Inf (the bin of the float32 bits of +inf). In float32
+/// they hold nothing else; in float64 also the finite magnitudes that round to inf in float32.
+const WIDE_NONFINITE_BIN: usize = 0x7f80_0000 >> 20;
+
+/// What the small-tensor path needs of a float32 or float64 element: its key in its own space,
+/// its coarse bin and its value.
+trait WideElem: Elem {
+    type K: Key;
+    fn key(self) -> Self::K;
+    /// A bin that never decreases as the magnitude grows, so that every entry of a higher bin
+    /// has a larger key: the float32 bits of |x| from the sign-free top: 8 exponent bits and 3
+    /// of mantissa. float64 is rounded to float32 first (rounding is monotone), which keeps the
+    /// resolution where the data are and folds the rest of the float64 range into the end bins.
+    fn bin(self) -> usize;
+    fn to_f64(self) -> f64;
+}
+
+impl WideElem for f32 {
+    type K = u32;
+    #[inline(always)]
+    fn key(self) -> u32 {
+        self.to_bits() & 0x7fff_ffff
+    }
+    #[inline(always)]
+    fn bin(self) -> usize {
+        ((self.to_bits() & 0x7fff_ffff) >> 20) as usize
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl WideElem for f64 {
+    type K = u64;
+    #[inline(always)]
+    fn key(self) -> u64 {
+        self.to_bits() & MASK63
+    }
+    #[inline(always)]
+    fn bin(self) -> usize {
+        ((self.abs() as f32).to_bits() >> 20) as usize
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// Moments of one chunk of `PASS_CHUNK / 4` entries with the arithmetic of [`Moments::of_chunk`]
+/// (the same bits), and the chunk's coarse histogram counted in the same loop: the moment sums
+/// are a chain of dependent adds, and the counting fits in the cycles they leave idle.
+fn wide_chunk<T: WideElem>(c: &[T]) -> (Moments, Box<[u32; WIDE_BINS]>) {
+    let mut h = Box::new([0u32; WIDE_BINS]);
+    let Some(&first) = c.first() else {
+        return (Moments::default(), h);
+    };
+    let c0 = first.to_f64();
+    let (mut s, mut q) = (0.0f64, 0.0f64);
+    for &x in c {
+        let y = x.to_f64() - c0;
+        s += y;
+        q += y * y;
+        h[x.bin() & (WIDE_BINS - 1)] += 1;
+    }
+    let nf = c.len() as f64;
+    let m = Moments {
+        n: c.len() as u64,
+        mean: c0 + s / nf,
+        m2: (q - s * s / nf).max(0.0),
+    };
+    (m, h)
+}
+
+/// Per-tensor selection of a float32 or float64 tensor shorter than [`SMALL_WIDE`]: the
+/// threshold and spread of [`select`] to the bit. One pass gives the moments (in the chunks and
+/// order of the large path) and a 2^11-bin histogram of coarse bins; the walk from the top finds
+/// the bin holding the n-th largest magnitude, and an exact select among that bin's keys, gathered
+/// in a second pass, finds the key and how many of its ties are kept.
+fn select_small_wide<T: WideElem>(
+    t: Tensor<'_>,
+    s: &[T],
+    k: f64,
+    space: KeySpace,
+) -> Result<(Threshold, Spread)> {
+    check_density(k)?;
+    // One chunk runs here: handing it to the pool costs more than it does.
+    let parts: Vec<_> = if s.len() <= PASS_CHUNK / 4 {
+        vec![wide_chunk(s)]
+    } else {
+        s.par_chunks(PASS_CHUNK / 4).map(wide_chunk).collect()
+    };
+    let mut moments = Moments::default();
+    let mut hist = [0u32; WIDE_BINS];
+    for (m, h) in &parts {
+        moments = moments.merge(*m);
+        hist.iter_mut().zip(h.iter()).for_each(|(a, b)| *a += b);
+    }
+    let spread = Spread::of(&moments, (!s.is_empty()).then(|| t.get_f64(0)));
+    if hist[WIDE_NONFINITE_BIN..].iter().any(|&c| c != 0) {
+        // float64 magnitudes above float32's range share these bins with NaN and Inf.
+        if let Some(i) = s.iter().position(|x| !x.to_f64().is_finite()) {
+            return Err(Error::NonFinite { index: i as u64 });
+        }
+    }
+    let n = target_count(k, s.len() as u64);
+    if n == 0 {
+        return Ok((Threshold::keep_nothing(space), spread));
+    }
+    // From the largest magnitudes down to the bin holding the n-th largest; `remaining` is then
+    // how many of that bin's entries are kept.
+    let mut remaining = n;
+    let mut top = 0;
+    for b in (0..WIDE_BINS).rev() {
+        let c = u64::from(hist[b]);
+        if c >= remaining {
+            top = b;
+            break;
+        }
+        remaining -= c;
+    }
+    // The bin's keys, gathered 64 entries at a time: the bin tests vectorise into one word of
+    // hits, and only the hits (a few percent of the entries for a threshold inside the bulk) are
+    // visited.
+    let in_bin = |x: T| u8::from(x.bin() & (WIDE_BINS - 1) == top);
+    let mut keys = Vec::with_capacity(hist[top] as usize);
+    let mut blocks = s.chunks_exact(64);
+    for b in &mut blocks {
+        let b: &[T; 64] = b.try_into().expect("64 entries");
+        let mut hit = [0u8; 64];
+        for j in 0..64 {
+            hit[j] = in_bin(b[j]);
+        }
+        let mut m = pack_bools(&hit);
+        while m != 0 {
+            keys.push(b[m.trailing_zeros() as usize].key());
+            m &= m - 1;
+        }
+    }
+    keys.extend(
+        blocks
+            .remainder()
+            .iter()
+            .filter(|&&x| in_bin(x) != 0)
+            .map(|x| x.key()),
+    );
+    // The remaining-th largest key of the bin (remaining is in 1..=len by the walk; checked, so
+    // that a miscount is an error and not a panic).
+    let Some(nth) = (remaining as usize)
+        .checked_sub(1)
+        .filter(|&i| i < keys.len())
+    else {
+        return Err(Error::InvalidArgument(
+            "internal: the threshold's bin holds fewer entries than counted".into(),
+        ));
+    };
+    let (_, &mut key, _) = keys.select_nth_unstable_by(nth, |a, b| b.cmp(a));
+    let above = keys.iter().filter(|&&x| x > key).count() as u64;
+    let key = key.to_u64();
+    // Zeros are never kept: their sign is 0.
+    let ties = if key == 0 { 0 } else { remaining - above };
     Ok((Threshold { space, key, ties }, spread))
 }
 
