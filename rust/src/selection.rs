@@ -714,8 +714,8 @@ fn run_selector(tensors: &[Tensor<'_>], space: KeySpace, k: f64) -> Result<Selec
 /// the same threshold and sigma as [`select`], from two small histograms that stay in L1 (256
 /// bins on the top 8 bits of the magnitude, then 128 bins over the entries of the threshold's
 /// bin) instead of one 2^15-bin table, which for such tensors costs more than the data.
-/// float32 and float64 tensors shorter than 2^20 entries take [`select_small_wide`], likewise
-/// exact. Falls back to [`select`] for other tensors.
+/// float32 and float64 tensors shorter than 2^20 entries take a like path (one 2^11-bin histogram,
+/// then an exact select within the threshold's bin). Falls back to [`select`] for other tensors.
 pub fn select_one(t: Tensor<'_>, k: f64) -> Result<(Threshold, Spread)> {
     let (s, space) = match t {
         Tensor::F16(s) if s.len() < SMALL_HALF => (s, KeySpace::F16),
