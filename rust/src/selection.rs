@@ -340,40 +340,51 @@ impl Threshold {
     }
 }
 
-struct HistPass {
+/// Tensors up to this many entries are counted straight into the selector's histogram: a
+/// parallel pass would allocate and zero a histogram per work item and one for the reduction
+/// (2^16 u64 bins for float32's first level, 512 KiB), which for a LoRA factor costs more than
+/// counting it.
+const DIRECT_HIST: usize = 1 << 18;
+
+/// One tensor's histogram pass, added into `hist` (2^bits bins).
+struct HistPass<'a> {
     shift: u32,
-    bits: u32,
     /// Entries count only if `key >> prefix_shift == prefix` (prefix_shift 64: all entries).
     prefix_shift: u32,
     prefix: u64,
+    hist: &'a mut [u64],
 }
 
-impl KeyVisitor for &HistPass {
-    type Out = Vec<u64>;
-    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
-        self,
-        data: &[T],
-        key: K,
-    ) -> Vec<u64> {
-        let nbins = 1usize << self.bits;
+impl KeyVisitor for HistPass<'_> {
+    type Out = ();
+    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) {
+        let nbins = self.hist.len();
         let mask = (nbins - 1) as u64;
         let (shift, ps, prefix) = (self.shift, self.prefix_shift, self.prefix);
-        data.par_chunks(PASS_CHUNK)
+        let count = |h: &mut [u64], chunk: &[T]| {
+            if ps >= 64 {
+                for &x in chunk {
+                    h[((key(x).to_u64() >> shift) & mask) as usize] += 1;
+                }
+            } else {
+                for &x in chunk {
+                    let k = key(x).to_u64();
+                    if k >> ps == prefix {
+                        h[((k >> shift) & mask) as usize] += 1;
+                    }
+                }
+            }
+        };
+        if data.len() <= DIRECT_HIST {
+            count(self.hist, data);
+            return;
+        }
+        let h = data
+            .par_chunks(PASS_CHUNK)
             .fold(
                 || vec![0u64; nbins],
                 |mut h, chunk| {
-                    if ps >= 64 {
-                        for &x in chunk {
-                            h[((key(x).to_u64() >> shift) & mask) as usize] += 1;
-                        }
-                    } else {
-                        for &x in chunk {
-                            let k = key(x).to_u64();
-                            if k >> ps == prefix {
-                                h[((k >> shift) & mask) as usize] += 1;
-                            }
-                        }
-                    }
+                    count(&mut h, chunk);
                     h
                 },
             )
@@ -383,7 +394,8 @@ impl KeyVisitor for &HistPass {
                     a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
                     a
                 },
-            )
+            );
+        self.hist.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
     }
 }
 
@@ -515,7 +527,7 @@ impl Selector {
         }
         self.fed_level += t.len() as u64;
         let levels = self.space.levels();
-        let (shift, bits) = levels[self.level.min(levels.len() - 1)];
+        let (shift, _) = levels[self.level.min(levels.len() - 1)];
         if self.level == 0 {
             self.fed += t.len() as u64;
             if self.first_value.is_none() && !t.is_empty() {
@@ -553,22 +565,17 @@ impl Selector {
                 Tensor::F32(s) => self.moments = self.moments.merge(Moments::of_slice_f32(s)),
                 Tensor::F64(s) => self.moments = self.moments.merge(Moments::of_slice_f64(s)),
             }
-            let h = if native {
-                None
-            } else {
-                Some(visit_keys(
+            if !native {
+                visit_keys(
                     t,
                     self.space,
-                    &HistPass {
+                    HistPass {
                         shift,
-                        bits,
                         prefix_shift: 64,
                         prefix: 0,
+                        hist: &mut self.hist,
                     },
-                )?)
-            };
-            if let Some(h) = h {
-                self.hist.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
+                )?;
             }
             let inf_bin = (self.space.inf_key() >> shift) as usize;
             if self.hist[inf_bin..].iter().any(|&c| c > 0) {
@@ -578,17 +585,16 @@ impl Selector {
             }
         } else {
             let prefix_shift = levels[self.level - 1].0;
-            let h = visit_keys(
+            visit_keys(
                 t,
                 self.space,
-                &HistPass {
+                HistPass {
                     shift,
-                    bits,
                     prefix_shift,
                     prefix: self.prefix,
+                    hist: &mut self.hist,
                 },
             )?;
-            self.hist.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
         }
         Ok(())
     }

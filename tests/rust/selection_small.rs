@@ -296,3 +296,38 @@ fn degenerate_tensors() {
     }
     assert!(select_one(Tensor::F32(&[1.0]), 0.0).is_err());
 }
+
+/// A selection over several tensors (global scope), some counted straight into the selector's
+/// histogram and some (above 2^18 entries) in parallel, finds the threshold of their
+/// concatenation, and keeps what a sort of the concatenation keeps.
+#[test]
+fn several_tensors_in_one_selection() {
+    let sizes = [1000, (1 << 18) + 5, 70_000, 3, 1 << 18];
+    let parts: Vec<Vec<f64>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| tied(d, 500 + 97 * i))
+        .collect();
+    let all: Vec<f64> = parts.concat();
+    let parts32: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|p| p.iter().map(|&x| x as f32).collect())
+        .collect();
+    let all32: Vec<f32> = parts32.concat();
+    let mags: Vec<f64> = all.iter().map(|x| x.abs()).collect();
+    let mags32: Vec<f64> = all32.iter().map(|x| x.abs() as f64).collect();
+    for k in [1.0 / all.len() as f64, 0.01, 0.2, 0.75, 1.0] {
+        let t64: Vec<Tensor<'_>> = parts.iter().map(|p| Tensor::F64(p)).collect();
+        let (thr, _) = compeft::select(&t64, k).unwrap();
+        assert_eq!(thr, compeft::select(&[Tensor::F64(&all)], k).unwrap().0);
+        assert_eq!(kept_by(&mags, &thr), kept_by_sort(&mags, k), "f64 k={k}");
+        let t32: Vec<Tensor<'_>> = parts32.iter().map(|p| Tensor::F32(p)).collect();
+        let (thr, _) = compeft::select(&t32, k).unwrap();
+        assert_eq!(thr, compeft::select(&[Tensor::F32(&all32)], k).unwrap().0);
+        assert_eq!(
+            kept_by(&mags32, &thr),
+            kept_by_sort(&mags32, k),
+            "f32 k={k}"
+        );
+    }
+}
