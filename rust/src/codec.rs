@@ -554,8 +554,7 @@ impl GolombBody {
     }
 
     /// Walks blocks `[j, jn)`, at most [`WALK_LANES`] of them, in one interleaved walk, calling
-    /// `emit(lane, position, negative)` with lane = block - j (a constant in each lane's code,
-    /// so that callers keep per-lane state in registers).
+    /// `emit(lane, position, negative)` with lane = block - j.
     #[inline(always)]
     fn walk_group(
         &self,
@@ -891,8 +890,10 @@ impl Compressed {
                                     o.len()
                                 };
                             }
-                            g.walk_group(numel, nnz, j, j1, |l, pos, neg| {
-                                let i = (pos - start) as usize;
+                            // Through decode_blocks, not walk_group (inlined here, the task
+                            // ran 2x slower: its lanes' state no longer fit in registers).
+                            g.decode_blocks(numel, nnz, j, j1, |jl, pos, neg| {
+                                let (l, i) = (jl - j, (pos - start) as usize);
                                 if i >= zeroed[l] {
                                     let end = ((i / WIN + 1) * WIN).min(ends[l]);
                                     zero_fill(&mut o[zeroed[l]..end]);
@@ -1287,7 +1288,12 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        // Few shrink steps: a case can decode tens of millions of entries.
+        #![proptest_config(ProptestConfig {
+            cases: 256,
+            max_shrink_iters: 64,
+            ..ProptestConfig::default()
+        })]
 
         /// The interleaved walk gives the single-block walk's entries (positions and signs, in
         /// order within each block) over whole streams and sub-ranges of blocks, for block counts
@@ -1369,14 +1375,13 @@ mod tests {
                     prop_assert!(c.to_bitmask().is_ok());
                 }
                 Err(e) => {
-                    // The same kind of error: which of two bad blocks a parallel decode reports
-                    // first depends on its threads (for_each_kept_in walks in order: the same).
-                    let kind = std::mem::discriminant(&e);
-                    prop_assert_eq!(std::mem::discriminant(&dense.unwrap_err()), kind);
+                    // An error; which of two bad blocks a parallel decode reports depends on its
+                    // threads (a truncated code in one, a bad position in another: two kinds).
+                    // for_each_kept_in walks in order: the same error.
+                    prop_assert!(dense.is_err());
                     let fe = c.for_each_kept_in(0, numel, |_, _| {}).unwrap_err();
                     prop_assert_eq!(format!("{fe:?}"), format!("{e:?}"));
-                    let me = c.to_bitmask().unwrap_err();
-                    prop_assert_eq!(std::mem::discriminant(&me), kind);
+                    prop_assert!(c.to_bitmask().is_err());
                 }
             }
         }

@@ -240,6 +240,11 @@ pub(crate) fn decode_block(
             bit += (tz + 1 + b32) as u64;
             ((tz as u64) << b) | ((w >> tz >> 1) & low)
         } else {
+            // A start past the stream (only in an index no check has passed): BitReader counts
+            // the bits left as gap_bits - bit and would read zeros for ever.
+            if bit > gap_bits {
+                return Err(crate::error::Error::Truncated { what: "gap codes" });
+            }
             let mut r = BitReader::new(gaps, bit, gap_bits);
             let g = r.read_rice(b32)?;
             bit = r.pos();
@@ -377,6 +382,10 @@ pub(crate) fn walk_blocks<const N: usize>(
 #[cold]
 #[inline(never)]
 fn read_rice_slow(gaps: &[u64], bit: u64, gap_bits: u64, b: u32) -> Option<(u64, u64)> {
+    // BitReader needs bit <= gap_bits (it counts the bits left as gap_bits - bit).
+    if bit > gap_bits {
+        return None;
+    }
     let mut r = BitReader::new(gaps, bit, gap_bits);
     let g = r.read_rice(b).ok()?;
     Some((g, r.pos()))
