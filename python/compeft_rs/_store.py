@@ -462,7 +462,6 @@ class ExpertStore(Mapping[str, CompressedExpert]):
         if not self._local:
             self._put_remote(name, path, data, overwrite)
             return
-        cached = CompressedExpert.from_bytes(data)
         tmp = stage_file(path, lambda t: t.write_bytes(data))
         try:
             # Renaming keeps the inode and mtime: this is the identity of the stored file.
@@ -476,7 +475,8 @@ class ExpertStore(Mapping[str, CompressedExpert]):
             except FileExistsError:
                 raise FileExistsError(self._exists(name)) from None
             self._invalidate(name)
-            self._compressed.put(name, _Cached(cached, ident), len(data))
+            # exp holds exactly these bytes (a loaded expert is read into memory, not mapped).
+            self._compressed.put(name, _Cached(exp, ident), len(data))
 
     def _put_remote(self, name: str, path: str, data: bytes, overwrite: bool) -> None:
         # An object store replaces an object whole. The upload runs outside the lock; without
@@ -525,8 +525,8 @@ class ExpertStore(Mapping[str, CompressedExpert]):
                     cache_max_bytes: Optional[int] = DEFAULT_CACHE_MAX_BYTES) -> Path:
         """A plain PEFT folder (adapter_config.json and adapter_model.safetensors) of ``name`` in
         ``cache_dir`` (default: ``~/.cache/compeft-rs/peft``, created readable by the owner only;
-        an existing one is made so, and refused with PermissionError if another user owns it),
-        named by the expert's content hash.
+        an existing one is never changed, and refused with PermissionError if another user owns it
+        or others can write it), named by the expert's content hash; the folder itself is 0700.
 
         Under a file lock per folder, so processes asking at once write it once: an existing
         folder is reused only if its sidecar (``.compeft.json``, written last) names this
