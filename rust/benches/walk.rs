@@ -1,5 +1,6 @@
 //! The Rice walk on one thread: golomb `decode_into` of 2^24 float32 entries at k = 0.3, 0.1 and
-//! 0.01, with throughput in kept entries (criterion's time per element is ns per kept entry).
+//! 0.01, and a 7B-shaped LoRA expert (256 float16 tensors of 16 x 4096 at k = 0.1) decoded whole,
+//! with throughput in kept entries (criterion's time per element is ns per kept entry).
 //! `cargo bench -p compeft --bench walk` (add `-- --quick` for a short run).
 
 use compeft::{compress, Encoding, Tensor, TensorMut};
@@ -40,6 +41,31 @@ fn walk(c: &mut Criterion) {
             b.iter(|| one.install(|| s.to_bitmask().unwrap()))
         });
     }
+    // A 7B-shaped LoRA expert at k = 0.1: 256 tensors of 16 x 4096 float16 entries, decoded in
+    // one call (the whole-expert decode), against zero-filling the same outputs.
+    let experts: Vec<_> = (0..256)
+        .map(|_| {
+            let x: Vec<f32> = (0..1 << 16).map(|_| rng.gen::<f32>() - 0.5).collect();
+            compress(Tensor::F32(&x), &[16, 4096], 0.1, 1.0, Encoding::Golomb).unwrap()
+        })
+        .collect();
+    let mut outs: Vec<Vec<u16>> = vec![vec![0u16; 1 << 16]; 256];
+    g.throughput(Throughput::Elements(experts.iter().map(|c| c.nnz()).sum()));
+    g.bench_function("expert_7b_zero_fill_1thread/f16", |b| {
+        b.iter(|| outs.iter_mut().for_each(|o| o.fill(0)))
+    });
+    g.bench_function("expert_7b_decode_many_1thread/f16", |b| {
+        b.iter(|| {
+            one.install(|| {
+                let jobs = experts
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|(c, o)| (c, TensorMut::F16(o)))
+                    .collect();
+                compeft::decode_many(jobs).unwrap()
+            })
+        })
+    });
     g.finish();
 }
 

@@ -5,11 +5,11 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::dtype::{half_bits, DType, Elem, Tensor, TensorMut};
+use crate::dtype::{DType, Elem, Tensor};
 use crate::error::{malformed, try_zeroed, Error, Result};
 use crate::golomb::{
-    rice_parameter, stitch, walk_block, walk_blocks, Block, BlockStart, ChunkEncoder, EncodedChunk,
-    WALK_LANES,
+    rice_parameter, stitch, walk_blocks, walk_pool, Block, BlockRef, BlockStart, ChunkEncoder,
+    EncodedChunk, WALK_LANES,
 };
 use crate::selection::{
     group_masks, take_ties, visit_keys, Key, KeySpace, KeyVisitor, Threshold, PASS_CHUNK,
@@ -450,11 +450,11 @@ impl GolombBody {
         }
     }
 
-    fn block_count(&self, nnz: u64) -> u64 {
+    pub(crate) fn block_count(&self, nnz: u64) -> u64 {
         nnz.div_ceil(1u64 << self.block_log2)
     }
 
-    fn block_start(&self, j: usize) -> BlockStart {
+    pub(crate) fn block_start(&self, j: usize) -> BlockStart {
         if j == 0 {
             BlockStart { bit: 0, next: 0 }
         } else {
@@ -512,7 +512,7 @@ impl GolombBody {
     }
 
     /// Block `j` as [`walk_blocks`] takes it: where it starts, its nonzeros, where it must end.
-    fn block(&self, numel: u64, nnz: u64, j: usize) -> Block {
+    pub(crate) fn block(&self, numel: u64, nnz: u64, j: usize) -> Block {
         let bsz = 1u64 << self.block_log2;
         let first_nz = j as u64 * bsz;
         let last = j + 1 >= self.block_count(nnz) as usize;
@@ -544,17 +544,42 @@ impl GolombBody {
         b1: usize,
         mut emit: impl FnMut(usize, u64, bool),
     ) -> Result<()> {
-        let mut j = b0;
-        while j < b1 {
-            let jn = (j + WALK_LANES).min(b1);
-            self.walk_group(numel, nnz, j, jn, |l, p, n| emit(j + l, p, n))?;
-            j = jn;
-        }
-        Ok(())
+        self.decode_runs(numel, nnz, b0, b1, |j, ps, signs| {
+            for (i, &p) in ps.iter().enumerate() {
+                emit(j, p, (signs >> i) & 1 == 1);
+            }
+        })
+    }
+
+    /// [`Self::decode_blocks`] a run at a time: `sink(block, positions, signs)` gets up to 63
+    /// increasing, checked positions of one block and their sign bits (bit i: positions[i] is
+    /// negative). The blocks go through one pool of lanes ([`walk_pool`]).
+    fn decode_runs(
+        &self,
+        numel: u64,
+        nnz: u64,
+        b0: usize,
+        b1: usize,
+        mut sink: impl FnMut(usize, &[u64], u64),
+    ) -> Result<()> {
+        let (gaps, gap_bits, signs, b) =
+            (&self.gaps[..], self.gap_bits, &self.signs[..], self.rice_b);
+        walk_pool(
+            b1.saturating_sub(b0),
+            |i| BlockRef {
+                gaps,
+                gap_bits,
+                signs,
+                b,
+                block: self.block(numel, nnz, b0 + i),
+            },
+            |i, ps, s| sink(b0 + i, ps, s),
+        )
+        .map_err(|(_, e)| e)
     }
 
     /// Walks blocks `[j, jn)`, at most [`WALK_LANES`] of them, in one interleaved walk, calling
-    /// `emit(lane, position, negative)` with lane = block - j.
+    /// `sink(lane, positions, signs)` with lane = block - j.
     #[inline(always)]
     fn walk_group(
         &self,
@@ -562,13 +587,13 @@ impl GolombBody {
         nnz: u64,
         j: usize,
         jn: usize,
-        mut emit: impl FnMut(usize, u64, bool),
+        sink: impl FnMut(usize, &[u64], u64),
     ) -> Result<()> {
         let (gaps, bits, signs, b) = (&self.gaps[..], self.gap_bits, &self.signs[..], self.rice_b);
         macro_rules! walk {
             ($n:literal) => {{
                 let blocks: [Block; $n] = std::array::from_fn(|l| self.block(numel, nnz, j + l));
-                walk_blocks(gaps, bits, signs, b, &blocks, emit)
+                walk_blocks(gaps, bits, signs, b, &blocks, sink)
             }};
         }
         const { assert!(WALK_LANES == 4) };
@@ -576,10 +601,7 @@ impl GolombBody {
             4 => walk!(4),
             3 => walk!(3),
             2 => walk!(2),
-            1 => {
-                let k = self.block(numel, nnz, j);
-                walk_block(gaps, bits, signs, b, &k, |p, n| emit(0, p, n))
-            }
+            1 => walk!(1),
             _ => Ok(()),
         }
     }
@@ -612,89 +634,6 @@ impl BitmaskBody {
         }
         Ok(())
     }
-}
-
-fn decode_bitmask<T: Copy>(m: &BitmaskBody, w0: usize, out: &mut [T], zero: T, pv: T, nv: T) {
-    let table = [zero, pv, nv, zero];
-    for (k, o) in out.chunks_mut(64).enumerate() {
-        let (p, n) = (m.pos[w0 + k], m.neg[w0 + k]);
-        for (j, x) in o.iter_mut().enumerate() {
-            *x = table[(((p >> j) & 1) | (((n >> j) & 1) << 1)) as usize];
-        }
-    }
-}
-
-/// An output element type whose zero is all zero bits (u16 half bits, f32, f64).
-///
-/// # Safety
-/// All zero bits must be a valid value of the type, and the one a decode writes for zero.
-unsafe trait ZeroBits: Copy {}
-// SAFETY: all zero bits are 0u16 (the half types' +0.0), 0.0f32 and 0.0f64.
-unsafe impl ZeroBits for u16 {}
-unsafe impl ZeroBits for f32 {}
-unsafe impl ZeroBits for f64 {}
-
-/// Zeroes `out` with memset: `fill` with a zero the compiler cannot see is a loop of 16-byte
-/// stores, about half as fast on the decode's output ranges.
-fn zero_fill<T: ZeroBits>(out: &mut [T]) {
-    // SAFETY: `out` is valid for writes of its length, and all zero bits are a T (ZeroBits).
-    unsafe { std::ptr::write_bytes(out.as_mut_ptr(), 0, out.len()) }
-}
-
-/// One independent piece of a decode: it owns a disjoint part of one output.
-type DecodeTask<'a> = Box<dyn FnOnce() -> Result<()> + Send + 'a>;
-
-/// Decodes many streams into their outputs in one parallel pass: the work is split across
-/// streams and, for large streams, across groups of blocks, so that an expert of hundreds of
-/// small tensors keeps every thread busy. On an error the index of the stream comes with it.
-pub fn decode_many<'a>(
-    jobs: Vec<(&'a Compressed, TensorMut<'a>)>,
-) -> std::result::Result<(), (usize, Error)> {
-    let threads = rayon::current_num_threads().max(1);
-    let total: u64 = jobs.iter().map(|(c, _)| c.numel.max(1)).sum();
-    // About 8 tasks per thread over the whole expert, a stream's share by its size.
-    let per_task = (total / (threads as u64 * 8)).max(1);
-    let mut tasks: Vec<(usize, DecodeTask<'a>)> = Vec::new();
-    for (i, (c, out)) in jobs.into_iter().enumerate() {
-        let parts = c.numel.div_ceil(per_task).clamp(1, threads as u64 * 8) as usize;
-        let mut mine = Vec::new();
-        c.push_decode_tasks(out, parts, &mut mine)
-            .map_err(|e| (i, e))?;
-        tasks.extend(mine.into_iter().map(|t| (i, t)));
-    }
-    tasks
-        .into_par_iter()
-        .try_for_each(|(i, t)| t().map_err(|e| (i, e)))
-}
-
-/// Asks the kernel for transparent huge pages on a large output buffer that is about to be
-/// written for the first time: one fault per 2 MiB instead of per 4 KiB. A hint only; errors are
-/// ignored (other systems, or THP turned off).
-fn advise_huge_pages<T>(out: &mut [T]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let bytes = std::mem::size_of_val(out);
-        if bytes < 4 * HUGE {
-            return;
-        }
-        let start = out.as_mut_ptr() as usize;
-        let aligned = (start + HUGE - 1) & !(HUGE - 1);
-        let end = (start + bytes) & !(HUGE - 1);
-        if end > aligned {
-            // SAFETY: the range lies inside `out`, which we hold mutably; MADV_HUGEPAGE changes
-            // only how pages are backed, never their contents.
-            unsafe {
-                libc::madvise(
-                    aligned as *mut libc::c_void,
-                    end - aligned,
-                    libc::MADV_HUGEPAGE,
-                );
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = out;
 }
 
 impl Compressed {
@@ -769,148 +708,6 @@ impl Compressed {
         match self.body {
             Body::Golomb(_) => Encoding::Golomb,
             Body::Bitmask(_) => Encoding::Bitmask,
-        }
-    }
-
-    /// Decodes into `out` (numel entries, any supported dtype): sign * scale, rounded to out's type.
-    pub fn decode_into(&self, out: TensorMut<'_>) -> Result<()> {
-        let mut tasks = Vec::new();
-        self.push_decode_tasks(out, rayon::current_num_threads() * 4, &mut tasks)?;
-        tasks.into_par_iter().try_for_each(|t| t())
-    }
-
-    /// Checks `out` against this stream and appends the work of decoding into it, split into
-    /// about `parts` independent tasks (each owns a disjoint part of `out`).
-    fn push_decode_tasks<'a>(
-        &'a self,
-        out: TensorMut<'a>,
-        parts: usize,
-        tasks: &mut Vec<DecodeTask<'a>>,
-    ) -> Result<()> {
-        if out.len() as u64 != self.numel {
-            return Err(Error::InvalidArgument(format!(
-                "output holds {} entries, the stream {}",
-                out.len(),
-                self.numel
-            )));
-        }
-        self.check()?;
-        match out {
-            TensorMut::F16(o) => {
-                let p = half_bits(DType::F16, self.scale);
-                self.push_tasks(o, [0u16, p, p | 0x8000], parts, tasks)
-            }
-            TensorMut::BF16(o) => {
-                let p = half_bits(DType::BF16, self.scale);
-                self.push_tasks(o, [0u16, p, p | 0x8000], parts, tasks)
-            }
-            TensorMut::F32(o) => {
-                let p = self.scale as f32;
-                self.push_tasks(o, [0.0f32, p, -p], parts, tasks)
-            }
-            TensorMut::F64(o) => {
-                self.push_tasks(o, [0.0f64, self.scale, -self.scale], parts, tasks)
-            }
-        }
-    }
-
-    /// `values` is [zero, +scale, -scale] in the output type.
-    fn push_tasks<'a, T: ZeroBits + Send + Sync + 'a>(
-        &'a self,
-        out: &'a mut [T],
-        values: [T; 3],
-        parts: usize,
-        tasks: &mut Vec<DecodeTask<'a>>,
-    ) -> Result<()> {
-        let [zero, pv, nv] = values;
-        advise_huge_pages(out);
-        let parts = parts.max(1);
-        match &self.body {
-            Body::Bitmask(m) => {
-                // Chunks of whole 64-entry words, at least one pass chunk each.
-                let per = (out.len().div_ceil(parts)).div_ceil(PASS_CHUNK).max(1) * PASS_CHUNK;
-                for (ci, oc) in out.chunks_mut(per).enumerate() {
-                    let w0 = ci * per / 64;
-                    tasks.push(Box::new(move || {
-                        decode_bitmask(m, w0, oc, zero, pv, nv);
-                        Ok(())
-                    }));
-                }
-                Ok(())
-            }
-            Body::Golomb(g) => {
-                let nb = g.block_count(self.nnz) as usize;
-                if nb == 0 {
-                    let per = out.len().div_ceil(parts).max(PASS_CHUNK);
-                    for oc in out.chunks_mut(per) {
-                        tasks.push(Box::new(move || {
-                            zero_fill(oc);
-                            Ok(())
-                        }));
-                    }
-                    return Ok(());
-                }
-                // Groups of consecutive blocks, each owning the output range up to the next group's
-                // first position, so that every task writes zeros and values in one stream.
-                let groups = nb.min(parts);
-                let mut rest = out;
-                let mut consumed = 0u64;
-                for gi in 0..groups {
-                    let (b0, b1) = (gi * nb / groups, (gi + 1) * nb / groups);
-                    let end = if b1 < nb {
-                        g.block_start(b1).next
-                    } else {
-                        self.numel
-                    };
-                    let start = g.block_start(b0).next;
-                    if start != consumed || end < start {
-                        return malformed("block index is not increasing");
-                    }
-                    let (o, tail) = std::mem::take(&mut rest).split_at_mut((end - start) as usize);
-                    rest = tail;
-                    consumed = end;
-                    let (numel, nnz) = (self.numel, self.nnz);
-                    tasks.push(Box::new(move || {
-                        // Blocks are walked WALK_LANES at a time; each block's output range (up
-                        // to the next block's first position) is zeroed a window at a time just
-                        // ahead of the values written into it, so that both writes hit the cache
-                        // and memset runs in long strides.
-                        const WIN: usize = 4096;
-                        let nb = g.block_count(nnz) as usize;
-                        let mut j = b0;
-                        while j < b1 {
-                            let j1 = (j + WALK_LANES).min(b1);
-                            let mut zeroed = [0usize; WALK_LANES];
-                            let mut ends = [0usize; WALK_LANES];
-                            for l in 0..j1 - j {
-                                zeroed[l] = (g.block_start(j + l).next - start) as usize;
-                                ends[l] = if j + l + 1 < nb {
-                                    (g.block_start(j + l + 1).next - start) as usize
-                                } else {
-                                    o.len()
-                                };
-                            }
-                            // Through decode_blocks, not walk_group (inlined here, the task
-                            // ran 2x slower: its lanes' state no longer fit in registers).
-                            g.decode_blocks(numel, nnz, j, j1, |jl, pos, neg| {
-                                let (l, i) = (jl - j, (pos - start) as usize);
-                                if i >= zeroed[l] {
-                                    let end = ((i / WIN + 1) * WIN).min(ends[l]);
-                                    zero_fill(&mut o[zeroed[l]..end]);
-                                    zeroed[l] = end;
-                                }
-                                o[i] = if neg { nv } else { pv };
-                            })?;
-                            for l in 0..j1 - j {
-                                zero_fill(&mut o[zeroed[l]..ends[l]]);
-                            }
-                            j = j1;
-                        }
-                        Ok(())
-                    }));
-                }
-                Ok(())
-            }
         }
     }
 
@@ -1031,12 +828,15 @@ impl Compressed {
                 while j < j1 {
                     let jn = (j + WALK_LANES).min(j1);
                     held.iter_mut().for_each(Vec::clear);
-                    g.walk_group(self.numel, self.nnz, j, jn, |l, at, neg| {
-                        if at >= lo && at < hi {
-                            if l == 0 {
-                                emit(at, neg)
-                            } else {
-                                held[l - 1].push(at << 1 | neg as u64)
+                    g.walk_group(self.numel, self.nnz, j, jn, |l, ps, signs| {
+                        for (i, &at) in ps.iter().enumerate() {
+                            if at >= lo && at < hi {
+                                let neg = (signs >> i) & 1 == 1;
+                                if l == 0 {
+                                    emit(at, neg)
+                                } else {
+                                    held[l - 1].push(at << 1 | neg as u64)
+                                }
                             }
                         }
                     })?;
@@ -1193,6 +993,8 @@ pub(crate) mod check_count {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::TensorMut;
+    use crate::golomb::walk_block;
 
     /// The count pass sees one buffer, the encode pass another (as when another thread writes
     /// to a borrowed buffer between them): an error, never a stream that disagrees with itself.
@@ -1383,6 +1185,110 @@ mod tests {
                     prop_assert_eq!(format!("{fe:?}"), format!("{e:?}"));
                     prop_assert!(c.to_bitmask().is_err());
                 }
+            }
+        }
+
+        /// Several streams in one `decode_many` call, whose pool walks blocks of different
+        /// streams side by side (refilling lanes across streams), in float32, float64 and
+        /// float16 outputs, golomb and bitmask, some keeping nothing: every output equals its
+        /// stream's one-block-at-a-time walk. With gap bits flipped in one stream: an error
+        /// naming a stream whose own walk fails, or (if the flips left a valid stream) the
+        /// outputs of the walks.
+        #[test]
+        fn prop_decode_many_matches_single_walks(
+            specs in prop::collection::vec(
+                (1u64..6, prop::sample::select(vec![0.0, 1e-3, 0.05, 0.3, 0.9]), 0u8..3, any::<bool>()),
+                1..7,
+            ),
+            block_log2 in 6u8..=7,
+            seed in any::<u64>(),
+            flips in prop::option::of((any::<usize>(), prop::collection::vec(any::<u64>(), 1..3))),
+        ) {
+            let per = 1u64 << block_log2;
+            let mut streams = Vec::new();
+            for (i, &(blocks, k, _, bitmask)) in specs.iter().enumerate() {
+                let numel = if k == 0.0 { 100 } else { (((blocks - 1) * per + per / 2 + 1) as f64 / k) as u64 + 1 };
+                let (c, _) = stream(numel, k, block_log2, seed.wrapping_add(i as u64));
+                streams.push(if bitmask { c.to_bitmask().unwrap() } else { c });
+            }
+            if let Some((at, bits)) = &flips {
+                if let Body::Golomb(g) = &mut streams[at % specs.len()].body {
+                    for f in bits {
+                        if g.gap_bits > 0 {
+                            let b = f % g.gap_bits;
+                            g.gaps[(b / 64) as usize] ^= 1 << (b % 64);
+                        }
+                    }
+                }
+            }
+            // The reference: each stream alone, one block at a time (bitmasks bit by bit).
+            let mut want = Vec::new();
+            let mut bad = Vec::new();
+            for (i, c) in streams.iter().enumerate() {
+                let mut v = vec![0i8; c.numel as usize];
+                match &c.body {
+                    Body::Golomb(g) => {
+                        let (entries, r) = single_walk(c, 0, g.block_count(c.nnz) as usize);
+                        if r.is_err() {
+                            bad.push(i);
+                        }
+                        for (_, p, n) in entries {
+                            v[p as usize] = if n { -1 } else { 1 };
+                        }
+                    }
+                    Body::Bitmask(m) => {
+                        for (p, x) in v.iter_mut().enumerate() {
+                            let (w, b) = (p / 64, p % 64);
+                            *x = ((m.pos[w] >> b) & 1) as i8 - ((m.neg[w] >> b) & 1) as i8;
+                        }
+                    }
+                }
+                want.push(v);
+            }
+            let mut f32s: Vec<Vec<f32>> = Vec::new();
+            let mut f64s: Vec<Vec<f64>> = Vec::new();
+            let mut f16s: Vec<Vec<u16>> = Vec::new();
+            for (c, &(_, _, dt, _)) in streams.iter().zip(&specs) {
+                let n = c.numel as usize;
+                match dt {
+                    0 => f32s.push(vec![7.0; n]),
+                    1 => f64s.push(vec![7.0; n]),
+                    _ => f16s.push(vec![7; n]),
+                }
+            }
+            let (mut a, mut b, mut h) = (f32s.iter_mut(), f64s.iter_mut(), f16s.iter_mut());
+            let jobs: Vec<(&Compressed, TensorMut<'_>)> = streams
+                .iter()
+                .zip(&specs)
+                .map(|(c, &(_, _, dt, _))| {
+                    let out = match dt {
+                        0 => TensorMut::F32(a.next().unwrap()),
+                        1 => TensorMut::F64(b.next().unwrap()),
+                        _ => TensorMut::F16(h.next().unwrap()),
+                    };
+                    (c, out)
+                })
+                .collect();
+            let r = crate::decode_many(jobs);
+            if !bad.is_empty() {
+                let (i, _) = r.unwrap_err();
+                prop_assert!(bad.contains(&i), "stream {} reported, bad ones {:?}", i, bad);
+                return Ok(());
+            }
+            prop_assert!(r.is_ok(), "{:?}", r);
+            let (mut a, mut b, mut h) = (f32s.iter(), f64s.iter(), f16s.iter());
+            for (w, &(_, _, dt, _)) in want.iter().zip(&specs) {
+                let got: Vec<i8> = match dt {
+                    0 => a.next().unwrap().iter().map(|&x| x as i8).collect(),
+                    1 => b.next().unwrap().iter().map(|&x| x as i8).collect(),
+                    _ => h.next().unwrap().iter().map(|&x| match x {
+                        0 => 0,
+                        0x3C00 => 1,
+                        0xBC00 => -1,
+                        _ => 7,
+                    }).collect(),
+                };
+                prop_assert_eq!(&got, w);
             }
         }
 

@@ -16,6 +16,7 @@
 
 mod bits;
 pub mod codec;
+mod decode;
 pub mod dtype;
 pub mod error;
 pub mod expert;
@@ -29,7 +30,8 @@ pub mod selection;
 #[cfg(feature = "python")]
 mod python;
 
-pub use codec::{decode_many, kept_abs_sum, BitmaskBody, Body, Compressed, Encoding, GolombBody};
+pub use codec::{kept_abs_sum, BitmaskBody, Body, Compressed, Encoding, GolombBody};
+pub use decode::decode_many;
 pub use dtype::{DType, Tensor, TensorMut};
 pub use error::{Error, Result};
 pub use merge::{merge_into, merge_many, similarity, Convention, Election, MergeSpec, Method};
