@@ -40,6 +40,12 @@ fn walk(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("to_bitmask_1thread", k), &k, |b, _| {
             b.iter(|| one.install(|| s.to_bitmask().unwrap()))
         });
+        let m = s.to_bitmask().unwrap();
+        g.bench_with_input(
+            BenchmarkId::new("decode_bitmask_1thread/f32", k),
+            &k,
+            |b, _| b.iter(|| one.install(|| m.decode_into(TensorMut::F32(&mut out)).unwrap())),
+        );
     }
     // A 7B-shaped LoRA expert at k = 0.1: 256 tensors of 16 x 4096 float16 entries, decoded in
     // one call (the whole-expert decode), against zero-filling the same outputs.

@@ -10,11 +10,12 @@
 
 use rayon::prelude::*;
 
-use crate::codec::{BitmaskBody, Body, Compressed};
+use crate::codec::{Body, Compressed};
 use crate::dtype::{half_bits, DType, TensorMut};
 use crate::error::{Error, Result};
 use crate::golomb::{walk_pool, BlockRef};
 use crate::selection::PASS_CHUNK;
+use crate::unpack::{best_kernel, Unpack};
 
 /// An output element type whose zero is all zero bits (u16 half bits, f32, f64).
 ///
@@ -57,7 +58,7 @@ struct Plan<'a, T> {
     pieces: Vec<Piece<'a, T>>,
 }
 
-impl<'a, T: ZeroBits + 'a> Plan<'a, T> {
+impl<'a, T: ZeroBits + Unpack + 'a> Plan<'a, T> {
     fn new() -> Self {
         Plan { pieces: Vec::new() }
     }
@@ -69,7 +70,7 @@ impl<'a, T: ZeroBits + 'a> Plan<'a, T> {
         i: usize,
         c: &'a Compressed,
         out: &'a mut [T],
-        [zero, pv, nv]: [T; 3],
+        [pv, nv]: [T; 2],
         per_task: usize,
         tasks: &mut Vec<Task<'a>>,
     ) -> Result<()> {
@@ -81,7 +82,7 @@ impl<'a, T: ZeroBits + 'a> Plan<'a, T> {
                 for (ci, oc) in out.chunks_mut(per).enumerate() {
                     let w0 = ci * per / 64;
                     tasks.push(Box::new(move || {
-                        decode_bitmask(m, w0, oc, zero, pv, nv);
+                        T::unpack(best_kernel(), &m.pos[w0..], &m.neg[w0..], oc, [pv, nv]);
                         Ok(())
                     }));
                 }
@@ -178,16 +179,6 @@ fn pieces_task<'a, T: ZeroBits + 'a>(mut pieces: Vec<Piece<'a, T>>) -> Task<'a> 
     })
 }
 
-fn decode_bitmask<T: Copy>(m: &BitmaskBody, w0: usize, out: &mut [T], zero: T, pv: T, nv: T) {
-    let table = [zero, pv, nv, zero];
-    for (k, o) in out.chunks_mut(64).enumerate() {
-        let (p, n) = (m.pos[w0 + k], m.neg[w0 + k]);
-        for (j, x) in o.iter_mut().enumerate() {
-            *x = table[(((p >> j) & 1) | (((n >> j) & 1) << 1)) as usize];
-        }
-    }
-}
-
 /// Decodes many streams into their outputs in one parallel pass: golomb blocks of all streams
 /// of one element type walked together in tasks of about equal size, so that an expert of
 /// hundreds of small tensors keeps every thread and every lane busy. On an error the index of
@@ -214,19 +205,17 @@ pub fn decode_many<'a>(
         let added = match out {
             TensorMut::F16(o) => {
                 let p = half_bits(DType::F16, c.scale);
-                halves.add(i, c, o, [0, p, p | 0x8000], per_task, &mut tasks)
+                halves.add(i, c, o, [p, p | 0x8000], per_task, &mut tasks)
             }
             TensorMut::BF16(o) => {
                 let p = half_bits(DType::BF16, c.scale);
-                halves.add(i, c, o, [0, p, p | 0x8000], per_task, &mut tasks)
+                halves.add(i, c, o, [p, p | 0x8000], per_task, &mut tasks)
             }
             TensorMut::F32(o) => {
                 let p = c.scale as f32;
-                singles.add(i, c, o, [0.0, p, -p], per_task, &mut tasks)
+                singles.add(i, c, o, [p, -p], per_task, &mut tasks)
             }
-            TensorMut::F64(o) => {
-                doubles.add(i, c, o, [0.0, c.scale, -c.scale], per_task, &mut tasks)
-            }
+            TensorMut::F64(o) => doubles.add(i, c, o, [c.scale, -c.scale], per_task, &mut tasks),
         };
         added.map_err(at)?;
     }

@@ -26,6 +26,7 @@ pub mod merge;
 pub mod pack;
 pub mod popcount;
 pub mod selection;
+mod unpack;
 
 #[cfg(feature = "python")]
 mod python;
