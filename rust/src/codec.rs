@@ -751,13 +751,21 @@ impl Compressed {
                     .map(|(b0, b1, w0, p, n)| {
                         let (mut cp, mut cn) = (0u64, 0u64);
                         let w_end = w0 + p.len();
-                        g.decode_blocks(numel, nnz, b0, b1, |_, at, is_neg| {
-                            let (w, bit) = ((at / 64) as usize, 1u64 << (at % 64));
-                            match (w < w_end, is_neg) {
-                                (true, false) => p[w - w0] |= bit,
-                                (true, true) => n[w - w0] |= bit,
-                                (false, false) => cp |= bit,
-                                (false, true) => cn |= bit,
+                        g.decode_runs(numel, nnz, b0, b1, |_, ps, signs| {
+                            for (r, &at) in ps.iter().enumerate() {
+                                let (w, bit) = ((at / 64) as usize, 1u64 << (at % 64));
+                                // The sign by masks, not a branch: signs are random, and a
+                                // branch on them mispredicted half the time (2x slower).
+                                let neg = (signs >> r) & 1;
+                                let (bp, bn) =
+                                    (bit & neg.wrapping_sub(1), bit & neg.wrapping_neg());
+                                if w < w_end {
+                                    p[w - w0] |= bp;
+                                    n[w - w0] |= bn;
+                                } else {
+                                    cp |= bp;
+                                    cn |= bn;
+                                }
                             }
                         })?;
                         Ok((w_end, cp, cn))
@@ -846,6 +854,73 @@ impl Compressed {
                     j = jn;
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// Calls `sink(positions, signs)` for the kept entries at positions in `[lo, hi)`, a run
+    /// at a time (increasing positions, bit r of `signs` set when positions[r] is negative), in
+    /// no particular order across runs: for sums over a stream's entries, which need no order
+    /// and walk its blocks four at a time with no buffering. For a stream the caller has checked.
+    pub(crate) fn kept_runs_in_checked(
+        &self,
+        lo: u64,
+        hi: u64,
+        mut sink: impl FnMut(&[u64], u64),
+    ) -> Result<()> {
+        let hi = hi.min(self.numel);
+        if lo >= hi {
+            return Ok(());
+        }
+        match &self.body {
+            Body::Bitmask(m) => {
+                let mut ps = [0u64; 64];
+                for w in (lo / 64) as usize..hi.div_ceil(64) as usize {
+                    let base = w as u64 * 64;
+                    // Only the range's bits of its first and last words.
+                    let from = lo.saturating_sub(base).min(64);
+                    let to = (hi - base).min(64);
+                    let span = if to - from == 64 {
+                        !0
+                    } else {
+                        ((1u64 << (to - from)) - 1) << from
+                    };
+                    let (mut bits, neg) = ((m.pos[w] | m.neg[w]) & span, m.neg[w]);
+                    let (mut n, mut signs) = (0, 0u64);
+                    while bits != 0 {
+                        let b = bits.trailing_zeros() as u64;
+                        bits &= bits - 1;
+                        ps[n] = base + b;
+                        signs |= ((neg >> b) & 1) << n;
+                        n += 1;
+                    }
+                    if n > 0 {
+                        sink(&ps[..n], signs);
+                    }
+                }
+                Ok(())
+            }
+            Body::Golomb(g) => {
+                let nb = g.block_count(self.nnz) as usize;
+                if nb == 0 {
+                    return Ok(());
+                }
+                let j0 = g.index.partition_point(|s| s.next <= lo);
+                let j1 = (1 + g.index.partition_point(|s| s.next < hi)).min(nb);
+                g.decode_runs(self.numel, self.nnz, j0, j1, |_, ps, signs| {
+                    let (first, last) = (ps[0], ps[ps.len() - 1]);
+                    if first >= lo && last < hi {
+                        sink(ps, signs);
+                        return;
+                    }
+                    // A run across the range's edge (in its first or last block): the part
+                    // inside, its signs shifted along.
+                    let a = ps.partition_point(|&p| p < lo);
+                    let b = ps.partition_point(|&p| p < hi);
+                    if a < b {
+                        sink(&ps[a..b], signs >> a);
+                    }
+                })
             }
         }
     }
@@ -1292,7 +1367,8 @@ mod tests {
             }
         }
 
-        /// Ranges of positions through `for_each_kept_in`: the entries in the range, in order,
+        /// Ranges of positions through `for_each_kept_in` (and `kept_runs_in_checked`, golomb
+        /// and bitmask): the entries in the range, in order,
         /// across range edges inside and between blocks.
         #[test]
         fn prop_for_each_kept_in_ranges(
@@ -1309,7 +1385,17 @@ mod tests {
             let mut seen = Vec::new();
             prop_assert!(c.for_each_kept_in(lo, hi, |p, n| seen.push((p, n))).is_ok());
             let want: Vec<_> = kept.into_iter().filter(|e| e.0 >= lo && e.0 < hi).collect();
-            prop_assert_eq!(seen, want);
+            prop_assert_eq!(&seen, &want);
+            // The same entries a run at a time (in any order), from both encodings.
+            for s in [c.clone(), c.to_bitmask().unwrap()] {
+                let mut runs = Vec::new();
+                let r = s.kept_runs_in_checked(lo, hi, |ps, signs| {
+                    runs.extend(ps.iter().enumerate().map(|(r, &p)| (p, (signs >> r) & 1 == 1)))
+                });
+                prop_assert!(r.is_ok());
+                runs.sort();
+                prop_assert_eq!(&runs, &want);
+            }
         }
     }
 }

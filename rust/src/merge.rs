@@ -255,10 +255,14 @@ fn task_arithmetic(
             chunk.fill(0.0);
             for &(s, v, end) in &parts {
                 let vb = v.to_bits();
-                s.for_each_kept_in_checked(lo, hi.min(end), |at, neg| {
-                    // The sign by xor, not a branch: signs are random and a branch on them
-                    // mispredicted half the time (this loop ran 1.6x slower).
-                    chunk[(at - lo) as usize] += f32::from_bits(vb ^ (neg as u32) << 31);
+                // A stream's entries are distinct positions: any order gives the same sums.
+                s.kept_runs_in_checked(lo, hi.min(end), |ps, signs| {
+                    for (r, &at) in ps.iter().enumerate() {
+                        // The sign by xor, not a branch: signs are random and a branch on them
+                        // mispredicted half the time (this loop ran 1.6x slower).
+                        let neg = ((signs >> r) & 1) as u32;
+                        chunk[(at - lo) as usize] += f32::from_bits(vb ^ neg << 31);
+                    }
                 })?;
             }
             if lam != 1.0 {
