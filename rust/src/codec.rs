@@ -1,19 +1,45 @@
-//! The compressed tensor: building it from a threshold, decoding it, and converting between the
-//! golomb and bitmask encodings without a dense pass.
-
-use std::borrow::Cow;
+//! The compressed tensor: its two encodings, the checks every stream passes before use, and the
+//! golomb block index (where each block starts and how blocks are walked). Building one from a
+//! threshold is in `encode.rs`, dense decoding in `decode.rs`, conversions and range walks in
+//! `convert.rs`.
 
 use rayon::prelude::*;
 
-use crate::dtype::{DType, Elem, Tensor};
-use crate::error::{malformed, try_zeroed, Error, Result};
-use crate::golomb::{
-    rice_parameter, stitch, walk_blocks, walk_pool, Block, BlockRef, BlockStart, ChunkEncoder,
-    EncodedChunk, WALK_LANES,
-};
-use crate::selection::{
-    group_masks, take_ties, visit_keys, Key, KeySpace, KeyVisitor, Threshold, PASS_CHUNK,
-};
+use crate::dtype::DType;
+use crate::error::{malformed, Error, Result};
+use crate::golomb::{walk_blocks, walk_pool, Block, BlockRef, BlockStart, WALK_LANES};
+
+// The paths these had when they lived here (the crate's public API).
+pub use crate::decode::decode_many;
+pub use crate::encode::{compress_with_threshold, kept_abs_sum};
+
+/// The block sizes (log2 of nonzeros per block) a stream may have: parsed and checked against
+/// this one range.
+pub(crate) const BLOCK_LOG2_RANGE: std::ops::RangeInclusive<u8> = 6..=24;
+
+/// A scale a stream may hold: finite and >= 0 (the one rule for parsing, encoding and
+/// `with_scale`).
+pub(crate) fn scale_is_valid(scale: f64) -> bool {
+    scale.is_finite() && scale >= 0.0
+}
+
+/// The invalid-argument error for a scale [`scale_is_valid`] refuses.
+pub(crate) fn bad_scale(scale: f64) -> Error {
+    Error::InvalidArgument(format!("scale must be finite and >= 0, got {scale}"))
+}
+
+/// Where each chunk's nonzeros start in the whole stream, from each chunk's count (the counting
+/// pass of every parallel encode: chunk c's first code is nonzero number starts[c]).
+pub(crate) fn chunk_starts(counts: &[u64]) -> Vec<u64> {
+    counts
+        .iter()
+        .scan(0u64, |acc, &c| {
+            let s = *acc;
+            *acc += c;
+            Some(s)
+        })
+        .collect()
+}
 
 /// Nonzeros per block of the golomb index, as log2: a block is the unit of parallel decoding.
 pub const DEFAULT_BLOCK_LOG2: u8 = 12;
@@ -119,327 +145,13 @@ pub fn check_shape(shape: &[u64], numel: u64) -> Result<()> {
     }
 }
 
-fn words_for(bits: u64) -> usize {
+/// Words of a bitmask of `bits` entries.
+pub(crate) fn words_for(bits: u64) -> usize {
     bits.div_ceil(64) as usize
 }
 
-// ---------------------------------------------------------------------------------------------
-// Encoding from a threshold
-
-struct CountPass {
-    t: u64,
-    /// The key of +Inf in the space: keys at or above it are NaN or Inf.
-    inf: u64,
-}
-
-impl KeyVisitor for &CountPass {
-    /// Per chunk: (above the threshold, equal to it, not finite).
-    type Out = Vec<(u64, u64, u64)>;
-    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
-        self,
-        data: &[T],
-        key: K,
-    ) -> Self::Out {
-        let inf = U::narrow(self.inf).expect("the key of Inf fits its space");
-        // Keep nothing: a threshold above every key, so nothing compares above or equal.
-        let t = U::narrow(self.t);
-        data.par_chunks(PASS_CHUNK)
-            .map(|c| {
-                // Plain compare-and-add: vectorises to full-width SIMD.
-                let (mut gt, mut eq, mut nf) = (0u32, 0u32, 0u32);
-                match t {
-                    Some(t) => {
-                        for &x in c {
-                            let k = key(x);
-                            gt += (k > t) as u32;
-                            eq += (k == t) as u32;
-                            nf += (k >= inf) as u32;
-                        }
-                    }
-                    None => {
-                        for &x in c {
-                            nf += (key(x) >= inf) as u32;
-                        }
-                    }
-                }
-                (gt as u64, eq as u64, nf as u64)
-            })
-            .collect()
-    }
-}
-
-/// Sum of the magnitudes above a threshold, per chunk (summed in chunk order by the caller, so
-/// the result does not depend on the thread count).
-struct AboveSumPass {
-    t: u64,
-    space: KeySpace,
-}
-
-impl KeyVisitor for &AboveSumPass {
-    type Out = Vec<f64>;
-    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
-        self,
-        data: &[T],
-        key: K,
-    ) -> Self::Out {
-        let Some(t) = U::narrow(self.t) else {
-            return Vec::new();
-        };
-        data.par_chunks(PASS_CHUNK)
-            .map(|c| {
-                let mut s = 0.0;
-                for &x in c {
-                    let k = key(x);
-                    if k > t {
-                        s += self.space.magnitude(k.to_u64());
-                    }
-                }
-                s
-            })
-            .collect()
-    }
-}
-
-/// Sum of |x| over the entries of `t` that `thr` keeps when `ties_taken` of its tied entries are
-/// kept here (all tied entries have the threshold's magnitude). Exact in the key space, in f64.
-pub fn kept_abs_sum(t: Tensor<'_>, thr: &Threshold, ties_taken: u64) -> Result<f64> {
-    if thr.key == u64::MAX {
-        return Ok(0.0);
-    }
-    let above: f64 = visit_keys(
-        t,
-        thr.space,
-        &AboveSumPass {
-            t: thr.key,
-            space: thr.space,
-        },
-    )?
-    .iter()
-    .sum();
-    let tied = if thr.key == 0 {
-        0.0
-    } else {
-        ties_taken as f64 * thr.space.magnitude(thr.key)
-    };
-    Ok(above + tied)
-}
-
-struct MaskPass<'a> {
-    t: u64,
-    budgets: &'a [u64],
-    pos: &'a mut [u64],
-    neg: &'a mut [u64],
-}
-
-impl KeyVisitor for MaskPass<'_> {
-    type Out = ();
-    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(self, data: &[T], key: K) {
-        // Keep-nothing thresholds never reach here (nnz is 0 and the masks stay zero).
-        let Some(t) = U::narrow(self.t) else { return };
-        let wpc = PASS_CHUNK / 64;
-        data.par_chunks(PASS_CHUNK)
-            .zip(self.pos.par_chunks_mut(wpc))
-            .zip(self.neg.par_chunks_mut(wpc))
-            .zip(self.budgets.par_iter())
-            .for_each(|(((c, p), n), &budget)| {
-                let mut budget = budget;
-                for ((g, pw), nw) in c.chunks(64).zip(p.iter_mut()).zip(n.iter_mut()) {
-                    let (gt, eq, ng) = group_masks(g, key, t);
-                    let keep = gt | take_ties(eq, &mut budget);
-                    *pw = keep & !ng;
-                    *nw = keep & ng;
-                }
-            });
-    }
-}
-
-struct GolombPass<'a> {
-    t: u64,
-    b: u8,
-    block_log2: u8,
-    budgets: &'a [u64],
-    starts: &'a [u64],
-    counts: &'a [u64],
-}
-
-impl KeyVisitor for &GolombPass<'_> {
-    type Out = Vec<EncodedChunk>;
-    fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
-        self,
-        data: &[T],
-        key: K,
-    ) -> Self::Out {
-        let Some(t) = U::narrow(self.t) else {
-            return Vec::new();
-        };
-        data.par_chunks(PASS_CHUNK)
-            .enumerate()
-            .map(|(ci, c)| {
-                let mut budget = self.budgets[ci];
-                let mut enc =
-                    ChunkEncoder::new(self.b, self.block_log2, self.starts[ci], self.counts[ci]);
-                let base0 = (ci * PASS_CHUNK) as u64;
-                for (gi, g) in c.chunks(64).enumerate() {
-                    let (gt, eq, ng) = group_masks(g, key, t);
-                    let keep = gt | take_ties(eq, &mut budget);
-                    if keep != 0 {
-                        enc.push_word(base0 + (gi * 64) as u64, keep & !ng, keep & ng);
-                    }
-                }
-                enc.finish()
-            })
-            .collect()
-    }
-}
-
-/// Compresses one tensor given a threshold from [`crate::selection`].
-///
-/// `ties_left` is the number of entries equal to the threshold that may still be kept; it is
-/// shared across the tensors of one global selection (pass them in selection order) and
-/// decremented by the ties this tensor keeps.
-pub fn compress_with_threshold(
-    t: Tensor<'_>,
-    shape: &[u64],
-    thr: &Threshold,
-    ties_left: &mut u64,
-    scale: f64,
-    encoding: Encoding,
-) -> Result<Compressed> {
-    let numel = t.len() as u64;
-    if numel > MAX_NUMEL {
-        return Err(Error::InvalidArgument(format!(
-            "the tensor has {numel} entries, the format holds at most {MAX_NUMEL}; split it"
-        )));
-    }
-    check_shape(shape, numel)?;
-    if !(scale.is_finite() && scale >= 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "scale must be finite and >= 0, got {scale}"
-        )));
-    }
-    // -0.0 would be a second byte string for the same content.
-    let scale = scale + 0.0;
-    let counts = visit_keys(
-        t,
-        thr.space,
-        &CountPass {
-            t: thr.key,
-            inf: thr.space.inf_key(),
-        },
-    )?;
-    if counts.iter().any(|c| c.2 > 0) {
-        return Err(Error::NonFinite {
-            index: crate::selection::first_non_finite(t),
-        });
-    }
-    let mut budgets = Vec::with_capacity(counts.len());
-    let mut kept = Vec::with_capacity(counts.len());
-    for &(gt, eq, _) in &counts {
-        let take = if thr.key == 0 || thr.key == u64::MAX {
-            0
-        } else {
-            eq.min(*ties_left)
-        };
-        *ties_left -= take;
-        budgets.push(take);
-        kept.push(if thr.key == u64::MAX { 0 } else { gt + take });
-    }
-    encode_counted(t, shape, thr, &budgets, &kept, scale, encoding)
-}
-
-/// The second pass of [`compress_with_threshold`]: encodes what the count pass found (`budgets`
-/// of tied entries and `kept` entries per chunk), and errors if the data no longer agrees.
-fn encode_counted(
-    t: Tensor<'_>,
-    shape: &[u64],
-    thr: &Threshold,
-    budgets: &[u64],
-    kept: &[u64],
-    scale: f64,
-    encoding: Encoding,
-) -> Result<Compressed> {
-    let numel = t.len() as u64;
-    let nnz: u64 = kept.iter().sum();
-    let body = match encoding {
-        Encoding::Bitmask => {
-            let words = words_for(numel);
-            let mut pos = try_zeroed(words)?;
-            let mut neg = try_zeroed(words)?;
-            visit_keys(
-                t,
-                thr.space,
-                MaskPass {
-                    t: thr.key,
-                    budgets,
-                    pos: &mut pos,
-                    neg: &mut neg,
-                },
-            )?;
-            let set: u64 = pos
-                .par_iter()
-                .zip(&neg)
-                .map(|(p, n)| (p | n).count_ones() as u64)
-                .sum();
-            // See the golomb case below: the input is read twice.
-            if set != nnz {
-                return Err(changed_under_us());
-            }
-            Body::Bitmask(BitmaskBody { pos, neg })
-        }
-        Encoding::Golomb => {
-            let b = rice_parameter(nnz, numel);
-            let mut starts = Vec::with_capacity(kept.len());
-            let mut acc = 0u64;
-            for &c in kept {
-                starts.push(acc);
-                acc += c;
-            }
-            let pass = GolombPass {
-                t: thr.key,
-                b,
-                block_log2: DEFAULT_BLOCK_LOG2,
-                budgets,
-                starts: &starts,
-                counts: kept,
-            };
-            let chunks = visit_keys(t, thr.space, &pass)?;
-            // The input is read twice; a caller's buffer written to in between (another thread,
-            // with the GIL released) can change what the second pass keeps.
-            let same = if chunks.is_empty() {
-                nnz == 0
-            } else {
-                chunks.len() == kept.len() && chunks.iter().zip(kept).all(|(c, &k)| c.count() == k)
-            };
-            if !same {
-                return Err(changed_under_us());
-            }
-            let s = stitch(chunks, b);
-            Body::Golomb(GolombBody::from_stitched(s, b))
-        }
-    };
-    Ok(Compressed {
-        dtype: t.dtype(),
-        shape: shape.to_vec(),
-        numel,
-        nnz,
-        scale,
-        body,
-    })
-}
-
-fn changed_under_us() -> Error {
-    Error::InvalidArgument(
-        "the input changed while it was being compressed (written to by another thread?); \
-         compress a buffer nobody writes to"
-            .into(),
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Decoding
-
 impl GolombBody {
-    fn from_stitched(s: crate::golomb::Stitched, rice_b: u8) -> GolombBody {
+    pub(crate) fn from_stitched(s: crate::golomb::Stitched, rice_b: u8) -> GolombBody {
         GolombBody {
             rice_b,
             block_log2: DEFAULT_BLOCK_LOG2,
@@ -464,7 +176,7 @@ impl GolombBody {
 
     /// Structural checks that need no decoding: index length, monotone offsets, sizes of buffers.
     pub(crate) fn check(&self, numel: u64, nnz: u64) -> Result<()> {
-        if !(6..=24).contains(&self.block_log2) {
+        if !BLOCK_LOG2_RANGE.contains(&self.block_log2) {
             return malformed(format!(
                 "block size 2^{} is outside 2^6..2^24",
                 self.block_log2
@@ -536,7 +248,7 @@ impl GolombBody {
     /// calls `emit(block, position, negative)` for every kept entry: in position order within a
     /// block, interleaved across the [`WALK_LANES`] blocks walked together. On an error, the
     /// error of the first bad block in order (as walking them one at a time gives).
-    fn decode_blocks(
+    pub(crate) fn decode_blocks(
         &self,
         numel: u64,
         nnz: u64,
@@ -554,7 +266,7 @@ impl GolombBody {
     /// [`Self::decode_blocks`] a run at a time: `sink(block, positions, signs)` gets up to 63
     /// increasing, checked positions of one block and their sign bits (bit i: positions[i] is
     /// negative). The blocks go through one pool of lanes ([`walk_pool`]).
-    fn decode_runs(
+    pub(crate) fn decode_runs(
         &self,
         numel: u64,
         nnz: u64,
@@ -581,7 +293,7 @@ impl GolombBody {
     /// Walks blocks `[j, jn)`, at most [`WALK_LANES`] of them, in one interleaved walk, calling
     /// `sink(lane, positions, signs)` with lane = block - j.
     #[inline(always)]
-    fn walk_group(
+    pub(crate) fn walk_group(
         &self,
         numel: u64,
         nnz: u64,
@@ -652,7 +364,7 @@ impl Compressed {
         if self.nnz > self.numel {
             return malformed(format!("{} nonzeros in {} entries", self.nnz, self.numel));
         }
-        if !(self.scale.is_finite() && self.scale >= 0.0) {
+        if !scale_is_valid(self.scale) {
             return malformed(format!("scale {} is not finite and >= 0", self.scale));
         }
         match &self.body {
@@ -693,10 +405,8 @@ impl Compressed {
 
     /// The same ternary pattern with another scale (finite and >= 0).
     pub fn with_scale(&self, scale: f64) -> Result<Compressed> {
-        if !(scale.is_finite() && scale >= 0.0) {
-            return Err(Error::InvalidArgument(format!(
-                "scale must be finite and >= 0, got {scale}"
-            )));
+        if !scale_is_valid(scale) {
+            return Err(bad_scale(scale));
         }
         Ok(Compressed {
             scale: scale + 0.0,
@@ -708,334 +418,6 @@ impl Compressed {
         match self.body {
             Body::Golomb(_) => Encoding::Golomb,
             Body::Bitmask(_) => Encoding::Bitmask,
-        }
-    }
-
-    /// The ternary pattern as bitmasks; borrowed if this stream is already a bitmask.
-    pub fn masks(&self) -> Result<Cow<'_, BitmaskBody>> {
-        match &self.body {
-            Body::Bitmask(m) => Ok(Cow::Borrowed(m)),
-            Body::Golomb(g) => {
-                self.check()?;
-                let words = words_for(self.numel);
-                let mut pos = try_zeroed(words)?;
-                let mut neg = try_zeroed(words)?;
-                let nb = g.block_count(self.nnz) as usize;
-                let groups = nb.min(rayon::current_num_threads() * 4);
-                // Groups of blocks, split by the block index. Group i owns the words from that
-                // of its first position up to that of the next group's first position; its bits
-                // in the next group's first word (shared) come back as a carry, ORed in after.
-                let mut parts = Vec::with_capacity(groups);
-                let (mut prest, mut nrest) = (&mut pos[..], &mut neg[..]);
-                let mut w_at = 0usize;
-                for gi in 0..groups {
-                    let (b0, b1) = (gi * nb / groups, (gi + 1) * nb / groups);
-                    let end = if b1 < nb {
-                        g.block_start(b1).next
-                    } else {
-                        self.numel
-                    };
-                    let w_end = (end / 64) as usize;
-                    if w_end < w_at || w_end > words {
-                        return malformed("block index is not increasing");
-                    }
-                    let (p, pt) = std::mem::take(&mut prest).split_at_mut(w_end - w_at);
-                    let (n, nt) = std::mem::take(&mut nrest).split_at_mut(w_end - w_at);
-                    (prest, nrest) = (pt, nt);
-                    parts.push((b0, b1, w_at, p, n));
-                    w_at = w_end;
-                }
-                let (numel, nnz) = (self.numel, self.nnz);
-                let carries: Vec<(usize, u64, u64)> = parts
-                    .into_par_iter()
-                    .map(|(b0, b1, w0, p, n)| {
-                        let (mut cp, mut cn) = (0u64, 0u64);
-                        let w_end = w0 + p.len();
-                        g.decode_runs(numel, nnz, b0, b1, |_, ps, signs| {
-                            for (r, &at) in ps.iter().enumerate() {
-                                let (w, bit) = ((at / 64) as usize, 1u64 << (at % 64));
-                                // The sign by masks, not a branch: signs are random, and a
-                                // branch on them mispredicted half the time (2x slower).
-                                let neg = (signs >> r) & 1;
-                                let (bp, bn) =
-                                    (bit & neg.wrapping_sub(1), bit & neg.wrapping_neg());
-                                if w < w_end {
-                                    p[w - w0] |= bp;
-                                    n[w - w0] |= bn;
-                                } else {
-                                    cp |= bp;
-                                    cn |= bn;
-                                }
-                            }
-                        })?;
-                        Ok((w_end, cp, cn))
-                    })
-                    .collect::<Result<_>>()?;
-                for (w, cp, cn) in carries {
-                    if cp | cn != 0 {
-                        pos[w] |= cp;
-                        neg[w] |= cn;
-                    }
-                }
-                Ok(Cow::Owned(BitmaskBody { pos, neg }))
-            }
-        }
-    }
-
-    /// Calls `emit(position, negative)` for every kept entry at a position in `[lo, hi)`, in
-    /// order, decoding only the blocks that overlap the range (found through the block index).
-    pub fn for_each_kept_in(&self, lo: u64, hi: u64, emit: impl FnMut(u64, bool)) -> Result<()> {
-        self.check()?;
-        self.for_each_kept_in_checked(lo, hi, emit)
-    }
-
-    /// [`Compressed::for_each_kept_in`] for a stream the caller has checked: callers that
-    /// visit many ranges of one stream check it once, not once per range (the check walks the
-    /// whole block index).
-    pub(crate) fn for_each_kept_in_checked(
-        &self,
-        lo: u64,
-        hi: u64,
-        mut emit: impl FnMut(u64, bool),
-    ) -> Result<()> {
-        let hi = hi.min(self.numel);
-        if lo >= hi {
-            return Ok(());
-        }
-        match &self.body {
-            Body::Bitmask(m) => {
-                for w in (lo / 64) as usize..hi.div_ceil(64) as usize {
-                    let base = w as u64 * 64;
-                    let mut bits = m.pos[w] | m.neg[w];
-                    while bits != 0 {
-                        let b = bits.trailing_zeros() as u64;
-                        bits &= bits - 1;
-                        let at = base + b;
-                        if at >= lo && at < hi {
-                            emit(at, m.neg[w] >> b & 1 == 1);
-                        }
-                    }
-                }
-                Ok(())
-            }
-            Body::Golomb(g) => {
-                let nb = g.block_count(self.nnz) as usize;
-                if nb == 0 {
-                    return Ok(());
-                }
-                // Block j starts at position index[j - 1].next (block 0 at 0); the blocks that
-                // overlap [lo, hi) are the last one starting at or before lo up to the last one
-                // starting before hi.
-                let j0 = g.index.partition_point(|s| s.next <= lo);
-                let j1 = 1 + g.index.partition_point(|s| s.next < hi);
-                let j1 = j1.min(nb);
-                // The first block of each walk comes first in position order and goes straight
-                // to `emit`; the others' entries (position << 1 | negative) wait until it ends.
-                let mut held: [Vec<u64>; WALK_LANES - 1] = Default::default();
-                let mut j = j0;
-                while j < j1 {
-                    let jn = (j + WALK_LANES).min(j1);
-                    held.iter_mut().for_each(Vec::clear);
-                    g.walk_group(self.numel, self.nnz, j, jn, |l, ps, signs| {
-                        for (i, &at) in ps.iter().enumerate() {
-                            if at >= lo && at < hi {
-                                let neg = (signs >> i) & 1 == 1;
-                                if l == 0 {
-                                    emit(at, neg)
-                                } else {
-                                    held[l - 1].push(at << 1 | neg as u64)
-                                }
-                            }
-                        }
-                    })?;
-                    for e in held.iter().flatten() {
-                        emit(e >> 1, e & 1 == 1);
-                    }
-                    j = jn;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Calls `sink(positions, signs)` for the kept entries at positions in `[lo, hi)`, a run
-    /// at a time (increasing positions, bit r of `signs` set when positions[r] is negative), in
-    /// no particular order across runs: for sums over a stream's entries, which need no order
-    /// and walk its blocks four at a time with no buffering. For a stream the caller has checked.
-    pub(crate) fn kept_runs_in_checked(
-        &self,
-        lo: u64,
-        hi: u64,
-        mut sink: impl FnMut(&[u64], u64),
-    ) -> Result<()> {
-        let hi = hi.min(self.numel);
-        if lo >= hi {
-            return Ok(());
-        }
-        match &self.body {
-            Body::Bitmask(m) => {
-                let mut ps = [0u64; 64];
-                for w in (lo / 64) as usize..hi.div_ceil(64) as usize {
-                    let base = w as u64 * 64;
-                    // Only the range's bits of its first and last words.
-                    let from = lo.saturating_sub(base).min(64);
-                    let to = (hi - base).min(64);
-                    let span = if to - from == 64 {
-                        !0
-                    } else {
-                        ((1u64 << (to - from)) - 1) << from
-                    };
-                    let (mut bits, neg) = ((m.pos[w] | m.neg[w]) & span, m.neg[w]);
-                    let (mut n, mut signs) = (0, 0u64);
-                    while bits != 0 {
-                        let b = bits.trailing_zeros() as u64;
-                        bits &= bits - 1;
-                        ps[n] = base + b;
-                        signs |= ((neg >> b) & 1) << n;
-                        n += 1;
-                    }
-                    if n > 0 {
-                        sink(&ps[..n], signs);
-                    }
-                }
-                Ok(())
-            }
-            Body::Golomb(g) => {
-                let nb = g.block_count(self.nnz) as usize;
-                if nb == 0 {
-                    return Ok(());
-                }
-                let j0 = g.index.partition_point(|s| s.next <= lo);
-                let j1 = (1 + g.index.partition_point(|s| s.next < hi)).min(nb);
-                g.decode_runs(self.numel, self.nnz, j0, j1, |_, ps, signs| {
-                    let (first, last) = (ps[0], ps[ps.len() - 1]);
-                    if first >= lo && last < hi {
-                        sink(ps, signs);
-                        return;
-                    }
-                    // A run across the range's edge (in its first or last block): the part
-                    // inside, its signs shifted along.
-                    let a = ps.partition_point(|&p| p < lo);
-                    let b = ps.partition_point(|&p| p < hi);
-                    if a < b {
-                        sink(&ps[a..b], signs >> a);
-                    }
-                })
-            }
-        }
-    }
-
-    /// The position of kept entry number `keep` (counting from 0 in position order), so that
-    /// the positions below it hold exactly the first `keep` kept entries; `numel` when the
-    /// stream keeps no more than `keep`. For a stream the caller has checked.
-    pub(crate) fn kept_prefix_end(&self, keep: u64) -> Result<u64> {
-        if keep >= self.nnz {
-            return Ok(self.numel);
-        }
-        match &self.body {
-            Body::Bitmask(m) => {
-                let mut seen = 0u64;
-                for (w, (&p, &n)) in m.pos.iter().zip(&m.neg).enumerate() {
-                    let bits = p | n;
-                    let c = bits.count_ones() as u64;
-                    if seen + c > keep {
-                        // Drop the lowest (keep - seen) set bits; the next one is the entry.
-                        let mut rest = bits;
-                        for _ in 0..keep - seen {
-                            rest &= rest - 1;
-                        }
-                        return Ok(w as u64 * 64 + rest.trailing_zeros() as u64);
-                    }
-                    seen += c;
-                }
-                malformed("bitmasks hold fewer nonzeros than the header says")
-            }
-            Body::Golomb(g) => {
-                // Only the block holding the entry is decoded.
-                let j = (keep >> g.block_log2) as usize;
-                let mut left = keep - ((j as u64) << g.block_log2);
-                let mut found = None;
-                g.decode_blocks(self.numel, self.nnz, j, j + 1, |_, at, _| {
-                    if left == 0 && found.is_none() {
-                        found = Some(at);
-                    }
-                    left = left.wrapping_sub(1);
-                })?;
-                found.map_or_else(
-                    || malformed("a block holds fewer nonzeros than the header says"),
-                    Ok,
-                )
-            }
-        }
-    }
-
-    /// The same ternary vector in the bitmask encoding.
-    pub fn to_bitmask(&self) -> Result<Compressed> {
-        let m = self.masks()?.into_owned();
-        Ok(Compressed {
-            body: Body::Bitmask(m),
-            ..self.header_clone()
-        })
-    }
-
-    /// The same ternary vector in the golomb encoding.
-    pub fn to_golomb(&self) -> Result<Compressed> {
-        let m = match &self.body {
-            Body::Golomb(_) => return Ok(self.clone()),
-            Body::Bitmask(m) => m,
-        };
-        self.check()?;
-        let b = rice_parameter(self.nnz, self.numel);
-        let wpc = PASS_CHUNK / 64;
-        let counts: Vec<u64> = m
-            .pos
-            .par_chunks(wpc)
-            .zip(m.neg.par_chunks(wpc))
-            .map(|(p, n)| {
-                p.iter()
-                    .zip(n)
-                    .map(|(a, b)| (a | b).count_ones() as u64)
-                    .sum()
-            })
-            .collect();
-        let mut starts = Vec::with_capacity(counts.len());
-        let mut acc = 0;
-        for &c in &counts {
-            starts.push(acc);
-            acc += c;
-        }
-        let chunks: Vec<EncodedChunk> = m
-            .pos
-            .par_chunks(wpc)
-            .zip(m.neg.par_chunks(wpc))
-            .enumerate()
-            .map(|(ci, (p, n))| {
-                let mut enc = ChunkEncoder::new(b, DEFAULT_BLOCK_LOG2, starts[ci], counts[ci]);
-                for (k, (&pw, &nw)) in p.iter().zip(n).enumerate() {
-                    if pw | nw != 0 {
-                        enc.push_word(((ci * wpc + k) * 64) as u64, pw, nw);
-                    }
-                }
-                enc.finish()
-            })
-            .collect();
-        Ok(Compressed {
-            body: Body::Golomb(GolombBody::from_stitched(stitch(chunks, b), b)),
-            ..self.header_clone()
-        })
-    }
-
-    fn header_clone(&self) -> Compressed {
-        Compressed {
-            dtype: self.dtype,
-            shape: self.shape.clone(),
-            numel: self.numel,
-            nnz: self.nnz,
-            scale: self.scale,
-            body: Body::Bitmask(BitmaskBody {
-                pos: Vec::new(),
-                neg: Vec::new(),
-            }),
         }
     }
 }
@@ -1069,36 +451,7 @@ pub(crate) mod check_count {
 mod tests {
     use super::*;
     use crate::dtype::TensorMut;
-    use crate::golomb::walk_block;
-
-    /// The count pass sees one buffer, the encode pass another (as when another thread writes
-    /// to a borrowed buffer between them): an error, never a stream that disagrees with itself.
-    #[test]
-    fn input_changed_between_passes_is_an_error() {
-        let x: Vec<f32> = (0..20_000)
-            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 100.0)
-            .collect();
-        let (thr, _) = crate::select(&[Tensor::F32(&x)], 0.1).unwrap();
-        let counts = visit_keys(
-            Tensor::F32(&x),
-            thr.space,
-            &CountPass {
-                t: thr.key,
-                inf: thr.space.inf_key(),
-            },
-        )
-        .unwrap();
-        let kept: Vec<u64> = counts.iter().map(|c| c.0).collect();
-        let budgets = vec![0; kept.len()];
-        let mut y = x.clone();
-        y.iter_mut().take(100).for_each(|v| *v = 1000.0);
-        for enc in [Encoding::Golomb, Encoding::Bitmask] {
-            let ok = encode_counted(Tensor::F32(&x), &[20_000], &thr, &budgets, &kept, 1.0, enc);
-            assert!(ok.is_ok());
-            let bad = encode_counted(Tensor::F32(&y), &[20_000], &thr, &budgets, &kept, 1.0, enc);
-            assert!(matches!(bad, Err(Error::InvalidArgument(m)) if m.contains("changed")));
-        }
-    }
+    use crate::golomb::{rice_parameter, stitch, walk_block, ChunkEncoder};
 
     /// A golomb stream with 2^`block_log2` nonzeros per block over `numel` entries, from the
     /// kept positions and signs (random, at density `k`), built the way the encoder builds one.

@@ -236,7 +236,7 @@ impl Head {
             Encoding::Golomb => {
                 let rice_b = r.u8("Rice parameter")?;
                 let block_log2 = r.u8("block size")?;
-                if !(6..=24).contains(&block_log2) {
+                if !crate::codec::BLOCK_LOG2_RANGE.contains(&block_log2) {
                     return malformed(format!("block size 2^{block_log2} is outside 2^6..2^24"));
                 }
                 let gap_bits = r.varint("gap stream length")?;

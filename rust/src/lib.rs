@@ -16,8 +16,10 @@
 
 mod bits;
 pub mod codec;
+mod convert;
 mod decode;
 pub mod dtype;
+mod encode;
 pub mod error;
 pub mod expert;
 pub mod format;
@@ -31,9 +33,10 @@ mod unpack;
 #[cfg(feature = "python")]
 mod python;
 
-pub use codec::{kept_abs_sum, BitmaskBody, Body, Compressed, Encoding, GolombBody};
+pub use codec::{BitmaskBody, Body, Compressed, Encoding, GolombBody};
 pub use decode::decode_many;
 pub use dtype::{DType, Tensor, TensorMut};
+pub use encode::kept_abs_sum;
 pub use error::{Error, Result};
 pub use merge::{merge_into, merge_many, similarity, Convention, Election, MergeSpec, Method};
 pub use popcount::{cosine, dot, hamming};
@@ -109,11 +112,11 @@ pub fn compress_scaled(
     let mut ties = thr.ties;
     if scale == Scale::Std {
         let s = alpha * spread.sigma;
-        return codec::compress_with_threshold(t, shape, &thr, &mut ties, s, encoding);
+        return encode::compress_with_threshold(t, shape, &thr, &mut ties, s, encoding);
     }
-    let mut c = codec::compress_with_threshold(t, shape, &thr, &mut ties, 0.0, encoding)?;
+    let mut c = encode::compress_with_threshold(t, shape, &thr, &mut ties, 0.0, encoding)?;
     if c.nnz > 0 {
-        let kept = || codec::kept_abs_sum(t, &thr, thr.ties - ties);
+        let kept = || encode::kept_abs_sum(t, &thr, thr.ties - ties);
         let per_entry = match scale {
             Scale::KeptMean => kept()? / c.nnz as f64,
             Scale::Norm => spread.norm / (c.nnz as f64).sqrt(),
@@ -181,7 +184,7 @@ pub fn compress_global(
         .iter()
         .enumerate()
         .map(|(i, (t, shape))| {
-            codec::compress_with_threshold(*t, shape, &thr, &mut ties, scale, encoding)
+            encode::compress_with_threshold(*t, shape, &thr, &mut ties, scale, encoding)
                 .map_err(|e| (Some(i), e))
         })
         .collect()

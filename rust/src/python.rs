@@ -391,7 +391,7 @@ fn encode_with_threshold(
     let thr = threshold.inner;
     let inner = py
         .detach(|| {
-            crate::codec::compress_with_threshold(t, &shape, &thr, &mut ties, scale, encoding)
+            crate::encode::compress_with_threshold(t, &shape, &thr, &mut ties, scale, encoding)
         })
         .map_err(to_py)?;
     Ok((PyStream { inner }, ties))

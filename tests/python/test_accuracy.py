@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 import accuracy_study  # noqa: E402
 
+# A study of minutes: run with `bash .ci/test --slow` (CI does).
+pytestmark = pytest.mark.slow
+
 
 def test_quick_study():
     results = accuracy_study.run(quick=True, log=lambda *a: None)

@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 import merge_study  # noqa: E402
 
+# A study of minutes: run with `bash .ci/test --slow` (CI does).
+pytestmark = pytest.mark.slow
+
 
 def test_quick_merge_study():
     res = merge_study.run(quick=True, log=lambda *a: None)
