@@ -24,6 +24,7 @@ pub mod format;
 pub mod golomb;
 pub mod merge;
 pub mod pack;
+pub mod pair;
 pub mod popcount;
 pub mod selection;
 
@@ -35,6 +36,7 @@ pub use decode::decode_many;
 pub use dtype::{DType, Tensor, TensorMut};
 pub use error::{Error, Result};
 pub use merge::{merge_into, merge_many, similarity, Convention, Election, MergeSpec, Method};
+pub use pair::{pair_norms, pair_norms_many, PairNorms};
 pub use popcount::{cosine, dot, hamming};
 pub use selection::{select, KeySpace, Selector, Threshold};
 
