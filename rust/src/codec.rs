@@ -850,6 +850,37 @@ impl Compressed {
         }
     }
 
+    /// Calls `sink(positions, signs)` for runs of kept entries: up to 64 increasing positions of
+    /// one block (golomb) or word (bitmask), bit i of `signs` set where positions[i] is
+    /// negative. The runs come in no particular order: for callers that only accumulate, it
+    /// skips the holding back that [`Compressed::for_each_kept_in`] does to keep order.
+    pub(crate) fn for_each_kept_run(&self, mut sink: impl FnMut(&[u64], u64)) -> Result<()> {
+        self.check()?;
+        match &self.body {
+            Body::Bitmask(m) => {
+                let mut ps = [0u64; 64];
+                for (w, (&p, &n)) in m.pos.iter().zip(&m.neg).enumerate() {
+                    let (mut bits, mut signs, mut len) = (p | n, 0u64, 0);
+                    while bits != 0 {
+                        let b = bits.trailing_zeros() as u64;
+                        bits &= bits - 1;
+                        ps[len] = w as u64 * 64 + b;
+                        signs |= (n >> b & 1) << len;
+                        len += 1;
+                    }
+                    if len > 0 {
+                        sink(&ps[..len], signs);
+                    }
+                }
+                Ok(())
+            }
+            Body::Golomb(g) => {
+                let nb = g.block_count(self.nnz) as usize;
+                g.decode_runs(self.numel, self.nnz, 0, nb, |_, ps, signs| sink(ps, signs))
+            }
+        }
+    }
+
     /// The position of kept entry number `keep` (counting from 0 in position order), so that
     /// the positions below it hold exactly the first `keep` kept entries; `numel` when the
     /// stream keeps no more than `keep`. For a stream the caller has checked.

@@ -159,6 +159,16 @@ fn check_factor(f: &Factor<'_>, what: &str) -> Result<()> {
 /// The Gram matrix (r x r, row-major, symmetric) of the lines of `f`: X X^T for
 /// [`Lines::Rows`], X^T X for [`Lines::Cols`].
 pub fn gram(f: Factor<'_>, lines: Lines) -> Result<Vec<f64>> {
+    gram_on(f, lines, true)
+}
+
+/// [`gram`] without AVX2, FMA or F16C even where the CPU has them (for tests of that path).
+#[doc(hidden)]
+pub fn gram_portable(f: Factor<'_>, lines: Lines) -> Result<Vec<f64>> {
+    gram_on(f, lines, false)
+}
+
+fn gram_on(f: Factor<'_>, lines: Lines, fast: bool) -> Result<Vec<f64>> {
     check_factor(&f, "the factor")?;
     let (r, len) = lines.dims(f.rows, f.cols);
     let mut g = vec![0f64; r * r];
@@ -166,8 +176,8 @@ pub fn gram(f: Factor<'_>, lines: Lines) -> Result<Vec<f64>> {
         return Ok(g);
     }
     match f.data {
-        Tensor::F64(_) => gram_chunks::<f64>(f, lines, &mut g),
-        _ => gram_chunks::<f32>(f, lines, &mut g),
+        Tensor::F64(_) => gram_chunks::<f64>(f, lines, &mut g, fast),
+        _ => gram_chunks::<f32>(f, lines, &mut g, fast),
     }
     for i in 0..r {
         for j in 0..i {
@@ -185,8 +195,8 @@ trait Elem: Copy + Send + Sync + 'static {
     fn to_f64(self) -> f64;
     /// Whether [`f32_safe`] holds for a chunk (always for f64).
     fn in_f32_range(buf: &[Self], r: usize, wp: usize) -> bool;
-    /// Converts `src[start..start + dst.len()]` into `dst`.
-    fn fill(src: Tensor<'_>, start: usize, dst: &mut [Self]);
+    /// Converts `src[start..start + dst.len()]` into `dst` (with F16C when `FAST`).
+    fn fill<const FAST: bool>(src: Tensor<'_>, start: usize, dst: &mut [Self]);
 }
 
 impl Elem for f32 {
@@ -203,13 +213,22 @@ impl Elem for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
     fn in_f32_range(buf: &[f32], r: usize, wp: usize) -> bool {
         f32_safe(buf, r, wp)
     }
-    fn fill(src: Tensor<'_>, start: usize, dst: &mut [f32]) {
+    #[inline(always)]
+    fn fill<const FAST: bool>(src: Tensor<'_>, start: usize, dst: &mut [f32]) {
         let end = start + dst.len();
         match src {
-            Tensor::F16(s) => f16_to_f32(&s[start..end], dst),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: FAST is only set where the CPU has F16C (see `gram_chunks`).
+            Tensor::F16(s) if FAST => unsafe { f16_to_f32_f16c(&s[start..end], dst) },
+            Tensor::F16(s) => {
+                for (d, &h) in dst.iter_mut().zip(&s[start..end]) {
+                    *d = half::f16::from_bits(h).to_f32();
+                }
+            }
             // bfloat16 is the top half of an f32: a shift (half's slice conversion of bf16 is a
             // scalar loop).
             Tensor::BF16(s) => {
@@ -227,20 +246,8 @@ impl Elem for f32 {
     }
 }
 
-/// float16 bits to f32, eight at a time with F16C where the CPU has it (half's slice
-/// conversion calls a function per eight values; inlined here, this is about 3x faster).
-fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("f16c") {
-        // SAFETY: the CPU supports AVX and F16C (checked just above).
-        unsafe { f16_to_f32_f16c(src, dst) };
-        return;
-    }
-    for (d, &h) in dst.iter_mut().zip(src) {
-        *d = half::f16::from_bits(h).to_f32();
-    }
-}
-
+/// float16 bits to f32, eight at a time (half's slice conversion calls a function per eight
+/// values; inlined here, this is about 3x faster).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
 fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
@@ -274,10 +281,12 @@ impl Elem for f64 {
     fn to_f64(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn in_f32_range(_: &[f64], _: usize, _: usize) -> bool {
         true
     }
-    fn fill(src: Tensor<'_>, start: usize, dst: &mut [f64]) {
+    #[inline(always)]
+    fn fill<const FAST: bool>(src: Tensor<'_>, start: usize, dst: &mut [f64]) {
         let end = start + dst.len();
         match src {
             Tensor::F64(s) => dst.copy_from_slice(&s[start..end]),
@@ -306,6 +315,7 @@ impl Elem for f64 {
 /// subnormals at 2^-126, so whatever underflows is below 2^-26 of them). float16 is always
 /// within (its range is 2^-24 to 2^16); bfloat16 and float32 share f32's range, so a chunk
 /// outside it goes through f64 instead. A NaN is outside too (and stays a NaN in f64).
+#[inline(always)]
 fn f32_safe(buf: &[f32], r: usize, wp: usize) -> bool {
     const LO: u32 = (1.0 / (1u64 << 50) as f32).to_bits();
     const HI: u32 = ((1u64 << 56) as f32).to_bits();
@@ -319,8 +329,31 @@ fn f32_safe(buf: &[f32], r: usize, wp: usize) -> bool {
 }
 
 /// Adds the Gram of `f`'s lines into the upper triangle of `g` (r x r), CHUNK entries per line
-/// at a time, each chunk converted to `T` (and, for the lines of columns, transposed) first.
-fn gram_chunks<T: Elem>(f: Factor<'_>, lines: Lines, g: &mut [f64]) {
+/// at a time, each chunk converted to `T` (and, for the lines of columns, transposed) first;
+/// compiled for AVX2, FMA and F16C where the CPU has them.
+fn gram_chunks<T: Elem>(f: Factor<'_>, lines: Lines, g: &mut [f64], fast: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if fast
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
+        unsafe { gram_chunks_fast::<T>(f, lines, g) };
+        return;
+    }
+    gram_chunks_with::<T, false>(f, lines, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn gram_chunks_fast<T: Elem>(f: Factor<'_>, lines: Lines, g: &mut [f64]) {
+    gram_chunks_with::<T, true>(f, lines, g)
+}
+
+/// [`gram_chunks`]; `FAST`: fused multiply-adds and F16C conversions.
+#[inline(always)]
+fn gram_chunks_with<T: Elem, const FAST: bool>(f: Factor<'_>, lines: Lines, g: &mut [f64]) {
     let (r, len) = lines.dims(f.rows, f.cols);
     let mut buf = vec![T::ZERO; r * CHUNK];
     // Lines of columns: CHUNK rows of f as they lie, transposed into `buf` after.
@@ -338,13 +371,13 @@ fn gram_chunks<T: Elem>(f: Factor<'_>, lines: Lines, g: &mut [f64]) {
             Lines::Rows => {
                 for i in 0..r {
                     let line = &mut buf[i * CHUNK..i * CHUNK + wp];
-                    T::fill(f.data, i * f.cols + k0, &mut line[..w]);
+                    T::fill::<FAST>(f.data, i * f.cols + k0, &mut line[..w]);
                     line[w..].fill(T::ZERO);
                 }
             }
             Lines::Cols => {
                 let src = &mut rows[..w * f.cols];
-                T::fill(f.data, k0 * f.cols, src);
+                T::fill::<FAST>(f.data, k0 * f.cols, src);
                 transpose(src, f.cols, w, &mut buf);
                 for line in buf.chunks_exact_mut(CHUNK) {
                     line[w..wp].fill(T::ZERO);
@@ -354,9 +387,9 @@ fn gram_chunks<T: Elem>(f: Factor<'_>, lines: Lines, g: &mut [f64]) {
         if check_range && !T::in_f32_range(&buf, r, wp) {
             wide.clear();
             wide.extend(buf.iter().map(|v| v.to_f64()));
-            chunk_gram(&wide, r, wp, g);
+            chunk_gram_of::<f64, FAST>(&wide, r, wp, g);
         } else {
-            chunk_gram(&buf, r, wp, g);
+            chunk_gram_of::<T, FAST>(&buf, r, wp, g);
         }
     }
 }
@@ -364,6 +397,7 @@ fn gram_chunks<T: Elem>(f: Factor<'_>, lines: Lines, g: &mut [f64]) {
 /// `src` (w rows of `cols`) transposed into the first w entries of `cols` lines CHUNK apart in
 /// `buf`, eight rows at a time (a line's eight entries are stored together: twice as fast as
 /// one entry at a time).
+#[inline(always)]
 fn transpose<T: Elem>(src: &[T], cols: usize, w: usize, buf: &mut [T]) {
     let mut k = 0;
     while k + 8 <= w {
@@ -382,27 +416,35 @@ fn transpose<T: Elem>(src: &[T], cols: usize, w: usize, buf: &mut [T]) {
     }
 }
 
-/// Adds the dot products of lines i <= j of one chunk (`r` lines of `wp` entries, CHUNK apart)
-/// into `g`, with AVX2 and FMA where the CPU has them.
-fn chunk_gram<T: Elem>(buf: &[T], r: usize, wp: usize, g: &mut [f64]) {
+/// [`chunk_gram`] out of line: inlined into the loop over chunks, its accumulators spill.
+#[inline(always)]
+fn chunk_gram_of<T: Elem, const FAST: bool>(buf: &[T], r: usize, wp: usize, g: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+    if FAST {
+        // SAFETY: FAST is only set where the CPU has AVX2 and FMA (see `gram_chunks`).
         unsafe { chunk_gram_fma(buf, r, wp, g) };
         return;
     }
-    chunk_gram_with::<T, false>(buf, r, wp, g)
+    chunk_gram_plain(buf, r, wp, g)
+}
+
+#[inline(never)]
+fn chunk_gram_plain<T: Elem>(buf: &[T], r: usize, wp: usize, g: &mut [f64]) {
+    chunk_gram::<T, false>(buf, r, wp, g)
 }
 
 #[cfg(target_arch = "x86_64")]
+#[inline(never)]
 #[target_feature(enable = "avx2,fma")]
 fn chunk_gram_fma<T: Elem>(buf: &[T], r: usize, wp: usize, g: &mut [f64]) {
-    chunk_gram_with::<T, true>(buf, r, wp, g)
+    chunk_gram::<T, true>(buf, r, wp, g)
 }
 
-/// One line against four others at a time: the line's lanes are loaded once for four dots.
+/// Adds the dot products of lines i <= j of one chunk (`r` lines of `wp` entries, CHUNK apart)
+/// into `g`, one line against four others at a time: the line's lanes are loaded once for four
+/// dots.
 #[inline(always)]
-fn chunk_gram_with<T: Elem, const FUSED: bool>(buf: &[T], r: usize, wp: usize, g: &mut [f64]) {
+fn chunk_gram<T: Elem, const FUSED: bool>(buf: &[T], r: usize, wp: usize, g: &mut [f64]) {
     let line = |i: usize| &buf[i * CHUNK..i * CHUNK + wp];
     let lanes_sum = |acc: &[T; LANES]| acc.iter().map(|v| v.to_f64()).sum::<f64>();
     for i in 0..r {
@@ -467,17 +509,23 @@ pub fn sign_gram(c: &Compressed, rows: usize, cols: usize, lines: Lines) -> Resu
     let words64 = words as u64;
     let by_cols = DivBy::new(cols as u64);
     let mut stray = false;
-    c.for_each_kept_in(0, c.numel(), |at, is_neg| {
-        let (row, col) = by_cols.divmod(at);
-        let (line, k) = match lines {
-            Lines::Rows => (row, col),
-            Lines::Cols => (col, row),
-        };
-        let w = (line * words64 + k / 64) as usize;
-        let set = if is_neg { &mut neg } else { &mut pos };
-        match set.get_mut(w) {
-            Some(x) => *x |= 1u64 << (k % 64),
-            None => stray = true,
+    c.for_each_kept_run(|ps, signs| {
+        for (i, &at) in ps.iter().enumerate() {
+            let (row, col) = by_cols.divmod(at);
+            let (line, k) = match lines {
+                Lines::Rows => (row, col),
+                Lines::Cols => (col, row),
+            };
+            let w = (line * words64 + k / 64) as usize;
+            let set = if signs >> i & 1 == 1 {
+                &mut neg
+            } else {
+                &mut pos
+            };
+            match set.get_mut(w) {
+                Some(x) => *x |= 1u64 << (k % 64),
+                None => stray = true,
+            }
         }
     })?;
     if stray {
