@@ -23,7 +23,8 @@ use crate::error::{Error, Result};
 /// exact in f32 (22 and 16 significant bits), only the additions round. float32 factors add one
 /// rounding per product (17 * 2^-24 in all). The rule takes a square root of ||BA||^2, halving
 /// that relative error, and its scale multiplies float16 (2^-11) or bfloat16 (2^-8) outputs:
-/// hundreds of times coarser.
+/// hundreds of times coarser. With exact products, fused (FMA) and separate multiply-adds give
+/// the same sums, so half factors get the same Grams on every CPU.
 pub const CHUNK: usize = 256;
 
 /// Independent accumulators per dot product: lanes LLVM vectorises without reassociating.
