@@ -92,6 +92,24 @@ def decode_streams(
     streams: Sequence[Stream], names: Sequence[str], outs: Sequence[npt.NDArray[np.generic]], dtypes: Sequence[str]
 ) -> None: ...
 
+def pair_norms(
+    items: Sequence[
+        Tuple[
+            npt.NDArray[np.generic], str, Tuple[int, int],
+            npt.NDArray[np.generic], str, Tuple[int, int],
+            Stream, Stream,
+        ]
+    ],
+    names: Sequence[str],
+) -> List[Tuple[float, float]]:
+    """||BA||^2 of LoRA pairs, (dense, signs) each, through r x r Gram matrices in one parallel call.
+
+    Each item is (A flat, A dtype, (r, n), B flat, B dtype, (m, r), A's stream, B's stream), the flat
+    arrays as the encoders take them (uint16 bits for float16/bfloat16). ``dense`` comes from the
+    factors (float16/bfloat16/float32 summed in f32 per 256 entries, then f64: about 1e-6 relative;
+    float64 in f64); ``signs`` from the kept signs, exactly. ValueError names the pair for sizes that
+    do not fit (A's rows must equal B's columns)."""
+
 class ExpertFile:
     @staticmethod
     def open(path: Union[str, PathLike[str]]) -> ExpertFile: ...

@@ -651,11 +651,12 @@ def encode_deltas(
         for n in progress(names, "read"):
             arr, dt, shape = flat(n)
             items.append((n, arr, dt, list(shape)))
+        read = {n: (arr, dt, tuple(shape)) for n, arr, dt, shape in items}
         for k in ks:
             streams = _encode_many(items, float(k), alpha, encoding, base_rule)
             out[float(k)] = {n: CompressedTensor(s, "torch") for n, s in zip(names, streams)}
             if scale == "pair":
-                out[float(k)] = pair_rescale(out[float(k)], source, alpha)
+                out[float(k)] = pair_rescale(out[float(k)], source, alpha, read.__getitem__)
         return out
 
     def feed(sel: Any, desc: str) -> None:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import math
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
-
-import numpy as np
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _arrays
+from ._core import pair_norms as _pair_norms
 from ._tensor import CompressedTensor
 
 __all__ = ["SCALES", "check_scale", "lora_pairs", "pair_rescale"]
@@ -56,44 +55,50 @@ def lora_pairs(names: Sequence[str]) -> List[Tuple[str, str]]:
     return pairs
 
 
-def _f64(x: Any) -> np.ndarray:
-    """A factor as float64 numpy, exactly (half types through float32: numpy has no bfloat16)."""
-    if _arrays.is_torch_tensor(x):
-        x = x.detach().cpu()
-        x = (x.float() if x.element_size() == 2 else x).numpy()
-    return np.asarray(x, dtype=np.float64)
+def _matrix(shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """A factor's shape as (rows, everything else), as ``x.reshape(x.shape[0], -1)`` has it."""
+    return shape[0], math.prod(shape[1:])
 
 
-def _signs(c: CompressedTensor) -> np.ndarray:
-    """The kept signs (-1, 0, 1) as float64, from the two bitmasks (no dense decode)."""
-    pos, neg = c._stream.masks()
-    d = c.numel
-    p = np.unpackbits(pos.view(np.uint8), bitorder="little")[:d]
-    n = np.unpackbits(neg.view(np.uint8), bitorder="little")[:d]
-    return p.astype(np.float64) - n
+FlatFactor = Tuple[Any, str, Tuple[int, ...]]
 
 
 def pair_rescale(streams: Dict[str, CompressedTensor], source: Callable[[str], Any],
-                 alpha: float) -> Dict[str, CompressedTensor]:
+                 alpha: float, flat: Optional[Callable[[str], FlatFactor]] = None
+                 ) -> Dict[str, CompressedTensor]:
     """Sets the scale of each LoRA pair's B stream so that the product the model applies keeps
     its L2 norm, A's scale unchanged (``alpha`` multiplies each stream's scale, so the product
-    carries alpha^2). ``source(name)`` gives the uncompressed factor."""
+    carries alpha^2). ``source(name)`` gives the uncompressed factor; ``flat(name)``, if given,
+    gives it as ``_arrays.flat_input`` does (flat array, dtype name, shape) without reading it
+    again.
+
+    ||BA||^2 = tr((B^T B)(A A^T)), the same for the signs: r x r Gram matrices, computed in Rust
+    (``_core.pair_norms``) for all pairs in one parallel call."""
+    if flat is None:
+        def flat(n: str) -> FlatFactor:
+            return _arrays.flat_input(source(n))[:3]
+
     out = dict(streams)
+    todo, items = [], []
     for a, b in lora_pairs(list(streams)):
         sa, sb = streams[a], streams[b]
         if sa.scale == 0 or sa.nnz == 0 or sb.nnz == 0:
             continue
-        A, B = _f64(source(a)), _f64(source(b))
-        A = A.reshape(A.shape[0], -1)
-        B = B.reshape(B.shape[0], -1)
-        if A.shape[0] != B.shape[1]:
+        (xa, da, shape_a), (xb, db, shape_b) = flat(a), flat(b)
+        if not shape_a or not shape_b:
+            continue  # a 0-d tensor is no factor
+        ma, mb = _matrix(tuple(shape_a)), _matrix(tuple(shape_b))
+        if ma[0] != mb[1]:
             continue  # not a factor pair of one rank (checked, not assumed)
-        At, Bt = _signs(sa).reshape(A.shape), _signs(sb).reshape(B.shape)
-        # ||BA||^2 = tr((B^T B)(A A^T)), the same for the signs: r x r each.
-        pp = float(((B.T @ B) * (A @ A.T)).sum())
-        qq = float(((Bt.T @ Bt) * (At @ At.T)).sum())
+        todo.append((a, b))
+        items.append((xa, da, ma, xb, db, mb, sa._stream, sb._stream))
+    if not items:
+        return out
+    norms = _pair_norms(items, [f"{a} / {b}" for a, b in todo])
+    for (a, b), (pp, qq) in zip(todo, norms):
         if not qq > 0:
             continue  # the kept signs cancel in the product: keep the per-tensor scales
         c = math.sqrt(max(pp, 0.0) / qq)
+        sa, sb = streams[a], streams[b]
         out[b] = CompressedTensor(sb._stream.with_scale(alpha * alpha * c / sa.scale), sb._kind)
     return out

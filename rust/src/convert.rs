@@ -227,6 +227,14 @@ impl Compressed {
         }
     }
 
+    /// Every kept entry, a run at a time in no particular order (as
+    /// [`Compressed::kept_runs_in_checked`]), after checking the stream: for callers that only
+    /// accumulate.
+    pub(crate) fn for_each_kept_run(&self, sink: impl FnMut(&[u64], u64)) -> Result<()> {
+        self.check()?;
+        self.kept_runs_in_checked(0, self.numel, sink)
+    }
+
     /// The position of kept entry number `keep` (counting from 0 in position order), so that
     /// the positions below it hold exactly the first `keep` kept entries; `numel` when the
     /// stream keeps no more than `keep`. For a stream the caller has checked.

@@ -26,6 +26,7 @@ pub mod format;
 pub mod golomb;
 pub mod merge;
 pub mod pack;
+pub mod pair;
 pub mod popcount;
 pub mod selection;
 mod unpack;
@@ -39,6 +40,7 @@ pub use dtype::{DType, Tensor, TensorMut};
 pub use encode::kept_abs_sum;
 pub use error::{Error, Result};
 pub use merge::{merge_into, merge_many, similarity, Convention, Election, MergeSpec, Method};
+pub use pair::{pair_norms, pair_norms_many, PairNorms};
 pub use popcount::{cosine, dot, hamming};
 pub use selection::{select, KeySpace, Selector, Threshold};
 

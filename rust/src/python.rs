@@ -498,6 +498,67 @@ fn decode_streams(
         .map_err(|(i, e)| named_error(&names, (Some(i), e)))
 }
 
+/// One LoRA pair for [`pair_norms`]: A's data, dtype and (rows, cols), B's the same, then the
+/// streams compressed from A and from B.
+type PairItem<'py> = (
+    InArray<'py>,
+    String,
+    (usize, usize),
+    InArray<'py>,
+    String,
+    (usize, usize),
+    Bound<'py, PyStream>,
+    Bound<'py, PyStream>,
+);
+
+/// ||BA||^2 of LoRA pairs (A: r x n, B: m x r), from the dense factors and from the kept signs
+/// of their streams, as (dense, signs) per pair: through r x r Gram matrices, in one parallel
+/// pass with the GIL released. `names` label errors (one per pair).
+#[pyfunction]
+fn pair_norms(
+    py: Python<'_>,
+    items: Vec<PairItem<'_>>,
+    names: Vec<String>,
+) -> PyResult<Vec<(f64, f64)>> {
+    use crate::pair::{Factor, Pair};
+    if names.len() != items.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} pairs but {} names; pass one name per pair",
+            items.len(),
+            names.len()
+        )));
+    }
+    let mut pairs = Vec::with_capacity(items.len());
+    for (it, n) in items.iter().zip(&names) {
+        let label = |which: &'static str| {
+            move |e: PyErr| PyValueError::new_err(format!("pair '{n}', {which}: {}", e.value(py)))
+        };
+        let a = tensor_of(&it.0, parse_dtype(&it.1).map_err(label("A"))?).map_err(label("A"))?;
+        let b = tensor_of(&it.3, parse_dtype(&it.4).map_err(label("B"))?).map_err(label("B"))?;
+        pairs.push(Pair {
+            a: Factor {
+                data: a,
+                rows: it.2 .0,
+                cols: it.2 .1,
+            },
+            b: Factor {
+                data: b,
+                rows: it.5 .0,
+                cols: it.5 .1,
+            },
+            signs_a: &it.6.get().inner,
+            signs_b: &it.7.get().inner,
+        });
+    }
+    let out = py
+        .detach(|| crate::pair::pair_norms_many(&pairs))
+        .map_err(|(i, e)| {
+            let n = names.get(i).map_or("?", String::as_str);
+            py_error(&e, format!("pair '{n}': {e}"))
+        })?;
+    Ok(out.into_iter().map(|p| (p.dense, p.signs)).collect())
+}
+
 /// An expert file, read into memory: its safetensors header parsed and checked once.
 #[pyclass(module = "compeft_rs._core", name = "ExpertFile", frozen)]
 pub struct PyExpertFile {
@@ -776,6 +837,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_many, m)?)?;
     m.add_function(wrap_pyfunction!(kept_abs_sum, m)?)?;
     m.add_function(wrap_pyfunction!(decode_streams, m)?)?;
+    m.add_function(wrap_pyfunction!(pair_norms, m)?)?;
     m.add_class::<PyExpertFile>()?;
     m.add_function(wrap_pyfunction!(dot, m)?)?;
     m.add_function(wrap_pyfunction!(cosine, m)?)?;

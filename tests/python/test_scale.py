@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from reference import reference_sigma, reference_signs
 
 import compeft_rs
+from compeft_rs import _core
 
 
 def _rule(rule, tau, signs):
@@ -64,6 +65,53 @@ def test_pair_rule_keeps_the_products_norm(seed, r, d_in, d_out, k, alpha):
         assert s_b == pytest.approx(alpha * _rule("norm", b, sb_), rel=1e-9, abs=1e-300)
     dec = e.decode()
     np.testing.assert_array_equal(np.sign(dec["x.lora_B.weight"].numpy()), sb_)
+
+
+@given(seed=st.integers(0, 2**32 - 1), r=st.integers(1, 6), d_in=st.integers(2, 300), d_out=st.integers(2, 300),
+       k=st.sampled_from([0.05, 0.1, 0.3]), alpha=st.sampled_from([0.5, 1.0, 3.0]),
+       dtype=st.sampled_from(["float16", "bfloat16"]))
+def test_pair_rule_on_half_factors(seed, r, d_in, d_out, k, alpha, dtype):
+    a, b = _pair(seed, r, d_in, d_out, 0.01)
+    ta, tb = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (a, b))
+    a, b = ta.double().numpy(), tb.double().numpy()  # the factors' exact values
+    e = compeft_rs.compress_expert({"x.lora_A.weight": ta, "x.lora_B.weight": tb}, k, alpha)
+    sa_, sb_ = (reference_signs(t, k).reshape(t.shape) for t in (a, b))
+    s_a = alpha * _rule("norm", a, sa_)
+    assert e.stream("x.lora_A.weight").scale == pytest.approx(s_a, rel=1e-9)
+    q = sb_.astype(np.float64) @ sa_.astype(np.float64)
+    s_b = e.stream("x.lora_B.weight").scale
+    if np.abs(q).sum() == 0:
+        assert s_b == pytest.approx(alpha * _rule("norm", b, sb_), rel=1e-9, abs=1e-300)
+        return
+    # ||BA||^2 comes from Gram matrices summed in f32 (half products are exact in f32; each
+    # accumulator lane adds 16 of them per chunk, then f64): every Gram entry is within
+    # 16 * 2^-24 < 2^-19 of its sum of |products|, so ||BA||^2 is within 2 * 2^-19 of
+    # sum_ij ((|B||A|)_ij)^2, and the scale, a square root, within half that relatively.
+    want = np.linalg.norm(b @ a)
+    bound = (np.abs(b) @ np.abs(a)) ** 2
+    rel = 1.05 * 2.0**-19 * bound.sum() / want**2 + 1e-9
+    assert s_a * s_b * np.linalg.norm(q) == pytest.approx(alpha**2 * want, rel=rel)
+
+
+def test_pair_norms_refuses_factors_that_do_not_fit():
+    a, b = np.ones((4, 10)), np.ones((6, 4))
+    ca, cb = compeft_rs.encode(a, 0.5)._stream, compeft_rs.encode(b, 0.5)._stream
+    ok = (a.reshape(-1), "float64", (4, 10), b.reshape(-1), "float64", (6, 4), ca, cb)
+    # BA is 6 x 10 fours; the kept signs are A's first 2 rows and B's first 3 (ties to the lower
+    # index), so their product is 3 x 10 twos.
+    assert _core.pair_norms([ok], ["p"]) == [(960.0, 120.0)]
+    bad = [
+        ((4, 9), "holds 40 entries"),  # A's data is not 4 x 9
+        ((5, 8), "not a factor pair"),  # A's rows are not B's columns
+    ]
+    for shape, msg in bad:
+        item = ok[:2] + (shape,) + ok[3:]
+        with pytest.raises(ValueError, match=f"pair 'x.lora_A / x.lora_B': .*{msg}"):
+            _core.pair_norms([item], ["x.lora_A / x.lora_B"])
+    with pytest.raises(ValueError, match="stream of 24 entries"):
+        _core.pair_norms([ok[:6] + (cb, cb)], ["p"])
+    with pytest.raises(ValueError, match="pair 'p', A: array element type"):
+        _core.pair_norms([(a.reshape(-1), "float32") + ok[2:]], ["p"])
 
 
 def test_pair_rule_is_matched_by_segment_and_spares_lonely_factors():
