@@ -25,7 +25,7 @@ from ._core import decode_streams as _decode_streams
 from ._core import encode_many as _encode_many
 from ._core import encode_with_threshold as _encode_with_threshold
 from ._core import kept_abs_sum as _kept_abs_sum
-from ._scale import check_scale, pair_rescale
+from ._scale import check_scale, lora_pairs, pair_rescale
 from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._io import atomic_file
 from ._plan import FLOAT_NAMES, TensorPlan, plan_expert
@@ -617,6 +617,12 @@ def delta_of(plan: TensorPlan, t: Any, base: Any = None) -> Any:
     return t
 
 
+# Input bytes per-tensor compression reads before encoding them in one parallel call: enough
+# tensors to keep every thread busy (a 7B LoRA's 256 factors are 33 MB in all), few enough that
+# a full fine-tune's residuals are read a slice at a time.
+_BATCH_BYTES = 16 << 20
+
+
 def encode_deltas(
     names: Sequence[str],
     source: Callable[[str], Any],
@@ -647,15 +653,33 @@ def encode_deltas(
         return arr, dt, shape
 
     if scope == "per_tensor":
-        items = []
+        # Tensors are read and encoded in batches of about _BATCH_BYTES of input, so that a
+        # full fine-tune's residuals (computed one tensor at a time by `source`) are never all
+        # in memory; only LoRA factors, which the pair rule reads again, are kept (small).
+        paired = {n for p in lora_pairs(names) for n in p} if scale == "pair" else set()
+        read: Dict[str, Tuple[Any, str, Tuple[int, ...]]] = {}
+        batch: List[Tuple[str, Any, str, List[int]]] = []
+        size = 0
+
+        def encode_batch() -> None:
+            for k in ks:
+                streams = _encode_many(batch, float(k), alpha, encoding, base_rule)
+                out[float(k)].update((n, CompressedTensor(s, "torch")) for (n, *_), s in zip(batch, streams))
+            batch.clear()
+
         for n in progress(names, "read"):
             arr, dt, shape = flat(n)
-            items.append((n, arr, dt, list(shape)))
-        read = {n: (arr, dt, tuple(shape)) for n, arr, dt, shape in items}
-        for k in ks:
-            streams = _encode_many(items, float(k), alpha, encoding, base_rule)
-            out[float(k)] = {n: CompressedTensor(s, "torch") for n, s in zip(names, streams)}
-            if scale == "pair":
+            batch.append((n, arr, dt, list(shape)))
+            if n in paired:
+                read[n] = (arr, dt, tuple(shape))
+            size += arr.nbytes
+            if size >= _BATCH_BYTES:
+                encode_batch()
+                size = 0
+        if batch:
+            encode_batch()
+        if scale == "pair":
+            for k in ks:
                 out[float(k)] = pair_rescale(out[float(k)], source, alpha, read.__getitem__)
         return out
 
