@@ -174,6 +174,19 @@ impl GolombBody {
         }
     }
 
+    /// The blocks `[j0, j1)` holding positions in `[lo, hi)` (none when nothing is kept): block
+    /// j starts at position index[j - 1].next (block 0 at 0), so they run from the last block
+    /// starting at or before lo to the last one starting before hi.
+    pub(crate) fn blocks_overlapping(&self, nnz: u64, lo: u64, hi: u64) -> (usize, usize) {
+        let nb = self.block_count(nnz) as usize;
+        if nb == 0 {
+            return (0, 0);
+        }
+        let j0 = self.index.partition_point(|s| s.next <= lo);
+        let j1 = (1 + self.index.partition_point(|s| s.next < hi)).min(nb);
+        (j0, j1)
+    }
+
     /// Structural checks that need no decoding: index length, monotone offsets, sizes of buffers.
     pub(crate) fn check(&self, numel: u64, nnz: u64) -> Result<()> {
         if !BLOCK_LOG2_RANGE.contains(&self.block_log2) {

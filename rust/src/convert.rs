@@ -121,16 +121,7 @@ impl Compressed {
                 Ok(())
             }
             Body::Golomb(g) => {
-                let nb = g.block_count(self.nnz) as usize;
-                if nb == 0 {
-                    return Ok(());
-                }
-                // Block j starts at position index[j - 1].next (block 0 at 0); the blocks that
-                // overlap [lo, hi) are the last one starting at or before lo up to the last one
-                // starting before hi.
-                let j0 = g.index.partition_point(|s| s.next <= lo);
-                let j1 = 1 + g.index.partition_point(|s| s.next < hi);
-                let j1 = j1.min(nb);
+                let (j0, j1) = g.blocks_overlapping(self.nnz, lo, hi);
                 // The first block of each walk comes first in position order and goes straight
                 // to `emit`; the others' entries (position << 1 | negative) wait until it ends.
                 let mut held: [Vec<u64>; WALK_LANES - 1] = Default::default();
@@ -203,12 +194,7 @@ impl Compressed {
                 Ok(())
             }
             Body::Golomb(g) => {
-                let nb = g.block_count(self.nnz) as usize;
-                if nb == 0 {
-                    return Ok(());
-                }
-                let j0 = g.index.partition_point(|s| s.next <= lo);
-                let j1 = (1 + g.index.partition_point(|s| s.next < hi)).min(nb);
+                let (j0, j1) = g.blocks_overlapping(self.nnz, lo, hi);
                 g.decode_runs(self.numel, self.nnz, j0, j1, |_, ps, signs| {
                     let (first, last) = (ps[0], ps[ps.len() - 1]);
                     if first >= lo && last < hi {

@@ -72,6 +72,19 @@ struct Part {
     flip: bool,
 }
 
+impl Part {
+    /// Word `w` of the masks as the election sees them: (positive, negative), swapped for a
+    /// negative mergekit weight.
+    #[inline(always)]
+    fn elect_words(&self, w: usize) -> (u64, u64) {
+        if self.flip {
+            (self.neg[w], self.pos[w])
+        } else {
+            (self.pos[w], self.neg[w])
+        }
+    }
+}
+
 /// Clears every kept entry after the first `keep` (row-major) of a pair of masks.
 fn trim(pos: &mut [u64], neg: &mut [u64], keep: u64) {
     let mut seen = 0u64;
@@ -275,11 +288,7 @@ fn lanes(x: u64) -> [f32; 64] {
 fn ties_word_dense(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &mut [f32]) {
     let mut tally = [0f32; 64];
     for p in parts {
-        let (ep, en) = if p.flip {
-            (p.neg[w], p.pos[w])
-        } else {
-            (p.pos[w], p.neg[w])
-        };
+        let (ep, en) = p.elect_words(w);
         let (bp, bn) = (lanes(ep), lanes(en));
         for j in 0..64 {
             tally[j] += p.elect * (bp[j] - bn[j]);
@@ -291,11 +300,7 @@ fn ties_word_dense(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &m
     }
     let (mut num, mut den) = ([0f32; 64], [0f32; 64]);
     for p in parts {
-        let (ep, en) = if p.flip {
-            (p.neg[w], p.pos[w])
-        } else {
-            (p.pos[w], p.neg[w])
-        };
+        let (ep, en) = p.elect_words(w);
         let agree = (ep & up) | (en & !up);
         // The value's sign is the pattern's own (not flipped).
         let (a, an) = (lanes(agree), lanes(agree & p.neg[w]));
@@ -305,14 +310,7 @@ fn ties_word_dense(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &m
         }
     }
     for (j, o) in out.iter_mut().enumerate() {
-        let d = match conv {
-            Convention::Peft => den[j].max(1.0),
-            Convention::Mergekit if den[j] == 0.0 => 1.0,
-            Convention::Mergekit => den[j],
-        };
-        let m = num[j] / d;
-        // + 0.0: no -0.0 (a sum that cancels over a negative mergekit divisor, or a negative lam)
-        *o = if lam != 1.0 { m * lam } else { m } + 0.0;
+        *o = merged(num[j], den[j], conv, lam);
     }
 }
 
@@ -446,6 +444,20 @@ impl Default for Acc {
     }
 }
 
+/// One merged TIES entry from the sum of the agreeing values and of their divisors: peft divides
+/// by how many agree (at least 1), mergekit by the sum of their weights (1 where that is 0).
+#[inline(always)]
+fn merged(num: f32, den: f32, conv: Convention, lam: f32) -> f32 {
+    let d = match conv {
+        Convention::Peft => den.max(1.0),
+        Convention::Mergekit if den == 0.0 => 1.0,
+        Convention::Mergekit => den,
+    };
+    let m = num / d;
+    // + 0.0: no -0.0 (a sum that cancels over a negative mergekit divisor, or a negative lam)
+    (if lam != 1.0 { m * lam } else { m }) + 0.0
+}
+
 /// TIES on one 64-entry word of the output.
 fn ties_word(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &mut [f32], acc: &mut Acc) {
     out.fill(0.0);
@@ -453,11 +465,7 @@ fn ties_word(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &mut [f3
     // ties (a tally of exactly 0) elect +, as both references do.
     let mut any = 0u64;
     for p in parts {
-        let (ep, en) = if p.flip {
-            (p.neg[w], p.pos[w])
-        } else {
-            (p.pos[w], p.neg[w])
-        };
+        let (ep, en) = p.elect_words(w);
         // One pass over the kept bits, the sign by xor (a branch or a second loop on random
         // signs mispredicts).
         let e = p.elect.to_bits();
@@ -472,11 +480,7 @@ fn ties_word(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &mut [f3
         acc.tally[b] = 0.0;
     });
     for p in parts {
-        let (ep, en) = if p.flip {
-            (p.neg[w], p.pos[w])
-        } else {
-            (p.pos[w], p.neg[w])
-        };
+        let (ep, en) = p.elect_words(w);
         let agree = (ep & up) | (en & !up);
         let (v, neg) = (p.value.to_bits(), p.neg[w]);
         each_bit(agree, |b| {
@@ -485,14 +489,7 @@ fn ties_word(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &mut [f3
         });
     }
     each_bit(any, |b| {
-        let d = match conv {
-            Convention::Peft => acc.den[b].max(1.0),
-            Convention::Mergekit if acc.den[b] == 0.0 => 1.0,
-            Convention::Mergekit => acc.den[b],
-        };
-        let m = acc.num[b] / d;
-        // + 0.0: no -0.0 (a sum that cancels over a negative mergekit divisor, or a negative lam)
-        out[b] = if lam != 1.0 { m * lam } else { m } + 0.0;
+        out[b] = merged(acc.num[b], acc.den[b], conv, lam);
         acc.num[b] = 0.0;
         acc.den[b] = 0.0;
     });
