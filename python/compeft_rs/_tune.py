@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ._expert import CompressedExpert, _torch, compress_expert_densities, reconstruct
+from ._gauge import check_gauge
 from ._scale import SCALES, check_scale
 
 # Default alpha grids: the data-free rules are calibrated (alpha 1 is their own choice), the
@@ -68,6 +69,7 @@ def tune(
     scales: Sequence[str] = SCALES,
     encoding: str = "golomb",
     progress: bool = True,
+    gauge: str = "as_trained",
 ) -> TuneResult:
     """Grid search of (scope, scale rule, k, alpha) scored by ``evaluate`` (higher is better).
 
@@ -79,6 +81,8 @@ def tune(
     compression is made per (scope, scale, k), its first-level histogram shared by every k, and
     reused for every alpha, since alpha only multiplies every stored scale. Ties in score go to
     the smaller file, then to the earlier point of the grid (the defaults come first).
+    ``gauge`` applies to every point (as in :func:`compeft_rs.compress_expert`); it is not
+    searched.
     """
     torch = _torch()
     set_peft_model_state_dict: Any = None
@@ -103,6 +107,7 @@ def tune(
         raise ValueError("ks must not repeat a density")
     for sc in scales:
         check_scale(sc)
+    check_gauge(gauge)
 
     def alphas_for(scale: str) -> Sequence[float]:
         if alphas is not None:
@@ -121,7 +126,7 @@ def tune(
         for scope, scale in combos:
             # One magnitude histogram for all k, one compression per k reused for every alpha.
             per_k = compress_expert_densities(sd, ks, 1.0, scope=scope, scale=scale, encoding=encoding,
-                                              peft_config=config)
+                                              peft_config=config, gauge=gauge)
             for k in ks:
                 unit = per_k[float(k)]
                 nbytes = unit.nbytes
@@ -147,5 +152,5 @@ def tune(
             set_peft_model_state_dict(model, sd, adapter_name=name)
     best = max(points, key=lambda p: (p.score, -p.nbytes))  # max keeps the first of equals
     chosen = compress_expert_densities(sd, [best.k], best.alpha, scope=best.scope, scale=best.scale,
-                                       encoding=encoding, peft_config=config)[best.k]
+                                       encoding=encoding, peft_config=config, gauge=gauge)[best.k]
     return TuneResult(points=points, best=best, expert=chosen, pareto=pareto_front(points))
