@@ -25,6 +25,7 @@ from ._core import decode_streams as _decode_streams
 from ._core import encode_many as _encode_many
 from ._core import encode_with_threshold as _encode_with_threshold
 from ._core import kept_abs_sum as _kept_abs_sum
+from ._gauge import balance_pair, check_gauge
 from ._scale import check_scale, lora_pairs, pair_rescale
 from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._io import atomic_file
@@ -343,6 +344,12 @@ class CompressedExpert:
     def scale(self) -> str:
         """How the streams' scales were chosen ("std" for files written before the rule was stored)."""
         return str(self._info.get("scale", "std"))
+
+    @property
+    def gauge(self) -> str:
+        """The gauge the LoRA pairs were compressed in: "as_trained" or "balanced" (see
+        :func:`compress_expert`; "as_trained" for files that do not record one)."""
+        return str(self._info.get("gauge", "as_trained"))
 
     @property
     def encoding(self) -> str:
@@ -765,11 +772,13 @@ def build_expert(
 
 def expert_info(k: float, alpha: float, scope: str, encoding: str, plans: Mapping[str, TensorPlan],
                 streams: Mapping[str, CompressedTensor], dtypes: Mapping[str, str],
-                scale: str = "std") -> Dict[str, Any]:
+                scale: str = "std", gauge: str = "as_trained") -> Dict[str, Any]:
     """The codec parameters stored in a file's metadata; only what differs from the defaults is
-    listed per tensor, to keep small experts small."""
+    listed per tensor, to keep small experts small. ``gauge`` is stored only when it is not
+    "as_trained" (files without it, written before it existed, were compressed as trained)."""
     inits = [p.init for p in plans.values() if p.init is not None]
     default = "base" if "base" in inits else "zero"
+    extra = {} if gauge == "as_trained" else {"gauge": gauge}
     return {
         "library": "compeft-rs",
         "k": k,
@@ -781,6 +790,7 @@ def expert_info(k: float, alpha: float, scope: str, encoding: str, plans: Mappin
         "init": {n: p.init for n, p in plans.items() if p.init is not None and p.init != default},
         "dtypes": {n: dtypes[n] for n, c in streams.items() if dtypes[n] != c.dtype_name},
         "lossless": sorted(n for n, p in plans.items() if p.exact),
+        **extra,
     }
 
 
@@ -795,12 +805,14 @@ def compress_expert_densities(
     encoding: str = "golomb",
     lossless: Iterable[str] = (),
     peft_config: Optional[Dict[str, Any]] = None,
+    gauge: str = "as_trained",
 ) -> Dict[float, CompressedExpert]:
     """compress_expert for several densities at once, one selection shared by all of them."""
     checked = [check_k_alpha(k, alpha)[0] for k in ks]
     alpha = check_k_alpha(checked[0] if checked else 1.0, alpha)[1]
     _check_scope(scope)
     check_scale(scale)
+    check_gauge(gauge)
     _check_encoding(encoding)
     if base is not None:
         base = {n: _as_torch(t) for n, t in base.items()}
@@ -812,11 +824,18 @@ def compress_expert_densities(
         plans[n] = TensorPlan(None, "kept exactly on request")
     deltas = {n: delta_of(p, tensors[n], None if base is None else base.get(n)) for n, p in plans.items()
               if not p.exact}
+    if gauge == "balanced":
+        # Only pairs that are compressed as deltas from 0 (LoRA factors): a factor kept exactly
+        # or taken against a base is not one the gauge may rewrite.
+        for na, nb in lora_pairs(list(deltas)):
+            if plans[na].init == plans[nb].init == "zero":
+                deltas[na], deltas[nb] = balance_pair(deltas[na], deltas[nb])
     exact = {n: tensors[n] for n, p in plans.items() if p.exact}
     dtypes = {n: _dtype_str(tensors[n]) for n in deltas}
     per_k = encode_deltas(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding, scale=scale)
     return {
-        k: build_expert(st, exact, expert_info(k, alpha, scope, encoding, plans, st, dtypes, scale), peft_config)
+        k: build_expert(st, exact, expert_info(k, alpha, scope, encoding, plans, st, dtypes, scale, gauge),
+                        peft_config)
         for k, st in per_k.items()
     }
 
@@ -832,6 +851,7 @@ def compress_expert(
     encoding: str = "golomb",
     lossless: Iterable[str] = (),
     peft_config: Optional[Dict[str, Any]] = None,
+    gauge: str = "as_trained",
 ) -> CompressedExpert:
     """Compresses a whole expert with ComPEFT.
 
@@ -850,6 +870,13 @@ def compress_expert(
             defaults were chosen by the study in README ("Fidelity").
         lossless: names to keep exactly besides those the rules keep.
         peft_config: the adapter config, stored in the file and used by the rules.
+        gauge: which factorisation of each LoRA pair is compressed (see ``compeft_rs._gauge``):
+            "as_trained" (the default: the factors as given) or "balanced" (each pair rewritten
+            as B' = U S^1/2, A' = S^1/2 V^T from the SVD of B A before compression: the same
+            adapter, other factors). It applies to the pairs ``lora_A``/``lora_B`` and
+            ``lora_embedding_A``/``lora_embedding_B`` compressed from 0; factors of other shapes
+            (conv LoRA, a rank mismatch) and pairs with B A = 0 are compressed as given, every
+            other tensor is unchanged. Recorded in the file (:attr:`CompressedExpert.gauge`).
 
     Which tensors are compressed from which theta_init, and which are kept exactly, is decided
     by one rule for every path (see ``compeft_rs._plan``): LoRA factors from 0, (IA)3 vectors from
@@ -870,5 +897,5 @@ def compress_expert(
         base = load_tensors(base)
     return compress_expert_densities(
         tensors, [k], alpha, base=base, scope=scope, scale=scale, encoding=encoding, lossless=lossless,
-        peft_config=peft_config,
+        peft_config=peft_config, gauge=gauge,
     )[k]

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._expert import CompressedExpert, _torch, compress_expert_densities, reconstruct
+from ._gauge import check_gauge
 from ._scale import SCALES, check_scale
 
 # Default alpha grids: the data-free rules are calibrated (alpha 1 is their own choice), the
@@ -184,6 +185,7 @@ def tune(
     confidence: Optional[float] = 0.95,
     noise: Optional[float] = None,
     seed: int = 0,
+    gauge: str = "as_trained",
 ) -> TuneResult:
     """Grid search of (scope, scale rule, k, alpha) scored by ``evaluate`` (higher is better).
 
@@ -227,6 +229,8 @@ def tune(
     to the earlier point of the grid (the defaults first). Raises ValueError if ``evaluate``
     returns NaN or infinite scores, more than 1-d, or a different kind or number of per-example
     scores than at the first call.
+    ``gauge`` applies to every point (as in :func:`compeft_rs.compress_expert`); it is not
+    searched.
     """
     torch = _torch()
     set_peft_model_state_dict: Any = None
@@ -255,6 +259,7 @@ def tune(
         raise ValueError(f"confidence must be between 0 and 1 (e.g. 0.95), or None for plain argmax; got {confidence}")
     if noise is not None and not (math.isfinite(float(noise)) and float(noise) >= 0.0):
         raise ValueError(f"noise must be a finite score difference >= 0, or None; got {noise}")
+    check_gauge(gauge)
 
     def alphas_for(scale: str) -> Sequence[float]:
         if alphas is not None:
@@ -284,7 +289,7 @@ def tune(
         for (scope, scale), per in plan.items():
             # One magnitude histogram for all k, one compression per k reused for every alpha.
             per_k = compress_expert_densities(sd, list(per), 1.0, scope=scope, scale=scale, encoding=encoding,
-                                              peft_config=config)
+                                              peft_config=config, gauge=gauge)
             for k, k_alphas in per.items():
                 unit = per_k[k]
                 nbytes = unit.nbytes
@@ -361,6 +366,6 @@ def tune(
             # The gap the strongest candidate fell short of: the noise that kept the defaults.
             result_noise = max(points[1:], key=rank).noise if len(points) > 1 else None
     chosen = compress_expert_densities(sd, [best.k], best.alpha, scope=best.scope, scale=best.scale,
-                                       encoding=encoding, peft_config=config)[best.k]
+                                       encoding=encoding, peft_config=config, gauge=gauge)[best.k]
     return TuneResult(points=points, best=best, expert=chosen, pareto=pareto_front(points), default=points[0],
                       noise=result_noise, rule=rule)

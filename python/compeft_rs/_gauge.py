@@ -1,0 +1,115 @@
+"""The gauge of LoRA pairs: which of the many factorisations of one adapter is compressed.
+
+A LoRA pair applies the product B A (B: d_out x r, A: r x d_in), and B A = (B G)(G^-1 A) for
+any invertible r x r G: the factors are fixed only up to that choice (the gauge). Training leaves
+them in an arbitrary one (A still carries its random initialisation, B is small), and
+sign-compressing each factor on its own depends on it. The balanced gauge is the one of the SVD
+of the product, B A = U S V^T: B' = U S^1/2, A' = S^1/2 V^T, so that A' A'^T = B'^T B' = S.
+
+It is computed from r x r matrices, never the d_out x d_in product: QR of B = Q_B R_B and of
+A^T = Q_A R_A, the SVD of the small R_B R_A^T = U' S V'^T, then B' = Q_B U' S^1/2 and
+A' = S^1/2 V'^T Q_A^T; in float64 on the CPU, cast back to each factor's dtype and device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+
+from ._scale import lora_pairs
+
+__all__ = ["GAUGES", "check_gauge", "balance_pair", "balance"]
+
+GAUGES = ("as_trained", "balanced")
+
+
+def check_gauge(gauge: Any) -> str:
+    """``gauge`` if it is one of :data:`GAUGES`, else ValueError naming the choices."""
+    if gauge not in GAUGES:
+        raise ValueError(
+            f"gauge must be one of {', '.join(repr(g) for g in GAUGES)}, got {gauge!r}: \"as_trained\" "
+            "compresses the LoRA factors as given, \"balanced\" first rewrites each pair as "
+            "B' = U S^1/2, A' = S^1/2 V^T from the SVD of B A (the same adapter)"
+        )
+    return str(gauge)
+
+
+def _float64(x: Any) -> np.ndarray:
+    """A factor as a float64 numpy array on the CPU (torch half types included)."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64)
+    import torch
+
+    return x.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def _like(x: np.ndarray, ref: Any) -> Any:
+    """``x`` in the array type, dtype and device of ``ref``."""
+    if isinstance(ref, np.ndarray):
+        return x.astype(ref.dtype)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device=ref.device, dtype=ref.dtype)
+
+
+def _balanced64(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A', B', S) of the balanced gauge in float64, A' and B' of the shapes of ``a``, ``b``."""
+    r = a.shape[0]
+    qb, rb = np.linalg.qr(b)        # m x p, p x r (p = min(m, r))
+    qa, ra = np.linalg.qr(a.T)      # n x q, q x r (q = min(n, r))
+    u, s, vt = np.linalg.svd(rb @ ra.T, full_matrices=False)
+    root = np.sqrt(s)
+    b2 = np.zeros_like(b)
+    a2 = np.zeros_like(a)
+    # With m or n below r the product has fewer than r singular values: the rest of the rank
+    # is zero columns of B' and zero rows of A'.
+    b2[:, :s.size] = qb @ (u * root)
+    a2[:s.size, :] = (root[:, None] * vt) @ qa.T
+    return a2, b2, np.pad(s, (0, r - s.size))
+
+
+def balance_pair(A: Any, B: Any) -> Tuple[Any, Any]:
+    """One LoRA pair in the balanced gauge: ``(A', B')`` with B' A' = B A (to float64 rounding,
+    then the factors' own dtype) and A' A'^T = B'^T B' = diag(S), S the singular values of B A.
+
+    ``A`` is r x d_in and ``B`` d_out x r, torch tensors or numpy arrays; the result has their
+    shapes, types, dtypes and devices (computed in float64 on the CPU). Returned unchanged:
+    factors that are not a 2-D pair of one rank (conv LoRA, a rank mismatch), a pair whose
+    product is zero (a freshly initialised LoRA, B = 0), one with a non-finite entry, and one
+    whose balanced factors would overflow their dtype.
+    """
+    if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[0] != B.shape[1] or 0 in (*A.shape, *B.shape):
+        return A, B
+    a, b = _float64(A), _float64(B)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return A, B
+    a2, b2, s = _balanced64(a, b)
+    if not s[0] > 0:
+        return A, B  # B A = 0: there is no product to balance
+    A2, B2 = _like(a2, A), _like(b2, B)
+    if not (np.isfinite(_float64(A2)).all() and np.isfinite(_float64(B2)).all()):
+        return A, B
+    return A2, B2
+
+
+def balance(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """A copy of ``state_dict`` with every LoRA pair in the balanced gauge (see
+    :func:`balance_pair`); pairs are found by name as ``compeft_rs._scale.lora_pairs`` finds them
+    (``lora_A``/``lora_B``, ``lora_embedding_A``/``lora_embedding_B``). Every other tensor is
+    passed through as it is. The adapter (each product B A) is unchanged.
+
+    >>> import torch
+    >>> sd = {"q.lora_A.weight": torch.randn(4, 32, dtype=torch.float64),
+    ...       "q.lora_B.weight": torch.randn(16, 4, dtype=torch.float64)}
+    >>> out = balance(sd)
+    >>> a, b = out["q.lora_A.weight"], out["q.lora_B.weight"]
+    >>> torch.allclose(b @ a, sd["q.lora_B.weight"] @ sd["q.lora_A.weight"])
+    True
+    >>> torch.allclose(a @ a.T, b.T @ b)
+    True
+    """
+    out = dict(state_dict)
+    for na, nb in lora_pairs(list(state_dict)):
+        out[na], out[nb] = balance_pair(state_dict[na], state_dict[nb])
+    return out
