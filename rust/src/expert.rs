@@ -303,6 +303,36 @@ pub fn serialize_expert(
             },
         ));
     }
-    safetensors::tensor::serialize(views, Some(metadata))
-        .map_err(|e| Error::InvalidArgument(e.to_string()))
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Ok(canonical_header(bytes))
+}
+
+/// The file with its JSON header's keys in sorted order. safetensors writes the metadata map in
+/// the iteration order of a `HashMap`, which is random per map, so one expert saved twice gave
+/// two byte strings (and two content hashes). The same keys and values in another order have
+/// the same length, so the header keeps its size and padding and every offset stays valid.
+fn canonical_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + n) else {
+        return bytes;
+    };
+    // serde_json's map is a BTreeMap: parsing sorts the keys.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return bytes;
+    };
+    let Ok(sorted) = serde_json::to_vec(&value) else {
+        return bytes;
+    };
+    if sorted.len() <= n {
+        // The rest of the header is the spaces safetensors pads it with.
+        bytes[8..8 + sorted.len()].copy_from_slice(&sorted);
+        bytes[8 + sorted.len()..8 + n].fill(b' ');
+    }
+    bytes
 }
