@@ -26,6 +26,7 @@ from ._tune import TunePoint, TuneResult, tune
 from ._serve import load_into
 from ._store import ExpertStore
 from ._merge import merge, merge_peft, similarity
+from ._bounds import adaptive_bound_bits
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "dot",
     "encode",
     "entropy_bound_bits",
+    "adaptive_bound_bits",
     "expected_golomb_bits",
     "hamming",
     "rice_parameter",

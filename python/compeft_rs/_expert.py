@@ -26,6 +26,7 @@ from ._core import encode_many as _encode_many
 from ._core import encode_with_threshold as _encode_with_threshold
 from ._core import kept_abs_sum as _kept_abs_sum
 from ._gauge import balance_pair, check_gauge
+from ._bounds import adaptive_bound_bits
 from ._scale import check_scale, lora_pairs, pair_rescale
 from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._io import atomic_file
@@ -185,6 +186,7 @@ class ExpertSummary:
     file_bytes: int = 0
     fp16_file_bytes: int = 0
     entropy_bound_bytes: float = 0.0
+    adaptive_bound_bytes: float = 0.0
 
     @property
     def ratio_vs_fp16(self) -> float:
@@ -205,7 +207,8 @@ class ExpertSummary:
         lines.append(
             f"total: {len(self.rows)} tensors, {self.total_params:,} params; file {self.file_bytes:,} B "
             f"({self.bits_per_param:.3f} bits/param) against fp16 file {self.fp16_file_bytes:,} B: "
-            f"{self.ratio_vs_fp16:.1f}x smaller; entropy bound of the payload {self.entropy_bound_bytes:,.0f} B"
+            f"{self.ratio_vs_fp16:.1f}x smaller; entropy bound of the payload {self.entropy_bound_bytes:,.0f} B "
+            f"(i.i.d.), {self.adaptive_bound_bytes:,.0f} B (adaptive, per row or column)"
         )
         return "\n".join(lines)
 
@@ -482,7 +485,9 @@ class CompressedExpert:
 
     # -- report -----------------------------------------------------------------------------
     def summary(self) -> ExpertSummary:
-        """Sizes per tensor and in total, against fp16 and the entropy bound (no decoding)."""
+        """Sizes per tensor and in total, against fp16 and two bounds of the payload: the i.i.d.
+        entropy bound and the adaptive one (:func:`compeft_rs.adaptive_bound_bits`, which reads
+        each tensor's bitmasks)."""
         s = ExpertSummary()
         shapes: Dict[str, Tuple[int, ...]] = {}
         parsed = dict(zip(self.compressed_keys(), self._parse(self.compressed_keys())))
@@ -498,6 +503,7 @@ class CompressedExpert:
                 shape, numel = c.shape, c.numel
                 s.compressed_params += numel
                 s.entropy_bound_bytes += _entropy_bound_bits(numel, c.density) / 8 if numel else 0.0
+                s.adaptive_bound_bytes += adaptive_bound_bits(c) / 8
                 row = {"name": name, "shape": shape, "density": c.density, "lossless": False}
             shapes[name] = shape
             s.total_params += numel
