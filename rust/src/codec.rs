@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::error::{malformed, Error, Result};
-use crate::golomb::{walk_blocks, walk_pool, Block, BlockRef, BlockStart, WALK_LANES};
+use crate::golomb::{walk_pool, Block, BlockRef, BlockStart};
 
 // The paths these had when they lived here (the crate's public API).
 pub use crate::decode::decode_many;
@@ -236,7 +236,7 @@ impl GolombBody {
         Ok(())
     }
 
-    /// Block `j` as [`walk_blocks`] takes it: where it starts, its nonzeros, where it must end.
+    /// Block `j` as [`walk_pool`] takes it: where it starts, its nonzeros, where it must end.
     pub(crate) fn block(&self, numel: u64, nnz: u64, j: usize) -> Block {
         let bsz = 1u64 << self.block_log2;
         let first_nz = j as u64 * bsz;
@@ -259,7 +259,7 @@ impl GolombBody {
 
     /// Decodes blocks `[b0, b1)`, checking that each ends exactly where the next begins, and
     /// calls `emit(block, position, negative)` for every kept entry: in position order within a
-    /// block, interleaved across the [`WALK_LANES`] blocks walked together. On an error, the
+    /// block, interleaved across the [`crate::golomb::WALK_LANES`] blocks walked together. On an error, the
     /// error of the first bad block in order (as walking them one at a time gives).
     pub(crate) fn decode_blocks(
         &self,
@@ -301,34 +301,6 @@ impl GolombBody {
             |i, ps, s| sink(b0 + i, ps, s),
         )
         .map_err(|(_, e)| e)
-    }
-
-    /// Walks blocks `[j, jn)`, at most [`WALK_LANES`] of them, in one interleaved walk, calling
-    /// `sink(lane, positions, signs)` with lane = block - j.
-    #[inline(always)]
-    pub(crate) fn walk_group(
-        &self,
-        numel: u64,
-        nnz: u64,
-        j: usize,
-        jn: usize,
-        sink: impl FnMut(usize, &[u64], u64),
-    ) -> Result<()> {
-        let (gaps, bits, signs, b) = (&self.gaps[..], self.gap_bits, &self.signs[..], self.rice_b);
-        macro_rules! walk {
-            ($n:literal) => {{
-                let blocks: [Block; $n] = std::array::from_fn(|l| self.block(numel, nnz, j + l));
-                walk_blocks(gaps, bits, signs, b, &blocks, sink)
-            }};
-        }
-        const { assert!(WALK_LANES == 4) };
-        match jn.saturating_sub(j) {
-            4 => walk!(4),
-            3 => walk!(3),
-            2 => walk!(2),
-            1 => walk!(1),
-            _ => Ok(()),
-        }
     }
 }
 

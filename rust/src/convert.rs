@@ -129,7 +129,9 @@ impl Compressed {
                 while j < j1 {
                     let jn = (j + WALK_LANES).min(j1);
                     held.iter_mut().for_each(Vec::clear);
-                    g.walk_group(self.numel, self.nnz, j, jn, |l, ps, signs| {
+                    // At most WALK_LANES blocks: block j + l walks in lane l, none refills.
+                    g.decode_runs(self.numel, self.nnz, j, jn, |jb, ps, signs| {
+                        let l = jb - j;
                         for (i, &at) in ps.iter().enumerate() {
                             if at >= lo && at < hi {
                                 let neg = (signs >> i) & 1 == 1;

@@ -228,28 +228,12 @@ pub(crate) fn decode_block(
     limit: u64,
     mut emit: impl FnMut(u64, bool),
 ) -> Result<(u64, u64)> {
-    let b32 = b as u32;
-    let low = if b == 0 { 0 } else { (1u64 << b) - 1 };
+    let (b32, low) = (b as u32, low_mask(b));
     let mut bit = start.bit;
     let mut next = start.next;
     for j in 0..count {
-        // Fast path: the whole code (unary quotient, stop bit, b low bits) is in one peek.
-        let w = peek(gaps, bit);
-        let tz = w.trailing_zeros();
-        let g = if w != 0 && tz + 1 + b32 <= 64 {
-            bit += (tz + 1 + b32) as u64;
-            ((tz as u64) << b) | ((w >> tz >> 1) & low)
-        } else {
-            // A start past the stream (only in an index no check has passed): BitReader counts
-            // the bits left as gap_bits - bit and would read zeros for ever.
-            if bit > gap_bits {
-                return Err(crate::error::Error::Truncated { what: "gap codes" });
-            }
-            let mut r = BitReader::new(gaps, bit, gap_bits);
-            let g = r.read_rice(b32)?;
-            bit = r.pos();
-            g
-        };
+        let (g, at) = read_code(gaps, gap_bits, b32, low, bit)?;
+        bit = at;
         if bit > gap_bits {
             return Err(crate::error::Error::Truncated { what: "gap codes" });
         }
@@ -435,31 +419,6 @@ pub(crate) fn walk_pool<'a>(
     ))
 }
 
-/// [`walk_pool`] over `N` blocks of one stream (at most [`WALK_LANES`]: block `l` walks in lane
-/// `l`, `sink` gets its number `l`), with the error of the first bad block.
-#[inline(always)]
-pub(crate) fn walk_blocks<const N: usize>(
-    gaps: &[u64],
-    gap_bits: u64,
-    signs: &[u64],
-    b: u8,
-    blocks: &[Block; N],
-    sink: impl FnMut(usize, &[u64], u64),
-) -> Result<()> {
-    walk_pool(
-        N,
-        |i| BlockRef {
-            gaps,
-            gap_bits,
-            signs,
-            b,
-            block: blocks[i],
-        },
-        sink,
-    )
-    .map_err(|(_, e)| e)
-}
-
 /// The next codes of the first `N` lanes of `ls`, at most `n` (at most each one's count left),
 /// checked and handed to `sink`: how many, or None on anything [`walk_block`] would reject
 /// inside them.
@@ -593,21 +552,12 @@ fn fast_gaps<const N: usize>(
 /// on a read. Positions saturate (a code may hold any gap), so they never decrease.
 #[inline(never)]
 fn careful_run(r: &BlockRef<'_>, ln: &mut Lane, out: &mut [u64]) -> bool {
-    let b32 = r.b as u32;
-    let low = if r.b == 0 { 0 } else { (1u64 << r.b) - 1 };
+    let (b32, low) = (r.b as u32, low_mask(r.b));
     for o in out.iter_mut() {
-        let w = peek(r.gaps, ln.bit);
-        let tz = w.trailing_zeros();
-        let g = if tz + 1 + b32 <= 64 {
-            ln.bit += (tz + 1 + b32) as u64;
-            ((tz as u64) << b32) | ((w >> tz >> 1) & low)
-        } else {
-            let Some((g, at)) = read_rice_slow(r.gaps, ln.bit, r.gap_bits, b32) else {
-                return false;
-            };
-            ln.bit = at;
-            g
+        let Ok((g, at)) = read_code(r.gaps, r.gap_bits, b32, low, ln.bit) else {
+            return false;
         };
+        ln.bit = at;
         let pos = ln.next.saturating_add(g);
         *o = pos;
         ln.next = pos.saturating_add(1);
@@ -615,18 +565,45 @@ fn careful_run(r: &BlockRef<'_>, ln: &mut Lane, out: &mut [u64]) -> bool {
     true
 }
 
-/// A code that does not fit one peek (a long unary part, or b near 64): out of line, so that the
-/// walk's loop stays small enough to keep every lane in registers. The code and the bit after it.
+/// The low `b` bits of a Rice code's remainder as a mask (b <= 63).
+fn low_mask(b: u8) -> u64 {
+    if b == 0 {
+        0
+    } else {
+        (1u64 << b) - 1
+    }
+}
+
+/// The Rice code at bit `bit`: its value and the bit after it. The whole code (unary quotient,
+/// stop bit, b low bits) is usually in one peek; a longer one goes out of line.
+#[inline(always)]
+fn read_code(gaps: &[u64], gap_bits: u64, b32: u32, low: u64, bit: u64) -> Result<(u64, u64)> {
+    let w = peek(gaps, bit);
+    let tz = w.trailing_zeros();
+    // tz = 64 (w = 0) also goes the long way.
+    if tz + 1 + b32 <= 64 {
+        Ok((
+            ((tz as u64) << b32) | ((w >> tz >> 1) & low),
+            bit + (tz + 1 + b32) as u64,
+        ))
+    } else {
+        read_rice_slow(gaps, bit, gap_bits, b32)
+    }
+}
+
+/// A code that does not fit one peek (a long unary part, or b near 64): out of line, so that
+/// the loops calling [`read_code`] stay small. The code and the bit after it.
 #[cold]
 #[inline(never)]
-fn read_rice_slow(gaps: &[u64], bit: u64, gap_bits: u64, b: u32) -> Option<(u64, u64)> {
-    // BitReader needs bit <= gap_bits (it counts the bits left as gap_bits - bit).
+fn read_rice_slow(gaps: &[u64], bit: u64, gap_bits: u64, b: u32) -> Result<(u64, u64)> {
+    // A start past the stream (only in an index no check has passed): BitReader counts the bits
+    // left as gap_bits - bit and would read zeros for ever.
     if bit > gap_bits {
-        return None;
+        return Err(Error::Truncated { what: "gap codes" });
     }
     let mut r = BitReader::new(gaps, bit, gap_bits);
-    let g = r.read_rice(b).ok()?;
-    Some((g, r.pos()))
+    let g = r.read_rice(b)?;
+    Ok((g, r.pos()))
 }
 
 /// Decodes one block with [`decode_block`] and checks that it ends exactly where the next block
