@@ -87,10 +87,23 @@ def balance_pair(A: Any, B: Any) -> Tuple[Any, Any]:
     a2, b2, s = _balanced64(a, b)
     if not s[0] > 0:
         return A, B  # B A = 0: there is no product to balance
+    # Overflow shows in float64 already: the cast to the factor's dtype keeps inf, and float64
+    # values beyond that dtype's range become inf there (checked on the cast values, where they
+    # are, with no copy back to the host).
     A2, B2 = _like(a2, A), _like(b2, B)
-    if not (np.isfinite(_float64(A2)).all() and np.isfinite(_float64(B2)).all()):
+    if not (_all_finite(A2) and _all_finite(B2)):
         return A, B
     return A2, B2
+
+
+def _all_finite(x: Any) -> bool:
+    """Whether every value of a factor (numpy array or torch tensor, as :func:`_like` returns
+    it) is finite."""
+    if isinstance(x, np.ndarray):
+        return bool(np.isfinite(x).all())
+    import torch
+
+    return bool(torch.isfinite(x).all())
 
 
 def balance(state_dict: Mapping[str, Any]) -> Dict[str, Any]:

@@ -233,7 +233,8 @@ def test_balanced_adapter_gives_the_same_outputs_in_a_peft_model():
     peft = pytest.importorskip("peft")
     from test_peft_parity import CONFIGS, outputs, trained
 
-    for name in ("alpha8", "dora"):
+    # fan_in_fan_out (GPT-2's Conv1D stores the factors transposed) and per-module ranks too.
+    for name in ("alpha8", "dora", "gpt2", "patterns"):
         kind, kw = CONFIGS[name]
         model = trained(kind, kw, seed=1)
         before = outputs(model, kind)
@@ -258,3 +259,15 @@ def test_compress_peft_takes_the_gauge():
     assert all(torch.equal(e[n], ref[n]) for n in e.compressed_keys())
     with pytest.raises(ValueError, match="gauge must be one of"):
         compeft_rs.compress_peft(model, 0.1, gauge="nope")
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_a_pair_whose_balanced_factors_overflow_their_dtype_is_left_as_given(as_torch):
+    # A = [60000, 60000], B = [60000]: the product's one singular value is 60000^2 sqrt(2), so
+    # B' = S^1/2 = 71,352 is above float16's 65,504 (A' = S^1/2 / sqrt(2) per entry would fit).
+    a = np.full((1, 2), 60000.0, dtype=np.float16)
+    b = np.full((1, 1), 60000.0, dtype=np.float16)
+    if as_torch:
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+    a2, b2 = balance_pair(a, b)
+    assert a2 is a and b2 is b
