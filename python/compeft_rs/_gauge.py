@@ -47,7 +47,8 @@ def _float64(x: Any) -> np.ndarray:
 def _like(x: np.ndarray, ref: Any) -> Any:
     """``x`` in the array type, dtype and device of ``ref``."""
     if isinstance(ref, np.ndarray):
-        return x.astype(ref.dtype)
+        with np.errstate(over="ignore"):  # an overflow shows as inf, which balance_pair checks
+            return x.astype(ref.dtype)
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(x)).to(device=ref.device, dtype=ref.dtype)
