@@ -1,0 +1,1 @@
+"""A Flower app: federated LoRA fine-tuning with compeft-rs compressed updates."""
