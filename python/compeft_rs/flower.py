@@ -394,21 +394,20 @@ class CompeftFedAvg(FedAvg):
         what node i was sent, ``origin``) or a dense reply minus ``origin``."""
         base = self._base
         assert base is not None
-        out: Dict[str, np.ndarray] = {}
+        sums: Dict[str, np.ndarray] = {}
+        dense: Dict[str, np.ndarray] = {}
         groups: Dict[Tuple[int, ...], List[str]] = {}
         streams: Dict[str, List[Stream]] = {}
         for key in records[0].keys():
             if key not in base:
                 raise CompeftError(f"the replies carry array {key!r}, which the server did not send")
             ref = base[key]
-            kind = _float_kind(ref)
-            acc = np.zeros(ref.shape, dtype=np.float32 if kind is None else kind)
+            kind = _float_kind(ref) or np.dtype(np.float32)
             which: List[int] = []
             for i, rec in enumerate(records):
                 arr = rec[key]
                 if arr.stype == STYPE:
-                    s = self._stream(arr, key, nodes[i], ref)
-                    streams.setdefault(key, []).append(s)
+                    streams.setdefault(key, []).append(self._stream(arr, key, nodes[i], ref))
                     which.append(i)
                 elif arr.stype == _NUMPY:
                     value = arr.numpy()
@@ -416,30 +415,32 @@ class CompeftFedAvg(FedAvg):
                         raise CompeftError(
                             f"node {nodes[i]}'s reply has array {key!r} of shape {value.shape}; the server sent {ref.shape}"
                         )
-                    start = origin.get(key, ref)
-                    acc += (value.astype(acc.dtype) - start.astype(acc.dtype)) * acc.dtype.type(weights[i])
+                    acc = dense.setdefault(key, np.zeros(ref.shape, dtype=kind))
+                    acc += (value.astype(kind) - origin.get(key, ref).astype(kind)) * kind.type(weights[i])
                 else:
                     raise CompeftError(f"node {nodes[i]}'s reply has array {key!r} of unknown stype {arr.stype!r}")
-            out[key] = acc
             if which:
                 groups.setdefault(tuple(which), []).append(key)
         for which, keys in groups.items():
-            sums = [np.zeros(out[key].shape, dtype=np.float32) for key in keys]
-            _merge_streams([streams[key] for key in keys], keys, [weights[i] for i in which], sums,
+            # Written in place: the merge overwrites its float32 outputs.
+            outs = [np.empty(base[key].shape, dtype=np.float32) for key in keys]
+            _merge_streams([streams[key] for key in keys], keys, [weights[i] for i in which], outs,
                            "task_arithmetic", "total", "peft", None, 1.0)
-            for key, s in zip(keys, sums):
-                out[key] += s
+            sums.update(zip(keys, outs))
         result = ArrayRecord()
         for key, ref in base.items():
-            if key not in out:
+            delta = sums.get(key)
+            if key in dense:
+                delta = dense[key] if delta is None else dense[key] + delta
+            if delta is None:
                 result[key] = Array(ref)
-                continue
-            kind = _float_kind(ref)
-            if kind is None:
-                # Not float: FedAvg's float mean cast back (integer buffers such as step counters).
-                result[key] = Array((ref + out[key]).astype(ref.dtype))
+            elif ref.dtype == delta.dtype:
+                delta += ref
+                result[key] = Array(delta)
             else:
-                result[key] = Array((ref.astype(kind) + out[key]).astype(ref.dtype))
+                # float16 models are updated in float32; integer buffers get FedAvg's mean cast back.
+                kind = _float_kind(ref) or np.dtype(np.float32)
+                result[key] = Array((ref.astype(kind) + delta).astype(ref.dtype))
         return result
 
     @staticmethod
