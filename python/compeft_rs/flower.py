@@ -185,7 +185,7 @@ def make_compeft_mod(k: float = 0.1, *, error_feedback: bool = False, scale: str
             for key, arr in rec.items():
                 value = arr.numpy()
                 kind = _float_kind(value)
-                if kind is None or value.size < max(min_size, 1):
+                if kind is None or value.ndim == 0 or value.size < max(min_size, 1):
                     out[key] = arr
                     continue
                 base = sent.get(key)
@@ -304,7 +304,8 @@ class CompeftFedAvg(FedAvg):
         for key, value in model.items():
             kind = _float_kind(value)
             ref = None if base is None else base.get(key)
-            if kind is None or ref is None or ref.shape != value.shape or value.size < max(self.min_size, 1):
+            if (kind is None or ref is None or ref.shape != value.shape or value.ndim == 0
+                    or value.size < max(self.min_size, 1)):
                 view[key] = value
                 continue
             stream, data = _compress(value.astype(kind) - ref.astype(kind), self.downlink_k, self.downlink_scale)
@@ -440,7 +441,7 @@ class CompeftFedAvg(FedAvg):
             else:
                 # float16 models are updated in float32; integer buffers get FedAvg's mean cast back.
                 kind = _float_kind(ref) or np.dtype(np.float32)
-                result[key] = Array((ref.astype(kind) + delta).astype(ref.dtype))
+                result[key] = Array(np.asarray((ref.astype(kind) + delta).astype(ref.dtype)))
         return result
 
     @staticmethod

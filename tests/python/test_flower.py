@@ -7,6 +7,7 @@ ties to the lower index) and the norm scale ||u|| / sqrt(nnz), averages with Fed
 (num-examples) and keeps the error-feedback residual as the issue states it.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -220,7 +221,7 @@ def retyped(node, rnd, sent):
 def test_mismatched_replies_are_refused_by_the_mod(step, message):
     grid, result, _ = run(CompeftFedAvg(fraction_evaluate=0.0, min_available_nodes=2),
                           numpy_app([compeft_mod], step), 2, 1)
-    assert len(grid.errors) == 2 and all(__import__("re").search(message, e) for e in grid.errors), grid.errors
+    assert len(grid.errors) == 2 and all(re.search(message, e) for e in grid.errors), grid.errors
     assert result.arrays is None or len(result.arrays) == 0
 
 
@@ -328,3 +329,44 @@ def test_strategy_settings_are_checked():
         CompeftFedAvg(downlink_k=2.0)
     with pytest.raises(ValueError, match="downlink_scale must be one of"):
         CompeftFedAvg(downlink_scale="median")
+
+
+def test_arrays_size_mod_outside_reports_the_compressed_bytes(caplog):
+    from flwr.clientapp.mod import arrays_size_mod
+
+    strategy = CompeftFedAvg(fraction_evaluate=0.0, min_available_nodes=2)
+    with caplog.at_level("INFO", logger="flwr"):
+        grid, _, _ = run(strategy, numpy_app([arrays_size_mod, make_compeft_mod(0.1, min_size=0)]), 2, 1)
+    assert grid.errors == []
+    sent = [int(m) for m in re.findall(r"Total array elements sent: (\d+) bytes", caplog.text)]
+    # Flower's count: the arrays' data plus their keys' characters.
+    assert len(sent) == 2 and sum(sent) == strategy.traffic[1].up + 2 * sum(map(len, SHAPES)), caplog.text[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_full_model_dtypes(dtype):
+    # A full model's float16 or float64 arrays: updates in float32 (float64 for float64), the global
+    # model kept in its dtype; a scalar goes dense.
+    start = {k: v.astype(dtype) for k, v in initial().items()}
+    start["scalar"] = np.array(0.5, dtype=dtype)
+
+    def step(node, rnd, sent):
+        out = client_step(node, rnd, {k: v for k, v in sent.items() if k != "scalar"})
+        out = {k: v.astype(dtype) for k, v in out.items()}
+        out["scalar"] = np.array(0.25 * node, dtype=dtype)
+        return out
+
+    grid, _, history = run(CompeftFedAvg(fraction_evaluate=0.0, min_available_nodes=2),
+                           numpy_app([make_compeft_mod(1.0, min_size=0)], step), 2, 1, start=start)
+    assert grid.errors == []
+    x = history[-1]
+    assert all(v.dtype == dtype for v in x.values())
+    w = np.array([examples_of(1), examples_of(2)], np.float64) / (examples_of(1) + examples_of(2))
+    assert x["scalar"] == pytest.approx(0.5 + w[0] * (0.25 - 0.5) + w[1] * (0.5 - 0.5), rel=1e-3)
+    kind = np.float64 if dtype == np.float64 else np.float32
+    for key in SHAPES:
+        want = start[key].astype(kind) + sum(
+            wi * reference_compress(step(n, 1, start)[key].astype(kind) - start[key].astype(kind), 1.0)
+            for n, wi in zip((1, 2), w))
+        np.testing.assert_allclose(x[key].astype(np.float64), want, rtol=2e-3 if dtype == np.float16 else 1e-6,
+                                   atol=1e-3 if dtype == np.float16 else 1e-7, err_msg=key)
