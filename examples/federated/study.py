@@ -41,7 +41,7 @@ QUICK_SETTINGS = ("dense FedAvg", "k=0.1")
 
 
 def run_setting(name: str, rounds: int, per_client: int, epochs: int, lr: float, test: int, log=print):
-    cfg = {"num-server-rounds": rounds, "per-client": per_client, "local-epochs": epochs, "lr": lr, "test-size": test,
+    cfg = {"num-server-rounds": rounds, "min-nodes": NODES, "per-client": per_client, "local-epochs": epochs, "lr": lr, "test-size": test,
            "compress": True, **SETTINGS[name]}
     grid = LocalGrid(client_app, NODES, node_config=lambda i: {"partition-id": i, "num-partitions": NODES},
                      run_config=cfg)

@@ -29,7 +29,7 @@ This module imports flwr; ``import compeft_rs`` never does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -169,18 +169,27 @@ def make_compeft_mod(k: float = 0.1, *, error_feedback: bool = False, scale: str
             _inflate_downlink(msg, ctx)
         if not _is_train(msg) or not msg.has_content():
             return call_next(msg, ctx)
-        if CONFIG_KEY not in _configs(msg.content):
+        version = _configs(msg.content).get(CONFIG_KEY)
+        if version is not None and version != WIRE_VERSION:
+            raise CompeftError(
+                f"the server speaks compeft-rs wire version {version} and this node {WIRE_VERSION}: "
+                "install the same compeft-rs version on the server and the nodes"
+            )
+        if version is None:
             raise CompeftError(
                 "compeft_mod replies with compressed updates, which only compeft_rs.flower.CompeftFedAvg "
                 "can aggregate, and this training message did not come from it: run CompeftFedAvg in the "
                 "ServerApp (it is a FedAvg) or remove compeft_mod from the ClientApp's mods"
             )
-        sent = {key: arr.numpy() for rec in msg.content.array_records.values() for key, arr in rec.items()}
+        records = msg.content.array_records
+        sent_by_record = {name: {key: arr.numpy() for key, arr in rec.items()} for name, rec in records.items()}
         reply = call_next(msg, ctx)
         if reply.has_error() or not reply.has_content():
             return reply
         residual = _state_arrays(ctx.state, _RESIDUAL) if error_feedback else {}
         for name, rec in list(reply.content.array_records.items()):
+            # The reply's record of the same name, or the one record sent under another name.
+            sent = sent_by_record.get(name, next(iter(sent_by_record.values())) if len(sent_by_record) == 1 else {})
             out = ArrayRecord()
             for key, arr in rec.items():
                 value = arr.numpy()
@@ -221,15 +230,16 @@ compeft_mod = make_compeft_mod()
 
 @dataclass
 class RoundTraffic:
-    """Bytes of one round's arrays: sent to the nodes (train and evaluate messages) and received
-    from them, with what Flower's dense numpy arrays of the same tensors would have taken."""
+    """Bytes of one round's arrays: sent to the nodes (``down``: train and evaluate messages;
+    ``down_evaluate``: the evaluate messages' share) and received from them (``up``), with what
+    Flower's dense numpy arrays of the same tensors would have taken (``*_dense``)."""
 
     down: int = 0
     down_dense: int = 0
+    down_evaluate: int = 0
     up: int = 0
     up_dense: int = 0
     replies: int = 0
-    extra: Dict[str, float] = field(default_factory=dict)
 
 
 def _dense_nbytes(arr: Array) -> int:
@@ -256,8 +266,17 @@ class CompeftFedAvg(FedAvg):
 
     The nodes' ClientApp must use :func:`make_compeft_mod`; replies without it (dense arrays) are
     averaged as FedAvg does. Each round's train metrics carry ``uplink-bytes``,
-    ``uplink-dense-bytes``, ``downlink-bytes`` and ``downlink-dense-bytes`` (dense: Flower's
-    numpy arrays of the same tensors); :attr:`traffic` keeps them per round.
+    ``uplink-dense-bytes``, ``downlink-bytes`` and ``downlink-dense-bytes`` of its training
+    messages (dense: Flower's numpy arrays of the same tensors), its evaluate metrics the
+    ``downlink-bytes`` of the evaluate broadcast; :attr:`traffic` keeps them per round (reset by
+    ``start``).
+
+    The update average is computed in float32 (as Flower's FedAvg averages float32 models), also for
+    float64 arrays; integer arrays are averaged in float64 and rounded. Under ``downlink_k`` the
+    nodes train from (and federated evaluation scores) the view, the compressed model; a node gets
+    compressed differences only if it acknowledged the previous broadcast, so the saving is for
+    nodes that take part round after round (cross-silo); with sampled participation most messages
+    carry the dense view.
     """
 
     def __init__(self, *args: Any, downlink_k: Optional[float] = None, downlink_scale: str = "norm",
@@ -287,15 +306,19 @@ class CompeftFedAvg(FedAvg):
         log(INFO, "\t└──> compeft-rs: compressed updates, downlink_k=%s", self.downlink_k)
 
     # -- sending ----------------------------------------------------------------------------
-    def _broadcast(self, server_round: int, messages: Iterable[Message], arrays: ArrayRecord) -> List[Message]:
+    def _broadcast(self, server_round: int, messages: Iterable[Message], arrays: ArrayRecord,
+                   evaluate: bool = False) -> List[Message]:
         messages = list(messages)
         t = self.traffic.setdefault(server_round, RoundTraffic())
+        before = t.down
         dense_bytes = sum(_dense_nbytes(a) for a in arrays.values())
         if self.downlink_k is None or not messages:
             for m in messages:
                 m.content[self.configrecord_key][CONFIG_KEY] = WIRE_VERSION
             t.down += dense_bytes * len(messages)
             t.down_dense += dense_bytes * len(messages)
+            if evaluate:
+                t.down_evaluate += t.down - before
             return messages
         model = {key: a.numpy() for key, a in arrays.items()}
         base_id, base = self._view_id, self._view
@@ -325,16 +348,20 @@ class CompeftFedAvg(FedAvg):
             if fresh:
                 config[BASE_KEY] = base_id
             content = RecordDict({self.arrayrecord_key: rec, self.configrecord_key: config})
-            out.append(Message(content=content, dst_node_id=node, message_type=m.metadata.message_type))
+            out.append(Message(content, node, m.metadata.message_type, ttl=m.metadata.ttl,
+                               group_id=m.metadata.group_id))
             self._pending[node] = self._view_id
             nbytes = sum(len(a.data) for a in rec.values())
             t.down += nbytes
             t.down_dense += dense_bytes
+        if evaluate:
+            t.down_evaluate += t.down - before
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
         """FedAvg's, with the marker the mod checks; the broadcast compressed under downlink_k."""
-        messages = super().configure_train(server_round, arrays, config, grid)
+        # A copy: FedAvg puts the caller's ConfigRecord into every message, and the marker is ours.
+        messages = super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
         sent = self._broadcast(server_round, messages, arrays)
         self._base = {key: a.numpy() for key, a in arrays.items()}
         if self.downlink_k is not None:
@@ -344,7 +371,8 @@ class CompeftFedAvg(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Any) -> Iterable[Message]:
         """FedAvg's; under downlink_k the broadcast is compressed as for training."""
-        return self._broadcast(server_round, super().configure_evaluate(server_round, arrays, config, grid), arrays)
+        messages = super().configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
+        return self._broadcast(server_round, messages, arrays, evaluate=True)
 
     def _confirm(self, replies: List[Message]) -> None:
         """Nodes that replied hold the view they were sent."""
@@ -385,9 +413,21 @@ class CompeftFedAvg(FedAvg):
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        """FedAvg's, with the bytes of this round's evaluate broadcast (``downlink-bytes``)."""
         replies = list(replies)
         self._confirm(replies)
-        return super().aggregate_evaluate(server_round, replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        t = self.traffic.get(server_round)
+        if metrics is not None and t is not None:
+            metrics["downlink-bytes"] = int(t.down_evaluate)
+        return metrics
+
+    def start(self, *args: Any, **kwargs: Any) -> Any:
+        """FedAvg's ``start``; a new run starts with no views and no traffic recorded."""
+        self.traffic = {}
+        self._base, self._view, self._view_id = None, None, 0
+        self._node_view, self._pending = {}, {}
+        return super().start(*args, **kwargs)
 
     def _average(self, records: List[ArrayRecord], weights: List[float], nodes: List[int],
                  origin: Dict[str, np.ndarray]) -> ArrayRecord:
@@ -403,7 +443,8 @@ class CompeftFedAvg(FedAvg):
             if key not in base:
                 raise CompeftError(f"the replies carry array {key!r}, which the server did not send")
             ref = base[key]
-            kind = _float_kind(ref) or np.dtype(np.float32)
+            # Integer buffers (step counters) are averaged in float64 and rounded back.
+            kind = _float_kind(ref) or np.dtype(np.float64)
             which: List[int] = []
             for i, rec in enumerate(records):
                 arr = rec[key]
@@ -438,9 +479,11 @@ class CompeftFedAvg(FedAvg):
             elif ref.dtype == delta.dtype:
                 delta += ref
                 result[key] = Array(delta)
+            elif _float_kind(ref) is None:
+                result[key] = Array(np.asarray(np.rint(ref.astype(np.float64) + delta).astype(ref.dtype)))
             else:
-                # float16 models are updated in float32; integer buffers get FedAvg's mean cast back.
-                kind = _float_kind(ref) or np.dtype(np.float32)
+                # float16 models are updated in float32.
+                kind = _float_kind(ref)
                 result[key] = Array(np.asarray((ref.astype(kind) + delta).astype(ref.dtype)))
         return result
 

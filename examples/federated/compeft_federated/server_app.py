@@ -1,9 +1,9 @@
 """The ServerApp: FedAvg over compressed updates (CompeftFedAvg), the global model scored on each
 task's test split after every round.
 
-Run config: ``num-server-rounds``, ``compress`` (false: Flower's FedAvg), ``downlink-k`` (0: dense
-broadcast), ``test-size`` (sentences per task scored), ``out`` (a JSON file for the per-round
-history, an absolute path; empty: none).
+Run config: ``num-server-rounds``, ``min-nodes`` (nodes to wait for), ``compress`` (false:
+Flower's FedAvg), ``downlink-k`` (0: dense broadcast), ``test-size`` (sentences per task scored),
+``out`` (a JSON file for the per-round history, an absolute path; empty: none).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def run(grid: Grid, cfg: Dict[str, Any], log=print) -> List[Dict[str, Any]]:
     """Trains for ``num-server-rounds`` rounds on every node; returns one record per round (round 0:
     the initial model) with test accuracy per task and the bytes sent."""
     rounds = int(cfg.get("num-server-rounds", 6))
-    nodes = len(list(grid.get_node_ids()))
+    # Wait for this many nodes, then train on all that are connected (the simulation engine's
+    # num-supernodes, or the SuperNodes started).
+    nodes = int(cfg.get("min-nodes", 2))
     if cfg.get("compress", True):
         downlink = float(cfg.get("downlink-k", 0.0))
         strategy: FedAvg = CompeftFedAvg(fraction_evaluate=0.0, min_available_nodes=nodes, min_train_nodes=nodes,
@@ -49,14 +51,15 @@ def run(grid: Grid, cfg: Dict[str, Any], log=print) -> List[Dict[str, Any]]:
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=evaluate,
                             train_config=ConfigRecord({"lr": float(cfg.get("lr", 2e-3))}))
     dense_up = sum(len(a.data) for a in initial.values())
+    trained = len(list(grid.get_node_ids()))  # FedAvg's fraction_train=1: every connected node
     for rec in history[1:]:
         r = rec["round"]
         m = result.train_metrics_clientapp.get(r, {})
         rec["train-loss"] = float(m.get("train-loss", float("nan")))
         # FedAvg's replies are the dense numpy arrays: one model's bytes per node.
-        rec["uplink-bytes"] = int(m.get("uplink-bytes", dense_up * nodes))
-        rec["uplink-dense-bytes"] = int(m.get("uplink-dense-bytes", dense_up * nodes))
-        rec["downlink-bytes"] = int(m.get("downlink-bytes", dense_up * nodes))
+        rec["uplink-bytes"] = int(m.get("uplink-bytes", dense_up * trained))
+        rec["uplink-dense-bytes"] = int(m.get("uplink-dense-bytes", dense_up * trained))
+        rec["downlink-bytes"] = int(m.get("downlink-bytes", dense_up * trained))
     return history
 
 
