@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import math
 import os
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -43,45 +40,14 @@ import torch  # noqa: E402
 
 import compeft_rs  # noqa: E402
 
-CACHE = Path(os.environ.get("COMPEFT_DATA", Path.home() / ".cache" / "compeft-rs"))
-TASKS = {
-    "movies": "movieReviewSnippets_GroundTruth.txt",
-    "amazon": "amazonReviewSnippets_GroundTruth.txt",
-    "tweets": "tweets_GroundTruth.txt",
-}
+# The data loader is the federated example app's (the app must carry its own: Flower ships only
+# the app's folder to the nodes).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "federated"))
+from compeft_federated.task import CACHE, TASKS, load_sentences  # noqa: E402,F401
+
 K = 0.1
 STD_ALPHAS = (1, 2, 4, 8, 16, 32)
 RULES = ("pair", "proj", "norm", "mean")
-
-
-def load_sentences(task: str, cache: Path = CACHE):
-    """(texts, labels) of one task's snippets; the source release is fetched once with pip."""
-    fname = TASKS[task]
-    target = cache / fname
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                            "vaderSentiment==3.3.2", "-d", tmp], check=True)
-            sdist = next(Path(tmp).glob("vaderSentiment-3.3.2.tar.gz"))
-            with tarfile.open(sdist) as outer:
-                inner = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
-                with tarfile.open(fileobj=io.BytesIO(inner.read())) as t:
-                    data = t.extractfile(f"hutto_ICWSM_2014/{fname}").read()
-        tmp_target = target.with_suffix(".tmp")
-        tmp_target.write_bytes(data)
-        tmp_target.replace(target)
-    texts, labels = [], []
-    for line in target.read_bytes().decode("latin-1").splitlines():
-        parts = line.split("\t")
-        if len(parts) < 3:
-            continue
-        rating = float(parts[1])
-        if rating == 0:
-            continue
-        texts.append(parts[2].strip())
-        labels.append(int(rating > 0))
-    return texts, np.array(labels)
 
 
 def split(n, sizes, seed=0):

@@ -41,8 +41,8 @@ QUICK_SETTINGS = ("dense FedAvg", "k=0.1")
 
 
 def run_setting(name: str, rounds: int, per_client: int, epochs: int, lr: float, test: int, log=print):
-    cfg = {"num-server-rounds": rounds, "min-nodes": NODES, "per-client": per_client, "local-epochs": epochs, "lr": lr, "test-size": test,
-           "compress": True, **SETTINGS[name]}
+    cfg = {"num-server-rounds": rounds, "min-nodes": NODES, "per-client": per_client, "local-epochs": epochs,
+           "lr": lr, "test-size": test, "compress": True, **SETTINGS[name]}
     grid = LocalGrid(client_app, NODES, node_config=lambda i: {"partition-id": i, "num-partitions": NODES},
                      run_config=cfg)
     t0 = time.time()
@@ -53,8 +53,10 @@ def run_setting(name: str, rounds: int, per_client: int, epochs: int, lr: float,
     return history
 
 
-def run(quick: bool, settings=None, log=print):
-    shape = QUICK if quick else FULL
+def run(quick: bool, settings=None, log=print, rounds=None):
+    shape = dict(QUICK if quick else FULL)
+    if rounds:
+        shape["rounds"] = rounds
     names = settings or (QUICK_SETTINGS if quick else tuple(SETTINGS))
     return {"nodes": NODES, **shape,
             "settings": {n: run_setting(n, log=log, **shape) for n in names}}
@@ -107,10 +109,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--settings", nargs="*", choices=list(SETTINGS))
+    ap.add_argument("--rounds", type=int, help=f"rounds (default {FULL['rounds']}; --quick {QUICK['rounds']})")
     ap.add_argument("--json", default="bench-results/federated_study.json")
     ap.add_argument("--plot", default="docs/federated_study.png")
     args = ap.parse_args()
-    res = run(args.quick, args.settings)
+    res = run(args.quick, args.settings, rounds=args.rounds)
     print(markdown(res))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
