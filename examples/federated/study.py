@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ def run_setting(name: str, rounds: int, per_client: int, epochs: int, lr: float,
            "lr": lr, "test-size": test, "compress": True, **SETTINGS[name]}
     grid = LocalGrid(client_app, NODES, node_config=lambda i: {"partition-id": i, "num-partitions": NODES},
                      run_config=cfg)
+    random.seed(0)  # FedAvg samples (and so orders) the nodes with `random`: the same sums every run
     t0 = time.time()
     history = server_app.run(grid, cfg, log=lambda s: log(f"  [{name}] {s}"))
     if grid.errors:

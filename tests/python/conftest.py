@@ -21,7 +21,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true",
-                     help="also run the studies marked slow (the accuracy and merging studies; CI runs them)")
+                     help="also run the tests marked slow (the accuracy, merging and federated studies, "
+                          "the Flower deployment; CI runs them)")
 
 
 def pytest_collection_modifyitems(config, items):
