@@ -29,7 +29,7 @@ from compeft_federated.local_grid import LocalGrid  # noqa: E402
 
 NODES = 10
 FULL = dict(rounds=6, per_client=96, epochs=2, lr=5e-3, test=300)
-QUICK = dict(rounds=3, per_client=64, epochs=2, lr=5e-3, test=150)
+QUICK = dict(rounds=3, per_client=48, epochs=2, lr=5e-3, test=120)
 SETTINGS = {
     "dense FedAvg": dict(compress=False),
     "k=0.1": dict(k=0.1),

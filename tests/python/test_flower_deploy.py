@@ -152,7 +152,7 @@ def test_example_app_runs_on_a_localhost_deployment():
         app = tmp / "app"
         shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__", "study.py"))
         # Error feedback and the compressed broadcast: the nodes' state must survive between rounds.
-        config = (f"num-server-rounds=3 per-client=32 local-epochs=1 test-size=32 error-feedback=true "
+        config = (f"num-server-rounds=2 per-client=32 local-epochs=1 test-size=32 error-feedback=true "
                   f"downlink-k=0.2 out='{out}'")
         started = flwr("run", str(app), "local", "--run-config", config)
         assert started.get("success"), started
@@ -168,13 +168,14 @@ def test_example_app_runs_on_a_localhost_deployment():
             time.sleep(1)
         assert status == "finished:completed", (status, (tmp / "superlink.log").read_text()[-4000:])
         history = json.loads(out.read_text())
-        assert [h["round"] for h in history] == [0, 1, 2, 3]
+        assert [h["round"] for h in history] == [0, 1, 2]
         for h in history[1:]:
             assert set(h["accuracy"]) == {"movies", "amazon", "tweets"}
             # Two nodes' compressed updates, well under the dense float32 replies.
             assert 0 < h["uplink-bytes"] * 20 < h["uplink-dense-bytes"], h
-        # Round 1 broadcasts the model; rounds 2 and 3 compressed differences from the nodes' views.
-        assert history[1]["downlink-bytes"] > 5 * history[3]["downlink-bytes"] > 0, history
+        # Round 1 broadcasts the model; round 2 a compressed difference from the nodes' views (and
+        # the nodes add the residuals error feedback kept from round 1).
+        assert history[1]["downlink-bytes"] > 5 * history[2]["downlink-bytes"] > 0, history
     finally:
         for _, p in reversed(procs):
             stop(p)
