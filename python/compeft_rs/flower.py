@@ -117,8 +117,8 @@ def _inflate_downlink(msg: Message, ctx: Any) -> None:
     if base is not None and int(base) != held_id:
         raise CompeftError(
             f"the server sent differences from its broadcast {int(base)} but this node holds "
-            f"{'no broadcast' if held_id is None else f'broadcast {held_id}'} (its state was lost?); "
-            "restart the run or construct CompeftFedAvg without downlink_k"
+            f"{'no broadcast' if held_id is None else f'broadcast {held_id}'} (its state was lost?); the "
+            "server sends it the whole model next round, once this refusal has reached it"
         )
     for name, rec in msg.content.array_records.items():
         out = ArrayRecord()
