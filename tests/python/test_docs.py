@@ -13,3 +13,12 @@ def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_flower_docstring_example():
+    pytest.importorskip("flwr")
+    import compeft_rs.flower
+
+    result = doctest.testmod(compeft_rs.flower, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
