@@ -307,7 +307,9 @@ class CompeftFedAvg(FedAvg):
 
     # -- sending ----------------------------------------------------------------------------
     def _broadcast(self, server_round: int, messages: Iterable[Message], arrays: ArrayRecord,
-                   evaluate: bool = False) -> List[Message]:
+                   model: Optional[Dict[str, np.ndarray]] = None, evaluate: bool = False) -> List[Message]:
+        """The messages as sent (marker set; under downlink_k rebuilt per node); ``model`` is
+        ``arrays`` deserialised, when the caller already has it."""
         messages = list(messages)
         t = self.traffic.setdefault(server_round, RoundTraffic())
         before = t.down
@@ -320,7 +322,8 @@ class CompeftFedAvg(FedAvg):
             if evaluate:
                 t.down_evaluate += t.down - before
             return messages
-        model = {key: a.numpy() for key, a in arrays.items()}
+        if model is None:
+            model = {key: a.numpy() for key, a in arrays.items()}
         base_id, base = self._view_id, self._view
         view: Dict[str, np.ndarray] = {}
         diffs: Dict[str, Array] = {}
@@ -362,8 +365,9 @@ class CompeftFedAvg(FedAvg):
         """FedAvg's, with the marker the mod checks; the broadcast compressed under downlink_k."""
         # A copy: FedAvg puts the caller's ConfigRecord into every message, and the marker is ours.
         messages = super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
-        sent = self._broadcast(server_round, messages, arrays)
+        # Deserialised once: the downlink difference and the aggregation both start from it.
         self._base = {key: a.numpy() for key, a in arrays.items()}
+        sent = self._broadcast(server_round, messages, arrays, self._base)
         if self.downlink_k is not None:
             self._sent_view = dict(self._view or {})
         return sent
@@ -458,7 +462,9 @@ class CompeftFedAvg(FedAvg):
                             f"node {nodes[i]}'s reply has array {key!r} of shape {value.shape}; the server sent {ref.shape}"
                         )
                     acc = dense.setdefault(key, np.zeros(ref.shape, dtype=kind))
-                    acc += (value.astype(kind) - origin.get(key, ref).astype(kind)) * kind.type(weights[i])
+                    start = origin.get(key, ref)
+                    diff = value.astype(kind, copy=False) - start.astype(kind, copy=False)
+                    acc += diff * kind.type(weights[i])
                 else:
                     raise CompeftError(f"node {nodes[i]}'s reply has array {key!r} of unknown stype {arr.stype!r}")
             if which:
