@@ -127,8 +127,18 @@ class CompressedTensor:
 
     @property
     def rice_param(self) -> Optional[int]:
-        """The Rice parameter b* of a golomb stream (None for bitmask)."""
+        """The Rice parameter b* of a plain golomb stream (None for bitmask, and for a row-coded
+        golomb stream, whose rows each have their own)."""
         return self._stream.rice_param
+
+    @property
+    def row_length(self) -> Optional[int]:
+        """Entries per row of a row-coded golomb stream (None for a plain golomb or a bitmask
+        stream). The encoder codes a tensor of two or more dimensions row by row (rows of its
+        last dimension: a count per row, then each row's gaps with the Rice parameter of its
+        own density) when that is smaller than one Rice parameter over the tensor, as for a full
+        fine-tune's embeddings, whose untouched rows keep nothing (docs/FORMAT.md, encoding 2)."""
+        return self._stream.row_length
 
     # -- bytes ------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -175,9 +185,12 @@ class CompressedTensor:
         """The same ternary vector in the bitmask encoding (no dense pass)."""
         return CompressedTensor(self._stream.to_bitmask(), self._kind)
 
-    def to_golomb(self) -> "CompressedTensor":
-        """The same ternary vector in the golomb encoding (no dense pass)."""
-        return CompressedTensor(self._stream.to_golomb(), self._kind)
+    def to_golomb(self, *, layout: str = "auto") -> "CompressedTensor":
+        """The same ternary vector in the golomb encoding (no dense pass). ``layout``: "auto"
+        (default) the smaller of the two layouts, as the encoder chooses; "plain" one Rice
+        parameter over the tensor, for readers written before the row-coded layout; "rows" coded
+        by rows of the last dimension whatever the size (docs/FORMAT.md, encoding 2)."""
+        return CompressedTensor(self._stream.to_golomb(layout), self._kind)
 
     def masks(self) -> Tuple[np.ndarray, np.ndarray]:
         """The positive and negative bitmasks as uint64 words, LSB first (bit i of word w is entry

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::error::{malformed, Error, Result};
-use crate::golomb::{walk_pool, Block, BlockRef, BlockStart};
+use crate::golomb::{walk_pool, Block, BlockRef, BlockStart, RowsRef};
 
 // The paths these had when they lived here (the crate's public API).
 pub use crate::decode::decode_many;
@@ -86,7 +86,9 @@ impl Encoding {
     }
 }
 
-/// Golomb payload: Rice-coded gaps, sign bits (1 = negative), and the block index.
+/// Golomb payload: Rice-coded gaps, sign bits (1 = negative), and the block index; with
+/// `rows`, the row-adaptive layout (encoding code 2): a count per row and each row's gaps coded
+/// with that row's own Rice parameter (then `rice_b` is 0 and unused).
 #[derive(Clone, Debug, PartialEq)]
 pub struct GolombBody {
     pub rice_b: u8,
@@ -94,8 +96,101 @@ pub struct GolombBody {
     pub gaps: Vec<u64>,
     pub gap_bits: u64,
     pub signs: Vec<u64>,
-    /// Starts of blocks 1.. (block 0 starts at bit 0, position 0).
+    /// Starts of blocks 1.. (block 0 starts at bit 0, position 0; in a row-coded stream at the
+    /// first non-empty row's start).
     pub index: Vec<BlockStart>,
+    pub rows: Option<Box<RowCoding>>,
+}
+
+/// The row counts of a row-coded golomb stream (docs/FORMAT.md, encoding 2): the tensor seen as
+/// rows of `cols` entries; per row one bit (1: the row holds nonzeros) and, for a non-empty row,
+/// its count minus one Rice-coded with `count_b`. What the walk needs is derived from them once,
+/// when the stream is built or parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowCoding {
+    pub cols: u64,
+    pub count_b: u8,
+    pub counts: Vec<u64>,
+    pub count_bits: u64,
+    /// The non-empty rows in order, the nonzeros up to the end of each, and each one's b*.
+    pub(crate) rows: Vec<u64>,
+    pub(crate) ends: Vec<u64>,
+    pub(crate) bs: Vec<u8>,
+}
+
+impl RowCoding {
+    /// Reads the row counts of a tensor of `numel` entries holding `nnz`, checking them: every
+    /// row's count present and at most `cols`, the counts adding up to `nnz`, the bit string
+    /// ending exactly at `count_bits`.
+    pub(crate) fn parse(
+        cols: u64,
+        count_b: u8,
+        counts: Vec<u64>,
+        count_bits: u64,
+        numel: u64,
+        nnz: u64,
+    ) -> Result<RowCoding> {
+        if cols == 0 || numel % cols != 0 {
+            return malformed(format!(
+                "rows of {cols} entries do not divide a tensor of {numel}"
+            ));
+        }
+        if count_b > 63 {
+            return malformed(format!("count Rice parameter {count_b} is above 63"));
+        }
+        let nrows = numel / cols;
+        // Every row takes at least one bit: no loop longer than the bits present.
+        if count_bits < nrows || counts.len() != words_for(count_bits) {
+            return malformed("the row counts are shorter than the number of rows");
+        }
+        let (mut rows, mut ends, mut bs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut r = crate::bits::BitReader::new(&counts, 0, count_bits);
+        let mut total = 0u64;
+        for row in 0..nrows {
+            if r.read(1)? == 0 {
+                continue;
+            }
+            let c = r.read_rice(count_b as u32)?.checked_add(1);
+            let Some(c) = c.filter(|&c| c <= cols) else {
+                return malformed(format!(
+                    "row {row} counts more nonzeros than its {cols} entries"
+                ));
+            };
+            total += c;
+            if total > nnz {
+                return malformed(format!("the row counts add up to more than {nnz} nonzeros"));
+            }
+            rows.push(row);
+            ends.push(total);
+            bs.push(crate::golomb::rice_parameter(c, cols));
+        }
+        if total != nnz {
+            return malformed(format!(
+                "the row counts add up to {total}, the header says {nnz}"
+            ));
+        }
+        if r.pos() != count_bits {
+            return malformed("the row counts end before their bit string does");
+        }
+        Ok(RowCoding {
+            cols,
+            count_b,
+            counts,
+            count_bits,
+            rows,
+            ends,
+            bs,
+        })
+    }
+
+    fn walk_ref(&self) -> RowsRef<'_> {
+        RowsRef {
+            cols: self.cols,
+            rows: &self.rows,
+            ends: &self.ends,
+            bs: &self.bs,
+        }
+    }
 }
 
 /// Bitmask payload: bit i of `pos` (`neg`) is set when entry i is kept positive (negative).
@@ -159,6 +254,7 @@ impl GolombBody {
             gap_bits: s.gap_bits,
             signs: s.signs,
             index: s.index,
+            rows: None,
         }
     }
 
@@ -168,7 +264,11 @@ impl GolombBody {
 
     pub(crate) fn block_start(&self, j: usize) -> BlockStart {
         if j == 0 {
-            BlockStart { bit: 0, next: 0 }
+            let next = match &self.rows {
+                Some(rc) => rc.rows.first().map_or(0, |&r| r * rc.cols),
+                None => 0,
+            };
+            BlockStart { bit: 0, next }
         } else {
             self.index[j - 1]
         }
@@ -197,6 +297,17 @@ impl GolombBody {
         }
         if self.rice_b > 63 {
             return malformed(format!("Rice parameter {} is above 63", self.rice_b));
+        }
+        if let Some(rc) = &self.rows {
+            // Built by RowCoding::parse or the encoder, so consistent with itself; it must
+            // describe this stream.
+            if self.rice_b != 0
+                || rc.ends.last().copied().unwrap_or(0) != nnz
+                || rc.cols == 0
+                || numel % rc.cols != 0
+            {
+                return malformed("the row counts disagree with the stream");
+            }
         }
         let nb = self.block_count(nnz);
         if self.index.len() as u64 != nb.saturating_sub(1) {
@@ -254,6 +365,22 @@ impl GolombBody {
             limit,
             end_bit,
             last,
+            seg: self
+                .rows
+                .as_ref()
+                .map_or(0, |rc| rc.ends.partition_point(|&e| e <= first_nz)),
+        }
+    }
+
+    /// Block `j` and the stream it lies in, as [`walk_pool`] walks it.
+    pub(crate) fn block_ref(&self, numel: u64, nnz: u64, j: usize) -> BlockRef<'_> {
+        BlockRef {
+            gaps: &self.gaps,
+            gap_bits: self.gap_bits,
+            signs: &self.signs,
+            b: self.rice_b,
+            rows: self.rows.as_ref().map(|rc| rc.walk_ref()),
+            block: self.block(numel, nnz, j),
         }
     }
 
@@ -287,17 +414,9 @@ impl GolombBody {
         b1: usize,
         mut sink: impl FnMut(usize, &[u64], u64),
     ) -> Result<()> {
-        let (gaps, gap_bits, signs, b) =
-            (&self.gaps[..], self.gap_bits, &self.signs[..], self.rice_b);
         walk_pool(
             b1.saturating_sub(b0),
-            |i| BlockRef {
-                gaps,
-                gap_bits,
-                signs,
-                b,
-                block: self.block(numel, nnz, b0 + i),
-            },
+            |i| self.block_ref(numel, nnz, b0 + i),
             |i, ps, s| sink(b0 + i, ps, s),
         )
         .map_err(|(_, e)| e)
@@ -441,11 +560,31 @@ mod tests {
     /// A golomb stream with 2^`block_log2` nonzeros per block over `numel` entries, from the
     /// kept positions and signs (random, at density `k`), built the way the encoder builds one.
     fn stream(numel: u64, k: f64, block_log2: u8, seed: u64) -> (Compressed, Vec<(u64, bool)>) {
+        rows_stream(numel, k, block_log2, seed, None)
+    }
+
+    /// [`stream`], or with `cols`: rows of `cols` entries (`numel` rounded up to whole rows)
+    /// whose densities differ (none, a third, k, three times k), in the row-coded layout.
+    fn rows_stream(
+        numel: u64,
+        k: f64,
+        block_log2: u8,
+        seed: u64,
+        cols: Option<u64>,
+    ) -> (Compressed, Vec<(u64, bool)>) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let numel = cols.map_or(numel, |c| numel.div_ceil(c) * c);
+        let factors = [0.0, 0.33, 1.0, 3.0];
         let mut kept = Vec::new();
+        let mut density = k;
         for p in 0..numel {
-            if rng.gen_bool(k) {
+            if let Some(c) = cols {
+                if p % c == 0 {
+                    density = (k * factors[rng.gen_range(0..4)]).min(1.0);
+                }
+            }
+            if rng.gen_bool(density) {
                 kept.push((p, rng.gen_bool(0.5)));
             }
         }
@@ -467,7 +606,16 @@ mod tests {
                 ..GolombBody::from_stitched(st, b)
             }),
         };
-        (c, kept)
+        match cols {
+            Some(cols) => {
+                let c = Compressed {
+                    shape: vec![numel / cols, cols],
+                    ..c
+                };
+                (c.with_rows(cols).unwrap(), kept)
+            }
+            None => (c, kept),
+        }
     }
 
     fn golomb(c: &Compressed) -> &GolombBody {
@@ -482,10 +630,7 @@ mod tests {
         let g = golomb(c);
         let mut got = Vec::new();
         let r = (b0..b1).try_for_each(|j| {
-            let k = g.block(c.numel, c.nnz, j);
-            walk_block(&g.gaps, g.gap_bits, &g.signs, g.rice_b, &k, |p, n| {
-                got.push((j, p, n))
-            })
+            walk_block(&g.block_ref(c.numel, c.nnz, j), |p, n| got.push((j, p, n)))
         });
         (got, r)
     }
@@ -523,11 +668,13 @@ mod tests {
             flips in prop::collection::vec(any::<u64>(), 0..4),
             range in any::<(u16, u16)>(),
             shift in prop::option::of(any::<(u16, i8, bool)>()),
+            cols in prop::option::of(prop::sample::select(vec![1u64, 3, 16, 64, 100, 1000])),
         ) {
             // Enough entries for about `blocks` blocks, the last one part full.
             let per = 1u64 << block_log2;
             let numel = (((blocks - 1) * per + per / 2 + 1) as f64 / k) as u64 + 1;
-            let (mut c, kept) = stream(numel, k, block_log2, seed);
+            let (mut c, kept) = rows_stream(numel, k, block_log2, seed, cols);
+            let numel = c.numel;
             prop_assert!(c.check().is_ok());
             let nb = golomb(&c).block_count(c.nnz) as usize;
             let (want, r) = single_walk(&c, 0, nb);

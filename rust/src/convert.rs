@@ -276,11 +276,16 @@ impl Compressed {
         })
     }
 
-    /// The same ternary vector in the golomb encoding.
+    /// The same ternary vector in the golomb encoding, in the smaller of its two layouts: the
+    /// bytes the encoder writes for it, from either encoding and either layout.
     pub fn to_golomb(&self) -> Result<Compressed> {
-        let m = match &self.body {
-            Body::Golomb(_) => return Ok(self.clone()),
-            Body::Bitmask(m) => m,
+        self.to_plain_golomb()?.smaller_layout()
+    }
+
+    /// A bitmask stream in the plain golomb layout.
+    pub(crate) fn plain_golomb_from_masks(&self) -> Result<Compressed> {
+        let Body::Bitmask(m) = &self.body else {
+            return malformed("not a bitmask stream");
         };
         self.check()?;
         let b = rice_parameter(self.nnz, self.numel);

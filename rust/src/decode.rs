@@ -98,28 +98,26 @@ impl<'a, T: ZeroBits + Unpack + 'a> Plan<'a, T> {
                     }
                     return Ok(());
                 }
-                // Block j owns the positions from its start to block j + 1's (the last one to
-                // the end): increasing, as the stream's check made sure.
+                // Block j owns the positions from its start to block j + 1's (block 0 from 0, the
+                // last one to the end): increasing, as the stream's check made sure.
                 let mut rest = out;
+                let mut from = 0u64;
                 for j in 0..nb {
-                    let k = g.block(c.numel, c.nnz, j);
+                    let src = g.block_ref(c.numel, c.nnz, j);
+                    let k = src.block;
                     let end = if k.last { c.numel } else { k.limit };
                     let len = end
-                        .checked_sub(k.start.next)
+                        .checked_sub(from)
                         .filter(|&l| l as usize <= rest.len())
                         .ok_or_else(|| Error::Malformed("block index is not increasing".into()))?;
                     let (o, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
                     rest = tail;
+                    let base = from;
+                    from = end;
                     self.pieces.push(Piece {
-                        src: BlockRef {
-                            gaps: &g.gaps,
-                            gap_bits: g.gap_bits,
-                            signs: &g.signs,
-                            b: g.rice_b,
-                            block: k,
-                        },
+                        src,
                         out: o,
-                        base: k.start.next,
+                        base,
                         zeroed: 0,
                         vals: [pv, nv],
                         stream: i,

@@ -298,14 +298,15 @@ fn encode_counted(
             Body::Golomb(GolombBody::from_stitched(s, b))
         }
     };
-    Ok(Compressed {
+    Compressed {
         dtype: t.dtype(),
         shape: shape.to_vec(),
         numel,
         nnz,
         scale,
         body,
-    })
+    }
+    .smaller_layout()
 }
 
 fn changed_under_us() -> Error {

@@ -5,7 +5,8 @@
 //! that remain before anything is sliced or allocated, and the body is checked against the header.
 
 use crate::codec::{
-    check_shape, BitmaskBody, Body, Compressed, Encoding, GolombBody, MAX_NDIM, MAX_NUMEL,
+    check_shape, BitmaskBody, Body, Compressed, Encoding, GolombBody, RowCoding, MAX_NDIM,
+    MAX_NUMEL,
 };
 use crate::dtype::DType;
 use crate::error::{malformed, Error, Result};
@@ -13,6 +14,9 @@ use crate::golomb::BlockStart;
 
 pub const MAGIC: &[u8; 4] = b"CPFT";
 pub const VERSION: u8 = 1;
+/// The encoding byte of a row-coded golomb stream (its body differs from code 0's; readers
+/// before it refuse it as an unknown encoding).
+pub const ROWS_CODE: u8 = 2;
 /// Smallest possible stream: magic, version, encoding, dtype, ndim, numel, nnz, scale, crc.
 const MIN_LEN: usize = 4 + 4 + 1 + 1 + 8 + 4;
 
@@ -53,10 +57,16 @@ impl Compressed {
         n += match &self.body {
             Body::Golomb(g) => {
                 let mut m = 2 + varint_len(g.gap_bits) + varint_len(g.index.len() as u64);
-                let mut prev = BlockStart { bit: 0, next: 0 };
+                let mut prev = g.block_start(0);
                 for s in &g.index {
                     m += varint_len(s.bit - prev.bit) + varint_len(s.next - prev.next);
                     prev = *s;
+                }
+                if let Some(rc) = &g.rows {
+                    // cols and count_bits, and the count bits; rice_b is not written.
+                    m += varint_len(rc.cols)
+                        + varint_len(rc.count_bits)
+                        + rc.count_bits.div_ceil(8) as usize;
                 }
                 m + g.gap_bits.div_ceil(8) as usize + self.nnz.div_ceil(8) as usize
             }
@@ -81,7 +91,10 @@ impl Compressed {
     /// The fields after the version up to the payload: encoding through the block index.
     /// An expert file's stream pack stores these apart from the payloads (docs/FORMAT.md).
     pub fn write_head(&self, out: &mut Vec<u8>) {
-        out.push(self.encoding() as u8);
+        out.push(match &self.body {
+            Body::Golomb(g) if g.rows.is_some() => ROWS_CODE,
+            _ => self.encoding() as u8,
+        });
         out.push(self.dtype as u8);
         out.push(self.shape.len() as u8);
         for &s in &self.shape {
@@ -91,11 +104,21 @@ impl Compressed {
         put_varint(out, self.nnz);
         out.extend_from_slice(&self.scale.to_le_bytes());
         if let Body::Golomb(g) = &self.body {
-            out.push(g.rice_b);
-            out.push(g.block_log2);
+            match &g.rows {
+                Some(rc) => {
+                    put_varint(out, rc.cols);
+                    out.push(rc.count_b);
+                    out.push(g.block_log2);
+                    put_varint(out, rc.count_bits);
+                }
+                None => {
+                    out.push(g.rice_b);
+                    out.push(g.block_log2);
+                }
+            }
             put_varint(out, g.gap_bits);
             put_varint(out, g.index.len() as u64);
-            let mut prev = BlockStart { bit: 0, next: 0 };
+            let mut prev = g.block_start(0);
             for s in &g.index {
                 put_varint(out, s.bit - prev.bit);
                 put_varint(out, s.next - prev.next);
@@ -108,6 +131,9 @@ impl Compressed {
     pub fn write_payload(&self, out: &mut Vec<u8>) {
         match &self.body {
             Body::Golomb(g) => {
+                if let Some(rc) = &g.rows {
+                    put_bits(out, &rc.counts, rc.count_bits);
+                }
                 put_bits(out, &g.gaps, g.gap_bits);
                 put_bits(out, &g.signs, self.nnz);
             }
@@ -121,7 +147,10 @@ impl Compressed {
     /// Size of [`Compressed::write_payload`]'s output.
     pub fn payload_nbytes(&self) -> usize {
         match &self.body {
-            Body::Golomb(g) => (g.gap_bits.div_ceil(8) + self.nnz.div_ceil(8)) as usize,
+            Body::Golomb(g) => {
+                let counts = g.rows.as_ref().map_or(0, |rc| rc.count_bits.div_ceil(8));
+                (counts + g.gap_bits.div_ceil(8) + self.nnz.div_ceil(8)) as usize
+            }
             Body::Bitmask(_) => 2 * self.numel.div_ceil(8) as usize,
         }
     }
@@ -196,11 +225,19 @@ struct Head {
     scale: f64,
     /// Golomb only: rice_b, block_log2, gap_bits and the block index.
     golomb: Option<(u8, u8, u64, Vec<BlockStart>)>,
+    /// Row-coded golomb only: cols, count_b and count_bits.
+    rows: Option<(u64, u8, u64)>,
 }
 
 impl Head {
     fn parse(r: &mut Reader<'_>) -> Result<Head> {
-        let encoding = Encoding::from_code(r.u8("encoding")?)?;
+        let code = r.u8("encoding")?;
+        let row_coded = code == ROWS_CODE;
+        let encoding = if row_coded {
+            Encoding::Golomb
+        } else {
+            Encoding::from_code(code)?
+        };
         let dtype = DType::from_code(r.u8("dtype")?)?;
         let ndim = r.u8("ndim")? as usize;
         if ndim > MAX_NDIM {
@@ -232,10 +269,21 @@ impl Head {
             return malformed(format!("{nnz} nonzeros in {numel} entries"));
         }
         let scale = f64::from_le_bytes(r.take(8, "scale")?.try_into().expect("8 bytes"));
+        let mut rows = None;
         let golomb = match encoding {
             Encoding::Golomb => {
-                let rice_b = r.u8("Rice parameter")?;
+                let mut rice_b = 0;
+                if row_coded {
+                    let cols = r.varint("row length")?;
+                    let count_b = r.u8("count Rice parameter")?;
+                    rows = Some((cols, count_b, 0));
+                } else {
+                    rice_b = r.u8("Rice parameter")?;
+                }
                 let block_log2 = r.u8("block size")?;
+                if let Some(rw) = &mut rows {
+                    rw.2 = r.varint("row count length")?;
+                }
                 if !crate::codec::BLOCK_LOG2_RANGE.contains(&block_log2) {
                     return malformed(format!("block size 2^{block_log2} is outside 2^6..2^24"));
                 }
@@ -249,6 +297,8 @@ impl Head {
                     ));
                 }
                 let mut index = Vec::with_capacity(nidx as usize);
+                // Block 0's position is known only from the counts (the first non-empty row's
+                // start); the deltas from it are checked once the counts are read.
                 let mut prev = BlockStart { bit: 0, next: 0 };
                 for _ in 0..nidx {
                     let bit = prev.bit.checked_add(r.varint("block index")?);
@@ -271,6 +321,7 @@ impl Head {
             nnz,
             scale,
             golomb,
+            rows,
         })
     }
 
@@ -284,9 +335,29 @@ impl Head {
             nnz,
             scale,
             golomb,
+            rows,
         } = self;
         let body = match (encoding, golomb) {
-            (Encoding::Golomb, Some((rice_b, block_log2, gap_bits, index))) => {
+            (Encoding::Golomb, Some((rice_b, block_log2, gap_bits, mut index))) => {
+                let rows = match rows {
+                    Some((cols, count_b, count_bits)) => {
+                        if count_bits.div_ceil(8) > r.remaining() as u64 {
+                            return Err(Error::Truncated { what: "row counts" });
+                        }
+                        let counts = r.bits(count_bits, "row counts")?;
+                        let rc = RowCoding::parse(cols, count_b, counts, count_bits, numel, nnz)?;
+                        // The index deltas count from block 0's start, the first row's.
+                        let first = rc.rows.first().map_or(0, |&row| row * cols);
+                        for s in &mut index {
+                            s.next = s
+                                .next
+                                .checked_add(first)
+                                .ok_or_else(|| Error::Malformed("block index overflows".into()))?;
+                        }
+                        Some(Box::new(rc))
+                    }
+                    None => None,
+                };
                 let gap_bytes = gap_bits.div_ceil(8);
                 if gap_bytes > r.remaining() as u64 {
                     return Err(Error::Truncated { what: "gap codes" });
@@ -300,6 +371,7 @@ impl Head {
                     gap_bits,
                     signs,
                     index,
+                    rows,
                 })
             }
             _ => {

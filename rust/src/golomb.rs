@@ -212,50 +212,6 @@ fn peek_end(words: &[u64], i: usize, o: u32) -> u64 {
     lo | ((words.get(i + 1).copied().unwrap_or(0) << 1) << (63 - o))
 }
 
-/// Decodes `count` nonzeros of one block, calling `emit(position, negative)` for each.
-/// Positions must stay below `limit` and codes inside `gap_bits`; returns one past the last
-/// position and the bit offset after the last code.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn decode_block(
-    gaps: &[u64],
-    gap_bits: u64,
-    signs: &[u64],
-    b: u8,
-    start: BlockStart,
-    first_nz: u64,
-    count: u64,
-    limit: u64,
-    mut emit: impl FnMut(u64, bool),
-) -> Result<(u64, u64)> {
-    let (b32, low) = (b as u32, low_mask(b));
-    let mut bit = start.bit;
-    let mut next = start.next;
-    for j in 0..count {
-        let (g, at) = read_code(gaps, gap_bits, b32, low, bit)?;
-        bit = at;
-        if bit > gap_bits {
-            return Err(crate::error::Error::Truncated { what: "gap codes" });
-        }
-        let pos = match next.checked_add(g) {
-            Some(p) if p < limit => p,
-            _ => {
-                return malformed(
-                    "a decoded position lies beyond the end of the tensor or its block",
-                )
-            }
-        };
-        let s = first_nz + j;
-        let neg = match signs.get((s / 64) as usize) {
-            Some(w) => (w >> (s % 64)) & 1 == 1,
-            None => return malformed("fewer sign bits than nonzeros"),
-        };
-        emit(pos, neg);
-        next = pos + 1;
-    }
-    Ok((next, bit))
-}
-
 /// Blocks walked side by side by [`walk_pool`]: each block's Rice codes form one serial chain
 /// (load -> tzcnt -> shift -> add), so several independent chains in one loop keep a core busy
 /// (1.3-1.5 ns per kept entry on one core here against 2.6 for one chain).
@@ -267,6 +223,7 @@ const RUN: usize = 63;
 
 /// One block for [`walk_pool`]: its number, where it starts, which nonzeros it holds, and where
 /// it must end (bit `end_bit`; position `limit` exactly when `last` is false, else below it).
+/// In a row-coded stream, `seg` is the non-empty row holding its first nonzero (0 otherwise).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Block {
     pub j: usize,
@@ -276,41 +233,124 @@ pub(crate) struct Block {
     pub limit: u64,
     pub end_bit: u64,
     pub last: bool,
+    pub seg: usize,
 }
 
-/// A block and the stream it lies in, as [`walk_pool`] walks it.
+/// The rows of a row-coded stream as the walk needs them: the row length, and for each
+/// non-empty row in order its number, the count of nonzeros up to its end, and its Rice
+/// parameter. Each row's first gap counts from the row's start.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowsRef<'a> {
+    pub cols: u64,
+    pub rows: &'a [u64],
+    pub ends: &'a [u64],
+    pub bs: &'a [u8],
+}
+
+/// A block and the stream it lies in, as [`walk_pool`] walks it: one Rice parameter `b` for
+/// the whole stream, or one per row (`rows`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BlockRef<'a> {
     pub gaps: &'a [u64],
     pub gap_bits: u64,
     pub signs: &'a [u64],
     pub b: u8,
+    pub rows: Option<RowsRef<'a>>,
     pub block: Block,
 }
 
 impl BlockRef<'_> {
     /// The block walked alone, every read checked: its first error, if any.
     fn walk_alone(&self) -> Result<()> {
-        walk_block(
-            self.gaps,
-            self.gap_bits,
-            self.signs,
-            self.b,
-            &self.block,
-            |_, _| {},
-        )
+        walk_block(self, |_, _| {})
     }
 }
 
 /// Where a lane of the walk stands: the bit of its next code, the position its next gap counts
-/// from, the number of its next nonzero (where its sign bit is), and the bound its positions must
-/// stay below.
+/// from, the number of its next nonzero (where its sign bit is), the bound its positions must
+/// stay below (its block's, and in a row-coded stream its row's end), the Rice parameter of its
+/// codes, and in a row-coded stream its row (`seg`) and the codes left in it (else u64::MAX).
 #[derive(Clone, Copy, Debug, Default)]
 struct Lane {
     bit: u64,
     next: u64,
     nz: u64,
     limit: u64,
+    b: u32,
+    seg: usize,
+    seg_left: u64,
+}
+
+impl Lane {
+    /// The lane at the start of `r`'s block; an error when the block cannot start there (in a
+    /// row-coded stream: its first nonzero's row does not exist, or its start lies outside that
+    /// row).
+    fn start(r: &BlockRef<'_>) -> Result<Lane> {
+        let k = &r.block;
+        let mut ln = Lane {
+            bit: k.start.bit,
+            next: k.start.next,
+            nz: k.first_nz,
+            limit: k.limit,
+            b: r.b as u32,
+            seg: 0,
+            seg_left: u64::MAX,
+        };
+        if let Some(rw) = r.rows {
+            let (Some(&row), Some(&end)) = (rw.rows.get(k.seg), rw.ends.get(k.seg)) else {
+                return malformed("a block starts past the last non-empty row");
+            };
+            let row_start = row * rw.cols;
+            let before = if k.seg == 0 { 0 } else { rw.ends[k.seg - 1] };
+            let in_row = k.first_nz.checked_sub(before).filter(|_| k.first_nz < end);
+            let fresh = in_row == Some(0);
+            // A block at a row's first nonzero counts from the row's start; one inside a row
+            // from one past a position of that row.
+            if in_row.is_none()
+                || (fresh && k.start.next != row_start)
+                || (!fresh && (k.start.next <= row_start || k.start.next >= row_start + rw.cols))
+            {
+                return malformed(format!(
+                    "block {} starts outside the row its first nonzero is in",
+                    k.j
+                ));
+            }
+            ln.b = rw.bs[k.seg] as u32;
+            ln.seg = k.seg;
+            ln.seg_left = end - k.first_nz;
+            ln.limit = k.limit.min(row_start + rw.cols);
+        }
+        Ok(ln)
+    }
+
+    /// Moves a lane whose row has ended to the next non-empty row: false if there is none.
+    /// Only for row-coded streams.
+    #[inline]
+    fn next_row(&mut self, r: &BlockRef<'_>) -> bool {
+        let Some(rw) = r.rows else { return false };
+        let s = self.seg + 1;
+        let (Some(&row), Some(&end)) = (rw.rows.get(s), rw.ends.get(s)) else {
+            return false;
+        };
+        let row_start = row * rw.cols;
+        self.seg = s;
+        self.next = row_start;
+        self.b = rw.bs[s] as u32;
+        self.seg_left = end - rw.ends[s - 1];
+        self.limit = r.block.limit.min(row_start + rw.cols);
+        true
+    }
+
+    /// Whether a lane that has walked its block's codes ends where the block must: at its end
+    /// bit and, unless it is the last block, at the next block's start (in a row-coded stream,
+    /// a block that ends a row hands the next row's start on).
+    fn ends_block(&mut self, r: &BlockRef<'_>) -> bool {
+        let k = &r.block;
+        if self.seg_left == 0 {
+            self.next_row(r);
+        }
+        self.bit == k.end_bit && (k.last || self.next == k.limit)
+    }
 }
 
 /// The pool's lanes, compact: slots `0..m` walk blocks `item[..m]`.
@@ -346,19 +386,19 @@ pub(crate) fn walk_pool<'a>(
         m: 0,
     };
     let mut taken = 0;
+    // A block that could not start (row-coded streams): the walk stops there.
+    let mut refused = None;
     let ok = 'pool: loop {
         while ls.m < WALK_LANES && taken < count {
             let r = block(taken);
-            let k = &r.block;
+            let Ok(ln) = Lane::start(&r) else {
+                refused = Some(taken);
+                break 'pool false;
+            };
             let s = ls.m;
             ls.src[s] = Some(r);
-            ls.lane[s] = Lane {
-                bit: k.start.bit,
-                next: k.start.next,
-                nz: k.first_nz,
-                limit: k.limit,
-            };
-            ls.left[s] = k.count;
+            ls.lane[s] = ln;
+            ls.left[s] = r.block.count;
             ls.item[s] = taken;
             ls.m += 1;
             taken += 1;
@@ -366,10 +406,10 @@ pub(crate) fn walk_pool<'a>(
         if ls.m == 0 {
             break 'pool true;
         }
-        let mut n = ls.left[..ls.m]
-            .iter()
+        // A run stays inside every lane's block and row.
+        let mut n = (0..ls.m)
+            .map(|s| ls.left[s].min(ls.lane[s].seg_left))
             .min()
-            .copied()
             .unwrap_or(0)
             .min(RUN as u64) as usize;
         if n > 0 {
@@ -384,18 +424,25 @@ pub(crate) fn walk_pool<'a>(
                 None => break 'pool false,
             }
         }
-        // Blocks that ended give their lane to the next block (the last lane moves into it).
+        // Lanes whose row ended go on to the next row; blocks that ended give their lane to the
+        // next block (the last lane moves into it).
         let mut s = 0;
         while s < ls.m {
+            let Some(r) = ls.src[s] else {
+                break 'pool false;
+            };
+            let ln = &mut ls.lane[s];
+            ln.seg_left -= n as u64;
             if ls.left[s] > n as u64 {
                 ls.left[s] -= n as u64;
+                if ln.seg_left == 0 && !ln.next_row(&r) {
+                    break 'pool false;
+                }
                 s += 1;
                 continue;
             }
-            let (k, ln) = (ls.src[s].map(|r| r.block), ls.lane[s]);
-            match k {
-                Some(k) if ln.bit == k.end_bit && (k.last || ln.next == k.limit) => {}
-                _ => break 'pool false,
+            if !ln.ends_block(&r) {
+                break 'pool false;
             }
             ls.m -= 1;
             ls.src[s] = ls.src[ls.m];
@@ -407,8 +454,14 @@ pub(crate) fn walk_pool<'a>(
     if ok {
         return Ok(());
     }
-    // Every block before the earliest one in a lane has ended and been checked.
-    let from = ls.item[..ls.m].iter().min().copied().unwrap_or(0);
+    // Every block before the earliest one in a lane (or the one refused) has ended and been
+    // checked.
+    let from = ls.item[..ls.m]
+        .iter()
+        .copied()
+        .chain(refused)
+        .min()
+        .unwrap_or(0);
     for i in from..count {
         block(i).walk_alone().map_err(|e| (i, e))?;
     }
@@ -444,7 +497,9 @@ fn run<const N: usize>(
         .map(|(r, ln)| {
             let end = 64 * (r.gaps.len() as u64).saturating_sub(1);
             match end.checked_sub(ln.bit) {
-                Some(d) if r.b <= 56 && ln.next <= crate::codec::MAX_NUMEL => (d / 64 + 1) as usize,
+                Some(d) if ln.b <= 56 && ln.next <= crate::codec::MAX_NUMEL => {
+                    (d / 64 + 1) as usize
+                }
                 _ => 0,
             }
         })
@@ -510,8 +565,8 @@ fn fast_gaps<const N: usize>(
     n: usize,
 ) -> bool {
     let bytes = src.map(|r| r.gaps.as_ptr() as *const u8);
-    let b32 = src.map(|r| r.b as u32);
-    let low = src.map(|r| (1u64 << r.b) - 1);
+    let b32 = lanes.map(|ln| ln.b);
+    let low = lanes.map(|ln| (1u64 << ln.b) - 1);
     let mut bit = lanes.map(|ln| ln.bit);
     macro_rules! step {
         ($l:literal, $i:ident) => {
@@ -552,7 +607,7 @@ fn fast_gaps<const N: usize>(
 /// on a read. Positions saturate (a code may hold any gap), so they never decrease.
 #[inline(never)]
 fn careful_run(r: &BlockRef<'_>, ln: &mut Lane, out: &mut [u64]) -> bool {
-    let (b32, low) = (r.b as u32, low_mask(r.b));
+    let (b32, low) = (ln.b, low_mask(ln.b as u8));
     for o in out.iter_mut() {
         let Ok((g, at)) = read_code(r.gaps, r.gap_bits, b32, low, ln.bit) else {
             return false;
@@ -606,21 +661,39 @@ fn read_rice_slow(gaps: &[u64], bit: u64, gap_bits: u64, b: u32) -> Result<(u64,
     Ok((g, r.pos()))
 }
 
-/// Decodes one block with [`decode_block`] and checks that it ends exactly where the next block
-/// starts (or, for the last block, at the end of the gap stream).
-#[inline(always)]
-pub(crate) fn walk_block(
-    gaps: &[u64],
-    gap_bits: u64,
-    signs: &[u64],
-    b: u8,
-    k: &Block,
-    emit: impl FnMut(u64, bool),
-) -> Result<()> {
-    let (next, bit) = decode_block(
-        gaps, gap_bits, signs, b, k.start, k.first_nz, k.count, k.limit, emit,
-    )?;
-    if bit != k.end_bit || (!k.last && next != k.limit) {
+/// Walks one block code by code, every read checked, calling `emit(position, negative)` for each
+/// kept entry, and checks that it ends exactly where the next block starts (or, for the last
+/// block, at the end of the gap stream). The plain reference the interleaved walk is tested
+/// against, and the walk that finds the error the fast loop noticed.
+pub(crate) fn walk_block(r: &BlockRef<'_>, mut emit: impl FnMut(u64, bool)) -> Result<()> {
+    let k = &r.block;
+    let mut ln = Lane::start(r)?;
+    for _ in 0..k.count {
+        if ln.seg_left == 0 && !ln.next_row(r) {
+            return malformed("the row counts hold fewer nonzeros than the stream");
+        }
+        let (g, at) = read_code(r.gaps, r.gap_bits, ln.b, low_mask(ln.b as u8), ln.bit)?;
+        ln.bit = at;
+        if ln.bit > r.gap_bits {
+            return Err(Error::Truncated { what: "gap codes" });
+        }
+        let pos =
+            match ln.next.checked_add(g) {
+                Some(p) if p < ln.limit => p,
+                _ => return malformed(
+                    "a decoded position lies beyond the end of the tensor, its row or its block",
+                ),
+            };
+        let neg = match r.signs.get((ln.nz / 64) as usize) {
+            Some(w) => (w >> (ln.nz % 64)) & 1 == 1,
+            None => return malformed("fewer sign bits than nonzeros"),
+        };
+        emit(pos, neg);
+        ln.next = pos + 1;
+        ln.nz += 1;
+        ln.seg_left -= 1;
+    }
+    if !ln.ends_block(r) {
         return malformed(format!(
             "block {} does not end where the next block starts",
             k.j

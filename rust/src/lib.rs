@@ -28,13 +28,14 @@ pub mod merge;
 pub mod pack;
 pub mod pair;
 pub mod popcount;
+mod rows;
 pub mod selection;
 mod unpack;
 
 #[cfg(feature = "python")]
 mod python;
 
-pub use codec::{BitmaskBody, Body, Compressed, Encoding, GolombBody};
+pub use codec::{BitmaskBody, Body, Compressed, Encoding, GolombBody, RowCoding};
 pub use decode::decode_many;
 pub use dtype::{DType, Tensor, TensorMut};
 pub use encode::kept_abs_sum;

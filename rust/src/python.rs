@@ -232,11 +232,21 @@ impl PyStream {
         self.inner.nbytes()
     }
 
-    /// The Rice parameter b of a golomb stream, None for a bitmask.
+    /// The Rice parameter b of a plain golomb stream, None for a bitmask or a row-coded one
+    /// (each row has its own).
     #[getter]
     fn rice_param(&self) -> Option<u8> {
         match &self.inner.body {
-            Body::Golomb(g) => Some(g.rice_b),
+            Body::Golomb(g) if g.rows.is_none() => Some(g.rice_b),
+            _ => None,
+        }
+    }
+
+    /// Entries per row of a row-coded golomb stream, None otherwise.
+    #[getter]
+    fn row_length(&self) -> Option<u64> {
+        match &self.inner.body {
+            Body::Golomb(g) => g.rows.as_ref().map(|r| r.cols),
             Body::Bitmask(_) => None,
         }
     }
@@ -262,8 +272,23 @@ impl PyStream {
         Ok(PyStream { inner })
     }
 
-    fn to_golomb(&self, py: Python<'_>) -> PyResult<PyStream> {
-        let inner = py.detach(|| self.inner.to_golomb()).map_err(to_py)?;
+    /// The same ternary vector in the golomb encoding: "auto" the smaller layout (as the
+    /// encoder chooses), "plain" one Rice parameter over the tensor, "rows" coded by rows of the
+    /// last dimension.
+    #[pyo3(signature = (layout = "auto"))]
+    fn to_golomb(&self, py: Python<'_>, layout: &str) -> PyResult<PyStream> {
+        let c = &self.inner;
+        let inner = match layout {
+            "auto" => py.detach(|| c.to_golomb()),
+            "plain" => py.detach(|| c.to_plain_golomb()),
+            "rows" => py.detach(|| c.to_row_golomb()),
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "layout must be \"auto\", \"plain\" or \"rows\", got {layout:?}"
+                )))
+            }
+        }
+        .map_err(to_py)?;
         Ok(PyStream { inner })
     }
 

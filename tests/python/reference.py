@@ -69,3 +69,77 @@ def expected_rice_bits(nnz, d):
     p = nnz / d
     b = rice_b(nnz, d)
     return nnz * (b + 1 / (1 - (1 - p) ** (2 ** b)) + 1)
+
+
+class _Bits:
+    """LSB-first reader over a byte string, as docs/FORMAT.md defines bit strings."""
+
+    def __init__(self, data):
+        self.bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+        self.at = 0
+
+    def bit(self):
+        b = int(self.bits[self.at])
+        self.at += 1
+        return b
+
+    def rice(self, b):
+        q = 0
+        while self.bit() == 0:
+            q += 1
+        low = sum(self.bit() << i for i in range(b))
+        return (q << b) | low
+
+
+def read_row_coded(data):
+    """The ternary pattern (flat int8) of a row-coded golomb stream (encoding 2), read from its
+    bytes by the letter of docs/FORMAT.md, independently of the Rust reader. Also returns the
+    row length and the row counts."""
+    pos = 4
+
+    def byte():
+        nonlocal pos
+        pos += 1
+        return data[pos - 1]
+
+    def varint():
+        v, shift = 0, 0
+        while True:
+            b = byte()
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return v
+
+    assert byte() == 1, "version"
+    assert byte() == 2, "encoding: golomb by rows"
+    byte()  # dtype
+    shape = [varint() for _ in range(byte())]
+    numel, nnz = varint(), varint()
+    assert numel == int(np.prod(shape, dtype=np.int64))
+    pos += 8  # scale
+    cols, count_b, _block_log2 = varint(), byte(), byte()
+    count_bits, gap_bits, index_len = varint(), varint(), varint()
+    for _ in range(2 * index_len):
+        varint()
+    counts_end = pos + (count_bits + 7) // 8
+    gaps_end = counts_end + (gap_bits + 7) // 8
+    counts_r, gaps_r = _Bits(data[pos:counts_end]), _Bits(data[counts_end:gaps_end])
+    signs = np.unpackbits(np.frombuffer(data[gaps_end:gaps_end + (nnz + 7) // 8], np.uint8), bitorder="little")
+    assert len(data) == gaps_end + (nnz + 7) // 8 + 4, "the crc follows the signs"
+    out = np.zeros(numel, np.int8)
+    counts = []
+    j = 0
+    for row in range(numel // cols):
+        n = counts_r.rice(count_b) + 1 if counts_r.bit() else 0
+        counts.append(n)
+        nxt = row * cols
+        b = rice_b(n, cols)
+        for _ in range(n):
+            p = nxt + gaps_r.rice(b)
+            assert nxt <= p < (row + 1) * cols
+            out[p] = -1 if signs[j] else 1
+            j += 1
+            nxt = p + 1
+    assert counts_r.at == count_bits and gaps_r.at == gap_bits and j == nnz
+    return out, cols, np.array(counts)

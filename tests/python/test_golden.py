@@ -39,7 +39,10 @@ def cases():
     h = np.array([((i * 13 % 37) - 18.0) / 8.0 for i in range(37)], dtype=np.float16)
     b = torch.tensor([((i % 5) - 2.0) * 0.5 for i in range(40)], dtype=torch.bfloat16).reshape(4, 10)
     d = np.array([(i - 4.5) * 1e-3 for i in range(10)], dtype=np.float64).reshape(2, 5)
+    rows = gaussian_like(40 * 64, 5).astype(np.float32).reshape(40, 64)
+    rows[np.arange(40) % 3 != 0] = 0.0
     return [
+        ("f32_40x64_k0.1_rows", rows, 0.1, 1.0, "golomb"),
         ("f32_64x48_k0.1_golomb", f32, 0.1, 1.0, "golomb"),
         ("f32_64x48_k0.1_bitmask", f32, 0.1, 1.0, "bitmask"),
         ("f32_50000_k0.2_golomb", big, 0.2, 2.5, "golomb"),
@@ -61,6 +64,9 @@ def test_golden(name, x, k, alpha, enc):
     assert c.scale == pytest.approx(alpha * reference_sigma(values), rel=1e-12, abs=0.0)
     # Encoding the same input from Python gives the same bytes.
     assert compeft_rs.encode(x, k, alpha, encoding=enc).to_bytes() == data
+    # The row-coded layout (encoding byte 2) where it is smaller, with rows of the last dimension.
+    assert data[5] == (2 if name.endswith("_rows") else {"golomb": 0, "bitmask": 1}[enc])
+    assert c.row_length == (x.shape[-1] if name.endswith("_rows") else None)
 
 
 def test_header_fields():

@@ -28,7 +28,17 @@ fn golden_cases() -> Vec<(&'static str, Compressed)> {
         .map(|i| bf16::from_f64(((i % 5) as f64 - 2.0) * 0.5).to_bits())
         .collect();
     let d: Vec<f64> = (0..10).map(|i| (i as f64 - 4.5) * 1e-3).collect();
+    // Two rows in three untouched, as in a fine-tune's word embeddings: coded by rows.
+    let rows: Vec<f32> = gaussian_like(40 * 64, 5)
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| if (i / 64) % 3 == 0 { x as f32 } else { 0.0 })
+        .collect();
     vec![
+        (
+            "f32_40x64_k0.1_rows",
+            compress(Tensor::F32(&rows), &[40, 64], 0.1, 1.0, Encoding::Golomb).unwrap(),
+        ),
         (
             "f32_64x48_k0.1_golomb",
             compress(Tensor::F32(&f32v), &[64, 48], 0.1, 1.0, Encoding::Golomb).unwrap(),
@@ -79,6 +89,7 @@ fn golden_files_pin_the_format() {
             "{name}: encoder output differs from the golden file (layout change: new version; deliberate encoder change: COMPEFT_BLESS=1)"
         );
         assert_eq!(Compressed::from_bytes(&want).unwrap(), c);
+        assert_eq!(want[5], if name.ends_with("_rows") { 2 } else { want[5] });
     }
 }
 
@@ -223,8 +234,11 @@ proptest! {
     #[test]
     fn mutated_streams_never_panic(pos in 0usize..400, val in any::<u8>(), cut in 0usize..8) {
         let v: Vec<f32> = gaussian_like(1000, 2).iter().map(|&x| x as f32).collect();
-        for enc in [Encoding::Golomb, Encoding::Bitmask] {
-            let mut b = compress(Tensor::F32(&v), &[10, 100], 0.2, 1.0, enc).unwrap().to_bytes();
+        // Rows 1, 2, 4, 5, 7, 8 untouched: coded by rows.
+        let r: Vec<f32> = v.iter().enumerate().map(|(i, &x)| if (i / 100) % 3 == 0 { x } else { 0.0 }).collect();
+        for (enc, v) in [(Encoding::Golomb, &v), (Encoding::Bitmask, &v), (Encoding::Golomb, &r)] {
+            let mut b = compress(Tensor::F32(v), &[10, 100], 0.2, 1.0, enc).unwrap().to_bytes();
+            prop_assert!(v[100] != 0.0 || b[5] == 2);
             let p = pos % (b.len() - 4);
             b[p] = val;
             let n = b.len() - cut.min(b.len() - 24);
@@ -258,17 +272,22 @@ proptest! {
     /// Mutations of the header and the block index of a stream with many blocks (30,000 kept
     /// entries: 8 blocks): parse, decode and the block-parallel conversion must agree or fail.
     #[test]
-    fn mutated_block_index_never_panics(at in 0usize..60, val in any::<u8>()) {
-        static GOOD: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-        let mut b = GOOD
-            .get_or_init(|| {
-                let v: Vec<f32> = gaussian_like(150_000, 4).iter().map(|&x| x as f32).collect();
-                compress(Tensor::F32(&v), &[150_000], 0.2, 1.0, Encoding::Golomb).unwrap().to_bytes()
-            })
-            .clone();
-        // Bytes 20.. run from the scale through rice_b, block_log2, gap_bits and index_len into
-        // the 7 index pairs (which end near byte 73).
-        let p = 20 + at;
+    fn mutated_block_index_never_panics(at in 0usize..60, val in any::<u8>(), rows in any::<bool>(), far in 0usize..400) {
+        static GOOD: std::sync::OnceLock<[Vec<u8>; 2]> = std::sync::OnceLock::new();
+        let good = GOOD.get_or_init(|| {
+            let v: Vec<f32> = gaussian_like(150_000, 4).iter().map(|&x| x as f32).collect();
+            // Two rows in three untouched, 1,500 rows of 100: coded by rows, 8 blocks.
+            let r: Vec<f32> = v.iter().enumerate().map(|(i, &x)| if (i / 100) % 3 == 0 { x } else { 0.0 }).collect();
+            let plain = compress(Tensor::F32(&v), &[150_000], 0.2, 1.0, Encoding::Golomb).unwrap().to_bytes();
+            let by_rows = compress(Tensor::F32(&r), &[1500, 100], 0.2, 1.0, Encoding::Golomb).unwrap().to_bytes();
+            assert_eq!(by_rows[5], 2);
+            [plain, by_rows]
+        });
+        let mut b = good[rows as usize].clone();
+        // Bytes 20.. run from the scale through rice_b (or cols and count_b), block_log2,
+        // (count_bits,) gap_bits and index_len into the 7 index pairs (which end near byte 73);
+        // a stream by rows has its row counts next.
+        let p = if rows && far > 200 { 20 + far } else { 20 + at };
         b[p] = val;
         refresh_crc(&mut b);
         if let Ok(c) = Compressed::from_bytes(&b) {

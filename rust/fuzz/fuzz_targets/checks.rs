@@ -62,8 +62,14 @@ pub fn convert(data: &[u8]) {
         .map(|c| (i16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)]) as f32) / 64.0)
         .collect();
     let n = x.len();
-    let g = compress(Tensor::F32(&x), &[n as u64], k, 1.0, Encoding::Golomb).unwrap();
-    let m = compress(Tensor::F32(&x), &[n as u64], k, 1.0, Encoding::Bitmask).unwrap();
+    // Rows of 8 where they fit, so that the encoder may code by rows.
+    let shape: Vec<u64> = if n >= 16 && n % 8 == 0 {
+        vec![n as u64 / 8, 8]
+    } else {
+        vec![n as u64]
+    };
+    let g = compress(Tensor::F32(&x), &shape, k, 1.0, Encoding::Golomb).unwrap();
+    let m = compress(Tensor::F32(&x), &shape, k, 1.0, Encoding::Bitmask).unwrap();
     assert_eq!(g.to_bitmask().unwrap(), m);
     assert_eq!(m.to_golomb().unwrap(), g);
     let (mut dg, mut dm) = (vec![0f64; n], vec![0f64; n]);
