@@ -178,7 +178,9 @@ def fp16_file_size(shapes: Mapping[str, Tuple[int, ...]]) -> int:
 
 @dataclass
 class ExpertSummary:
-    """Sizes of a compressed expert, per tensor and in total. ``str()`` gives a table."""
+    """Sizes of a compressed expert, per tensor and in total. ``str()`` gives a table. Each row's
+    ``coding`` is "rice" (golomb, one Rice parameter), "rows" (golomb coded by rows), "bitmask"
+    or "exact" (kept as it is)."""
 
     rows: List[Dict[str, Any]] = field(default_factory=list)
     total_params: int = 0
@@ -197,11 +199,12 @@ class ExpertSummary:
         return 8 * self.file_bytes / self.total_params if self.total_params else 0.0
 
     def __str__(self) -> str:
-        lines = [f"{'tensor':<60} {'shape':>14} {'density':>8} {'bytes':>9} {'bits/param':>10} {'vs fp16':>8}"]
+        lines = [f"{'tensor':<60} {'shape':>14} {'density':>8} {'coding':>7} {'bytes':>9} {'bits/param':>10} "
+                 f"{'vs fp16':>8}"]
         for r in self.rows:
             dens = "exact" if r["lossless"] else f"{r['density']:.4f}"
             lines.append(
-                f"{r['name'][-60:]:<60} {str(tuple(r['shape'])):>14} {dens:>8} {r['bytes']:>9} "
+                f"{r['name'][-60:]:<60} {str(tuple(r['shape'])):>14} {dens:>8} {r['coding']:>7} {r['bytes']:>9} "
                 f"{r['bits_per_param']:>10.3f} {r['ratio_vs_fp16']:>7.1f}x"
             )
         lines.append(
@@ -497,14 +500,15 @@ class CompressedExpert:
             if name in self._exact:
                 shape = tuple(self._entries[key][1])
                 numel = math.prod(shape)
-                row = {"name": name, "shape": shape, "density": 1.0, "lossless": True}
+                row = {"name": name, "shape": shape, "density": 1.0, "lossless": True, "coding": "exact"}
             else:
                 c = CompressedTensor(parsed[name], "torch")
                 shape, numel = c.shape, c.numel
                 s.compressed_params += numel
                 s.entropy_bound_bytes += _entropy_bound_bits(numel, c.density) / 8 if numel else 0.0
                 s.adaptive_bound_bytes += adaptive_bound_bits(c) / 8
-                row = {"name": name, "shape": shape, "density": c.density, "lossless": False}
+                coding = c.encoding if c.encoding == "bitmask" else ("rows" if c.row_length else "rice")
+                row = {"name": name, "shape": shape, "density": c.density, "lossless": False, "coding": coding}
             shapes[name] = shape
             s.total_params += numel
             row.update(

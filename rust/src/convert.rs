@@ -323,7 +323,8 @@ impl Compressed {
         })
     }
 
-    fn header_clone(&self) -> Compressed {
+    /// This stream's header with an empty body, for building another body under it.
+    pub(crate) fn header_clone(&self) -> Compressed {
         Compressed {
             dtype: self.dtype,
             shape: self.shape.clone(),

@@ -20,7 +20,7 @@ pub const ROWS_CODE: u8 = 2;
 /// Smallest possible stream: magic, version, encoding, dtype, ndim, numel, nnz, scale, crc.
 const MIN_LEN: usize = 4 + 4 + 1 + 1 + 8 + 4;
 
-fn varint_len(mut v: u64) -> usize {
+pub(crate) fn varint_len(mut v: u64) -> usize {
     let mut n = 1;
     while v >= 0x80 {
         v >>= 7;

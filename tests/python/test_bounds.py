@@ -62,6 +62,9 @@ def test_skewed_rows_fall_below_the_iid_bound_and_summary_shows_both():
     s = compeft_rs.compress_expert({"w": x}, 0.1).summary()
     assert 0 < s.adaptive_bound_bytes < s.entropy_bound_bytes
     assert "adaptive" in str(s)
+    # Coded by rows, the stream itself goes below the i.i.d. bound (plain Rice cannot).
+    assert c.row_length == 64 and 8 * c.nbytes < iid
+    assert s.rows[0]["coding"] == "rows" and " rows " in str(s)
 
 
 def test_adaptive_bound_wants_a_compressed_tensor():
