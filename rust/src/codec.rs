@@ -143,7 +143,17 @@ impl RowCoding {
         if count_bits < nrows || counts.len() != words_for(count_bits) {
             return malformed("the row counts are shorter than the number of rows");
         }
+        // Each non-empty row takes at least two count bits; reserve without trusting nnz.
+        let most = nnz.min(count_bits / 2) as usize;
         let (mut rows, mut ends, mut bs) = (Vec::new(), Vec::new(), Vec::new());
+        let reserved = rows.try_reserve_exact(most).is_ok()
+            && ends.try_reserve_exact(most).is_ok()
+            && bs.try_reserve_exact(most).is_ok();
+        if !reserved {
+            return Err(Error::OutOfMemory {
+                bytes: most as u64 * 17,
+            });
+        }
         let mut r = crate::bits::BitReader::new(&counts, 0, count_bits);
         let mut total = 0u64;
         for row in 0..nrows {
@@ -330,7 +340,7 @@ impl GolombBody {
         }
         // Each block holds 2^block_log2 nonzeros at distinct positions and at least one bit each.
         let bsz = 1u64 << self.block_log2;
-        let mut prev = BlockStart { bit: 0, next: 0 };
+        let mut prev = self.block_start(0);
         for s in &self.index {
             if s.bit < prev.bit + bsz
                 || s.next < prev.next + bsz
@@ -643,6 +653,70 @@ mod tests {
         let r = g.decode_blocks(c.numel, c.nnz, b0, b1, |j, p, n| got.push((j, p, n)));
         got.sort_by_key(|e| e.0);
         (got, r)
+    }
+
+    /// Forged row-coded streams, each with a valid checksum, are refused by parsing or by
+    /// decoding, never decoded into something else: a block at a row's first entry that does
+    /// not count from the row's start, a block inside a row that counts from outside it, and
+    /// row counts that do not add up.
+    #[test]
+    fn forged_row_coded_streams_are_refused() {
+        let (c, _) = rows_stream(6000, 0.2, 6, 7, Some(40));
+        let g = golomb(&c);
+        let rc = g.rows.as_ref().unwrap();
+        let first_in_row = |j: usize| {
+            let nz = (j as u64) << g.block_log2;
+            rc.ends.binary_search(&nz).is_ok()
+        };
+        let nb = g.block_count(c.nnz) as usize;
+        let at_row = (1..nb).find(|&j| first_in_row(j));
+        let mid_row = (1..nb).find(|&j| !first_in_row(j)).unwrap();
+        // Refused by the parser, or by every decode: whole, to bitmasks, and a range walk from
+        // block j on (which checks the block's own start, not the one before it).
+        let refused_from = |forged: &Compressed, j: usize| {
+            let bytes = forged.to_bytes();
+            match Compressed::from_bytes(&bytes) {
+                Err(_) => true,
+                Ok(p) => {
+                    let mut out = vec![0f32; p.numel as usize];
+                    let Body::Golomb(pg) = &p.body else {
+                        return false;
+                    };
+                    p.decode_into(TensorMut::F32(&mut out)).is_err()
+                        && p.to_bitmask().is_err()
+                        && p.for_each_kept_in(pg.block_start(j).next, p.numel, |_, _| {})
+                            .is_err()
+                }
+            }
+        };
+        let with_index = |j: usize, next: u64| {
+            let mut f = c.clone();
+            if let Body::Golomb(g) = &mut f.body {
+                g.index[j - 1].next = next;
+            }
+            f
+        };
+        let row_start = |j: usize| {
+            let nz = (j as u64) << g.block_log2;
+            rc.rows[rc.ends.partition_point(|&e| e <= nz)] * rc.cols
+        };
+        if let Some(j) = at_row {
+            assert!(refused_from(&with_index(j, row_start(j) + 1), j));
+        }
+        let s = row_start(mid_row);
+        assert!(refused_from(&with_index(mid_row, s), mid_row));
+        assert!(refused_from(&with_index(mid_row, s + rc.cols), mid_row));
+        // A count bit flipped (the checksum recomputed over the new bytes).
+        for bit in [0u64, 1, 5, rc.count_bits - 1] {
+            let mut f = c.clone();
+            if let Body::Golomb(g) = &mut f.body {
+                let r = g.rows.as_mut().unwrap();
+                r.counts[(bit / 64) as usize] ^= 1 << (bit % 64);
+            }
+            assert!(refused_from(&f, 0), "count bit {bit}");
+        }
+        // And the stream as built decodes.
+        assert!(!refused_from(&c, mid_row));
     }
 
     use proptest::prelude::*;

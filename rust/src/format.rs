@@ -341,7 +341,10 @@ impl Head {
             (Encoding::Golomb, Some((rice_b, block_log2, gap_bits, mut index))) => {
                 let rows = match rows {
                     Some((cols, count_b, count_bits)) => {
-                        if count_bits.div_ceil(8) > r.remaining() as u64 {
+                        // The whole payload must be there before the counts size anything.
+                        let payload =
+                            count_bits.div_ceil(8) + gap_bits.div_ceil(8) + nnz.div_ceil(8);
+                        if payload > r.remaining() as u64 {
                             return Err(Error::Truncated { what: "row counts" });
                         }
                         let counts = r.bits(count_bits, "row counts")?;

@@ -297,7 +297,9 @@ impl Lane {
             seg_left: u64::MAX,
         };
         if let Some(rw) = r.rows {
-            let (Some(&row), Some(&end)) = (rw.rows.get(k.seg), rw.ends.get(k.seg)) else {
+            let (Some(&row), Some(&end), Some(&b)) =
+                (rw.rows.get(k.seg), rw.ends.get(k.seg), rw.bs.get(k.seg))
+            else {
                 return malformed("a block starts past the last non-empty row");
             };
             let row_start = row * rw.cols;
@@ -315,7 +317,7 @@ impl Lane {
                     k.j
                 ));
             }
-            ln.b = rw.bs[k.seg] as u32;
+            ln.b = b as u32;
             ln.seg = k.seg;
             ln.seg_left = end - k.first_nz;
             ln.limit = k.limit.min(row_start + rw.cols);
@@ -329,13 +331,14 @@ impl Lane {
     fn next_row(&mut self, r: &BlockRef<'_>) -> bool {
         let Some(rw) = r.rows else { return false };
         let s = self.seg + 1;
-        let (Some(&row), Some(&end)) = (rw.rows.get(s), rw.ends.get(s)) else {
+        let (Some(&row), Some(&end), Some(&b)) = (rw.rows.get(s), rw.ends.get(s), rw.bs.get(s))
+        else {
             return false;
         };
         let row_start = row * rw.cols;
         self.seg = s;
         self.next = row_start;
-        self.b = rw.bs[s] as u32;
+        self.b = b as u32;
         self.seg_left = end - rw.ends[s - 1];
         self.limit = r.block.limit.min(row_start + rw.cols);
         true

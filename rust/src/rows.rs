@@ -54,8 +54,11 @@ impl Compressed {
         let Body::Golomb(g) = &self.body else {
             return crate::error::malformed("not a golomb stream");
         };
-        let body = row_coded(g, self.numel, self.nnz, cols, None, self)?
-            .expect("no size limit: always built");
+        let body = row_coded(g, self.numel, self.nnz, cols, None, self)?.ok_or_else(|| {
+            crate::error::Error::Malformed(
+                "coding by rows gave nothing without a size limit".into(),
+            )
+        })?;
         Ok(Compressed {
             body: Body::Golomb(body),
             ..self.header_clone()
@@ -213,6 +216,12 @@ struct RowPlan {
 
 impl RowPlan {
     fn new(g: &GolombBody, numel: u64, nnz: u64, cols: u64) -> Result<RowPlan> {
+        if cols == 0 || numel % cols != 0 {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "a tensor of {numel} entries has no rows of {cols} entries to code by; \
+                 use the plain layout"
+            )));
+        }
         let pos = positions(g, numel, nnz)?;
         let nrows = numel / cols;
         // Tasks of about TASK_NNZ positions, each cut at a row's first position.

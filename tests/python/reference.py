@@ -118,10 +118,9 @@ def read_row_coded(data):
     numel, nnz = varint(), varint()
     assert numel == int(np.prod(shape, dtype=np.int64))
     pos += 8  # scale
-    cols, count_b, _block_log2 = varint(), byte(), byte()
+    cols, count_b, block_log2 = varint(), byte(), byte()
     count_bits, gap_bits, index_len = varint(), varint(), varint()
-    for _ in range(2 * index_len):
-        varint()
+    index = [(varint(), varint()) for _ in range(index_len)]
     counts_end = pos + (count_bits + 7) // 8
     gaps_end = counts_end + (gap_bits + 7) // 8
     counts_r, gaps_r = _Bits(data[pos:counts_end]), _Bits(data[counts_end:gaps_end])
@@ -129,6 +128,7 @@ def read_row_coded(data):
     assert len(data) == gaps_end + (nnz + 7) // 8 + 4, "the crc follows the signs"
     out = np.zeros(numel, np.int8)
     counts = []
+    starts = []  # (bit, next) of every block's first code, block 0 included
     j = 0
     for row in range(numel // cols):
         n = counts_r.rice(count_b) + 1 if counts_r.bit() else 0
@@ -136,10 +136,16 @@ def read_row_coded(data):
         nxt = row * cols
         b = rice_b(n, cols)
         for _ in range(n):
+            if j % (1 << block_log2) == 0:
+                starts.append((gaps_r.at, nxt))
             p = nxt + gaps_r.rice(b)
             assert nxt <= p < (row + 1) * cols
             out[p] = -1 if signs[j] else 1
             j += 1
             nxt = p + 1
     assert counts_r.at == count_bits and gaps_r.at == gap_bits and j == nnz
+    # The index: blocks 1.. as differences, the first from block 0's start (bit 0, the first
+    # non-empty row's start).
+    want = [(s[0] - p[0], s[1] - p[1]) for p, s in zip(starts, starts[1:])]
+    assert index == want, (index[:3], want[:3])
     return out, cols, np.array(counts)

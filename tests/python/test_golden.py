@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import compeft_rs
-from reference import pattern_of, reference_sigma, reference_signs
+from reference import pattern_of, read_row_coded, reference_sigma, reference_signs
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 M64 = (1 << 64) - 1
@@ -41,7 +41,11 @@ def cases():
     d = np.array([(i - 4.5) * 1e-3 for i in range(10)], dtype=np.float64).reshape(2, 5)
     rows = gaussian_like(40 * 64, 5).astype(np.float32).reshape(40, 64)
     rows[np.arange(40) % 3 != 0] = 0.0
+    rows2 = gaussian_like(300 * 128, 9).astype(np.float32).reshape(300, 128)
+    r = np.arange(300)
+    rows2[(r % 3 != 0) | (r == 0)] = 0.0
     return [
+        ("f32_300x128_k0.2_rows", rows2, 0.2, 1.0, "golomb"),
         ("f32_40x64_k0.1_rows", rows, 0.1, 1.0, "golomb"),
         ("f32_64x48_k0.1_golomb", f32, 0.1, 1.0, "golomb"),
         ("f32_64x48_k0.1_bitmask", f32, 0.1, 1.0, "bitmask"),
@@ -67,6 +71,9 @@ def test_golden(name, x, k, alpha, enc):
     # The row-coded layout (encoding byte 2) where it is smaller, with rows of the last dimension.
     assert data[5] == (2 if name.endswith("_rows") else {"golomb": 0, "bitmask": 1}[enc])
     assert c.row_length == (x.shape[-1] if name.endswith("_rows") else None)
+    if name.endswith("_rows"):
+        # The spec's reader (which also recomputes the block index) gives the reference pattern.
+        assert np.array_equal(read_row_coded(data)[0], reference_signs(values, k))
 
 
 def test_header_fields():
