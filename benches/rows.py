@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import venv
 from pathlib import Path
 
@@ -40,22 +39,11 @@ import numpy as np
 import torch
 
 import compeft_rs
+from _timing import best_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adaptive_candidates import residual, zstd_bits  # noqa: E402
 from bench import lora_expert  # noqa: E402
-
-def best_of(fn, repeat):
-    """The fastest of `repeat` calls, in seconds. (_timing.best_of collects garbage before each
-    call, which with a transformers model alive costs more than the hundreds of small tensors
-    timed here; the caller turns the collector off instead.)"""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
 
 CACHE = Path(os.environ.get("COMPEFT_DATA", Path.home() / ".cache" / "compeft-rs"))
 
@@ -115,6 +103,7 @@ def measure(label: str, tensors: dict[str, torch.Tensor], k: float, repeat: int,
     r = dict(params=0, ours=0.0, plain=0.0, iid=0.0, adaptive=0.0, zstd=0.0, nncodec=0.0, by_rows=0,
              enc=0.0, enc_plain=0.0, dec=0.0, dec_plain=0.0, nnc_enc=0.0, nnc_dec=0.0)
     ternary = {}
+    # Collected once here and not between the hundreds of small timed calls (see best_of).
     gc.collect()
     gc.disable()
     for name in names:
@@ -131,10 +120,10 @@ def measure(label: str, tensors: dict[str, torch.Tensor], k: float, repeat: int,
         r["zstd"] += zstd_bits(t)
         x = tensors[name].float()
         flat = x.reshape(-1)
-        r["enc"] += best_of(lambda: compeft_rs.encode(x, k), repeat)
-        r["enc_plain"] += best_of(lambda: compeft_rs.encode(flat, k), repeat)
-        r["dec"] += best_of(lambda: c.decode(dtype=torch.float32), repeat)
-        r["dec_plain"] += best_of(lambda: plain.decode(dtype=torch.float32), repeat)
+        r["enc"] += best_of(lambda: compeft_rs.encode(x, k), repeat, collect=False)
+        r["enc_plain"] += best_of(lambda: compeft_rs.encode(flat, k), repeat, collect=False)
+        r["dec"] += best_of(lambda: c.decode(dtype=torch.float32), repeat, collect=False)
+        r["dec_plain"] += best_of(lambda: plain.decode(dtype=torch.float32), repeat, collect=False)
     gc.enable()
     if nnc is not None:
         for name, (nbytes, te, td) in run_nncodec(nnc, ternary).items():

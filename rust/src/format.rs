@@ -49,27 +49,49 @@ fn put_bits(out: &mut Vec<u8>, words: &[u64], nbits: u64) {
     }
 }
 
+/// Bytes of a block index's varints, each entry a difference from the one before (`first`,
+/// block 0's start, for the first).
+pub(crate) fn index_nbytes(index: &[BlockStart], first: BlockStart) -> usize {
+    let mut prev = first;
+    let mut n = 0;
+    for s in index {
+        n += varint_len(s.bit - prev.bit) + varint_len(s.next - prev.next);
+        prev = *s;
+    }
+    n
+}
+
+/// Bytes of a golomb body from the Rice parameter (or, coded by rows, `cols`, `count_b` and
+/// `count_bits`) through the signs: the one size rule for both layouts.
+pub(crate) fn golomb_body_nbytes(
+    gap_bits: u64,
+    index: &[BlockStart],
+    first: BlockStart,
+    nnz: u64,
+    rows: Option<(u64, u64)>,
+) -> usize {
+    // rice_b (or count_b) and block_log2, the lengths, the index.
+    let mut m = 2 + varint_len(gap_bits) + varint_len(index.len() as u64);
+    m += index_nbytes(index, first);
+    if let Some((cols, count_bits)) = rows {
+        m += varint_len(cols) + varint_len(count_bits) + count_bits.div_ceil(8) as usize;
+    }
+    m + gap_bits.div_ceil(8) as usize + nnz.div_ceil(8) as usize
+}
+
 impl Compressed {
     /// Size of [`Compressed::to_bytes`] without building it.
     pub fn nbytes(&self) -> usize {
         let mut n = 8 + self.shape.iter().map(|&s| varint_len(s)).sum::<usize>();
         n += varint_len(self.numel) + varint_len(self.nnz) + 8;
         n += match &self.body {
-            Body::Golomb(g) => {
-                let mut m = 2 + varint_len(g.gap_bits) + varint_len(g.index.len() as u64);
-                let mut prev = g.block_start(0);
-                for s in &g.index {
-                    m += varint_len(s.bit - prev.bit) + varint_len(s.next - prev.next);
-                    prev = *s;
-                }
-                if let Some(rc) = &g.rows {
-                    // cols and count_bits, and the count bits; rice_b is not written.
-                    m += varint_len(rc.cols)
-                        + varint_len(rc.count_bits)
-                        + rc.count_bits.div_ceil(8) as usize;
-                }
-                m + g.gap_bits.div_ceil(8) as usize + self.nnz.div_ceil(8) as usize
-            }
+            Body::Golomb(g) => golomb_body_nbytes(
+                g.gap_bits,
+                &g.index,
+                g.block_start(0),
+                self.nnz,
+                g.rows.as_ref().map(|rc| (rc.cols, rc.count_bits)),
+            ),
             Body::Bitmask(_) => 2 * self.numel.div_ceil(8) as usize,
         };
         n + 4

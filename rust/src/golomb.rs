@@ -297,32 +297,43 @@ impl Lane {
             seg_left: u64::MAX,
         };
         if let Some(rw) = r.rows {
-            let (Some(&row), Some(&end), Some(&b)) =
-                (rw.rows.get(k.seg), rw.ends.get(k.seg), rw.bs.get(k.seg))
-            else {
-                return malformed("a block starts past the last non-empty row");
+            let before = match k.seg {
+                0 => Some(0),
+                s => rw.ends.get(s - 1).copied(),
             };
-            let row_start = row * rw.cols;
-            let before = if k.seg == 0 { 0 } else { rw.ends[k.seg - 1] };
-            let in_row = k.first_nz.checked_sub(before).filter(|_| k.first_nz < end);
-            let fresh = in_row == Some(0);
             // A block at a row's first nonzero counts from the row's start; one inside a row
             // from one past a position of that row.
-            if in_row.is_none()
-                || (fresh && k.start.next != row_start)
-                || (!fresh && (k.start.next <= row_start || k.start.next >= row_start + rw.cols))
-            {
+            let ok = match (before, ln.enter_row(&rw, k.seg, k.limit)) {
+                (Some(before), Some(row_start)) if k.first_nz == before => {
+                    k.start.next == row_start
+                }
+                (Some(before), Some(row_start)) if k.first_nz > before => {
+                    k.start.next > row_start && k.start.next < row_start + rw.cols
+                }
+                _ => false,
+            };
+            if !ok {
                 return malformed(format!(
                     "block {} starts outside the row its first nonzero is in",
                     k.j
                 ));
             }
-            ln.b = b as u32;
-            ln.seg = k.seg;
-            ln.seg_left = end - k.first_nz;
-            ln.limit = k.limit.min(row_start + rw.cols);
         }
         Ok(ln)
+    }
+
+    /// Puts the lane in non-empty row `s` from its next nonzero on: the row's Rice parameter,
+    /// the codes left in it, its end (or the block's `limit`) as the bound. The row's start, or
+    /// None when there is no such row or the lane's next nonzero is not in it.
+    fn enter_row(&mut self, rw: &RowsRef<'_>, s: usize, limit: u64) -> Option<u64> {
+        let (&row, &end, &b) = (rw.rows.get(s)?, rw.ends.get(s)?, rw.bs.get(s)?);
+        let left = end.checked_sub(self.nz).filter(|&l| l > 0)?;
+        let row_start = row * rw.cols;
+        self.seg = s;
+        self.b = b as u32;
+        self.seg_left = left;
+        self.limit = limit.min(row_start + rw.cols);
+        Some(row_start)
     }
 
     /// Moves a lane whose row has ended to the next non-empty row: false if there is none.
@@ -330,18 +341,13 @@ impl Lane {
     #[inline]
     fn next_row(&mut self, r: &BlockRef<'_>) -> bool {
         let Some(rw) = r.rows else { return false };
-        let s = self.seg + 1;
-        let (Some(&row), Some(&end), Some(&b)) = (rw.rows.get(s), rw.ends.get(s), rw.bs.get(s))
-        else {
-            return false;
-        };
-        let row_start = row * rw.cols;
-        self.seg = s;
-        self.next = row_start;
-        self.b = b as u32;
-        self.seg_left = end - rw.ends[s - 1];
-        self.limit = r.block.limit.min(row_start + rw.cols);
-        true
+        match self.enter_row(&rw, self.seg + 1, r.block.limit) {
+            Some(row_start) => {
+                self.next = row_start;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether a lane that has walked its block's codes ends where the block must: at its end

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::bits::BitWriter;
 use crate::codec::{Body, Compressed, GolombBody, RowCoding};
 use crate::error::{try_zeroed, Result};
-use crate::format::varint_len;
+use crate::format::{golomb_body_nbytes, index_nbytes};
 use crate::golomb::{rice_parameter, BlockStart};
 
 /// Positions per task of the row pass: long enough that a task's setup is noise.
@@ -37,31 +37,16 @@ impl Compressed {
         {
             return Ok(self);
         }
-        Ok(
-            match row_coded(g, self.numel, self.nnz, cols, Some(self.nbytes()), &self)? {
-                Some(body) => Compressed {
-                    body: Body::Golomb(body),
-                    ..self.header_clone()
-                },
-                None => self,
-            },
-        )
+        Ok(row_coded(&self, cols, Some(self.nbytes()))?.unwrap_or(self))
     }
 
     /// A plain golomb stream (checked) in the row-coded layout with rows of `cols` entries
     /// (`cols` divides `numel`), whatever its size.
     pub(crate) fn with_rows(&self, cols: u64) -> Result<Compressed> {
-        let Body::Golomb(g) = &self.body else {
-            return crate::error::malformed("not a golomb stream");
-        };
-        let body = row_coded(g, self.numel, self.nnz, cols, None, self)?.ok_or_else(|| {
+        row_coded(self, cols, None)?.ok_or_else(|| {
             crate::error::Error::Malformed(
                 "coding by rows gave nothing without a size limit".into(),
             )
-        })?;
-        Ok(Compressed {
-            body: Body::Golomb(body),
-            ..self.header_clone()
         })
     }
 
@@ -176,19 +161,14 @@ impl Bits for Count {
     }
 }
 
-/// The row-coded body of the plain golomb stream `g` (checked), rows of `cols` entries; None
-/// when it would not be smaller than `limit` bytes as a whole stream (`c` is the stream, for its
-/// header's size). A size pass runs first, so a tensor that stays plain costs a walk of its
-/// positions and no writing.
-fn row_coded(
-    g: &GolombBody,
-    numel: u64,
-    nnz: u64,
-    cols: u64,
-    limit: Option<usize>,
-    c: &Compressed,
-) -> Result<Option<GolombBody>> {
-    let plan = RowPlan::new(g, numel, nnz, cols)?;
+/// The plain golomb stream `c` (checked) coded by rows of `cols` entries; None when it would
+/// not be smaller than `limit` bytes. A size pass runs first, so a tensor that stays plain costs
+/// a walk of its positions and no writing.
+fn row_coded(c: &Compressed, cols: u64, limit: Option<usize>) -> Result<Option<Compressed>> {
+    let Body::Golomb(g) = &c.body else {
+        return crate::error::malformed("not a golomb stream");
+    };
+    let plan = RowPlan::new(g, c.numel, c.nnz, cols)?;
     if let Some(limit) = limit {
         // From the counts alone: every code takes at least its stop bit and b low bits. Where
         // that is already no smaller than the plain gap codes and index (with room for the few
@@ -199,7 +179,10 @@ fn row_coded(
             return Ok(None);
         }
     }
-    plan.build(g, numel, nnz).map(Some)
+    Ok(Some(Compressed {
+        body: Body::Golomb(plan.build(g)),
+        ..c.header_clone()
+    }))
 }
 
 /// What coding a stream by rows takes: its positions cut into tasks at row starts, each
@@ -339,20 +322,19 @@ impl RowPlan {
             bit: 0,
             next: self.pos.first().map_or(0, |&p| p / self.cols * self.cols),
         };
-        // The same header, index length and checksum; rice_b's byte becomes count_b's.
-        let head = c.nbytes()
-            - c.payload_nbytes()
-            - index_nbytes(&g.index, g.block_start(0))
-            - varint_len(g.gap_bits);
-        head + varint_len(self.cols)
-            + varint_len(count_bits)
-            + varint_len(gap_bits)
-            + index_nbytes(&index, first)
-            + (count_bits.div_ceil(8) + gap_bits.div_ceil(8) + c.nnz.div_ceil(8)) as usize
+        // The plain stream with its golomb body swapped for this one.
+        c.nbytes() - golomb_body_nbytes(g.gap_bits, &g.index, g.block_start(0), c.nnz, None)
+            + golomb_body_nbytes(
+                gap_bits,
+                &index,
+                first,
+                c.nnz,
+                Some((self.cols, count_bits)),
+            )
     }
 
     /// The row-coded body.
-    fn build(&self, g: &GolombBody, numel: u64, nnz: u64) -> Result<GolombBody> {
+    fn build(&self, g: &GolombBody) -> GolombBody {
         let coded = self.code(|p, cs| {
             BitWriter::with_capacity_bits(
                 (p.r1 - p.r0) as usize + 16 * cs.len() + 4 * (p.hi - p.lo),
@@ -372,32 +354,41 @@ impl RowPlan {
             cw.append(&cwords, cbits);
             gw.append(&gwords, gbits);
         }
-        let (cwords, count_bits) = cw.finish();
+        let (counts, count_bits) = cw.finish();
         let (gaps, gap_bits) = gw.finish();
-        let rows = RowCoding::parse(self.cols, self.count_b, cwords, count_bits, numel, nnz)?;
-        Ok(GolombBody {
+        // What the walk needs, from the counts at hand (a parse would read back what was just
+        // written; the round-trip tests check that it agrees).
+        let n = self.counts.iter().map(Vec::len).sum();
+        let (mut rows, mut ends, mut bs) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut total = 0;
+        for &(row, c) in self.counts.iter().flatten() {
+            total += c;
+            rows.push(row);
+            ends.push(total);
+            bs.push(self.b_of(c));
+        }
+        GolombBody {
             rice_b: 0,
             block_log2: g.block_log2,
             gaps,
             gap_bits,
             signs: g.signs.clone(),
             index,
-            rows: Some(Box::new(rows)),
-        })
+            rows: Some(Box::new(RowCoding {
+                cols: self.cols,
+                count_b: self.count_b,
+                counts,
+                count_bits,
+                rows,
+                ends,
+                bs,
+            })),
+        }
     }
-}
-
-/// Bytes of a block index's varints, each entry a difference from the one before (`first` for
-/// the first), as the format writes it.
-fn index_nbytes(index: &[BlockStart], first: BlockStart) -> usize {
-    let mut prev = first;
-    let mut n = 0;
-    for s in index {
-        n += crate::format::varint_len(s.bit - prev.bit)
-            + crate::format::varint_len(s.next - prev.next);
-        prev = *s;
-    }
-    n
 }
 
 /// Each non-empty row among increasing positions and its count, in order. One division for the
@@ -527,9 +518,11 @@ mod tests {
             };
             let plan = RowPlan::new(g, plain.numel, plain.nnz, cols as u64).unwrap();
             let built = Compressed {
-                body: Body::Golomb(plan.build(g, plain.numel, plain.nnz).unwrap()),
+                body: Body::Golomb(plan.build(g)),
                 ..plain.header_clone()
             };
+            // The tables the walk uses are those a parse of the bytes gives.
+            assert_eq!(Compressed::from_bytes(&built.to_bytes()).unwrap(), built);
             assert_eq!(plan.nbytes(g, &plain), built.nbytes(), "{rows}x{cols}");
             assert_eq!(built.to_bytes().len(), built.nbytes());
             assert_eq!(c.nbytes(), plain.nbytes().min(built.nbytes()));

@@ -131,13 +131,18 @@ def test_row_coded_experts_decode_merge_and_read_like_plain(tmp_path):
         assert s.row_length == 96
         want = reference_signs(tensors[n].numpy().reshape(-1), 0.1).reshape(500, 96)
         assert torch.equal(s.decode(), torch.from_numpy(want * np.float32(s.scale)))
-    # Merging on the streams equals peft's merge_utils on the decoded tensors.
+    # Merging on the streams equals peft's merge_utils on the ternary tensors built by the numpy
+    # reference (signs of the top-k) and each stream's scale.
     from peft.utils import merge_utils
 
     w = torch.tensor([1.0, 0.5])
     ta = compeft_rs.merge(experts, method="task_arithmetic", weights=[1.0, 0.5])
     ties = compeft_rs.merge(experts, method="ties", weights=[1.0, 0.5])
     for n in tensors:
-        dense = [e.stream(n).decode(dtype=torch.float32) for e in experts]
+        dense = []
+        for j, e in enumerate(experts):
+            x = (tensors[n] * (1 + j) + 0.001 * j).numpy().reshape(-1)
+            want = reference_signs(x, 0.1).reshape(500, 96) * np.float32(e.stream(n).scale)
+            dense.append(torch.from_numpy(want.astype(np.float32)))
         torch.testing.assert_close(ta[n], merge_utils.task_arithmetic(dense, w), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(ties[n], merge_utils.ties(dense, w, density=1.0), rtol=1e-6, atol=1e-7)
