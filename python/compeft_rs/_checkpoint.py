@@ -24,12 +24,13 @@ from ._expert import (
     build_expert,
     checkpoint_files,
     delta_of,
-    encode_deltas,
+    encode_expert,
     expert_info,
     load_expert,
     reconstruct,
     tau_dtype,
 )
+from ._allocate import check_allocate
 from ._io import atomic_dir, atomic_file
 from ._plan import plan_expert
 from ._scale import check_scale
@@ -89,18 +90,21 @@ def compress_checkpoint(
     scale: str = "pair",
     encoding: str = "golomb",
     progress: bool = False,
+    allocate: str = "uniform",
 ) -> CompressedExpert:
     """Compresses a checkpoint (a safetensors file or a folder of shards) tensor by tensor.
 
     With ``base`` each tensor the base has is compressed as finetuned - base (float32, float64 if
     either is), and the tensors it lacks are kept exactly; without it the tensors are taken as
-    task vectors under the same rules as :func:`compeft_rs.compress_expert`; ``scope`` and
-    ``scale`` as there.
+    task vectors under the same rules as :func:`compeft_rs.compress_expert`; ``scope``,
+    ``scale`` and ``allocate`` as there (``allocate="error"`` reads each residual again to
+    measure its error at each density tried).
     """
     k, alpha = check_k_alpha(k, alpha)
     _check_scope(scope)
     check_scale(scale)
     _check_encoding(encoding)
+    check_allocate(allocate, scope)
     ft = _Checkpoint(finetuned)
     bs = _Checkpoint(base) if base is not None else None
     plans = plan_expert(ft.meta, base=None if bs is None else bs.meta)
@@ -115,9 +119,11 @@ def compress_checkpoint(
     def source(n: str) -> Any:
         return delta_of(plans[n], ft.get(n), bs.get(n) if plans[n].init == "base" else None)  # type: ignore[union-attr]
 
-    streams = encode_deltas(deltas, source, [k], alpha, scope, encoding, _progress(progress), scale=scale)[k]
+    streams = encode_expert(deltas, source, [k], alpha, scope, encoding, _progress(progress), scale=scale,
+                            allocate=allocate)[k]
     exact = {n: ft.get(n) for n, p in plans.items() if p.exact}
-    info = expert_info(k, alpha, scope, encoding, plans, streams, {n: ft.meta[n][0] for n in deltas}, scale)
+    info = expert_info(k, alpha, scope, encoding, plans, streams, {n: ft.meta[n][0] for n in deltas}, scale,
+                       allocate=allocate)
     if bs is not None:
         info["sharding"] = [f.name for f in ft.files]
     return build_expert(streams, exact, info)

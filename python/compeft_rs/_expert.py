@@ -25,6 +25,7 @@ from ._core import decode_streams as _decode_streams
 from ._core import encode_many as _encode_many
 from ._core import encode_with_threshold as _encode_with_threshold
 from ._core import kept_abs_sum as _kept_abs_sum
+from ._allocate import check_allocate, choose, density_grid
 from ._gauge import balance_pair, check_gauge
 from ._bounds import adaptive_bound_bits
 from ._scale import check_scale, lora_pairs, pair_rescale
@@ -356,6 +357,13 @@ class CompressedExpert:
         """The gauge the LoRA pairs were compressed in: "as_trained" or "balanced" (see
         :func:`compress_expert`; "as_trained" for files that do not record one)."""
         return str(self._info.get("gauge", "as_trained"))
+
+    @property
+    def allocate(self) -> str:
+        """How density was spread over the tensors: "uniform" (every tensor at :attr:`k`) or
+        "error" (per-tensor densities within the bytes of the uniform choice; see
+        :func:`compress_expert`). Files written before the option existed read as "uniform"."""
+        return str(self._info.get("allocate", "uniform"))
 
     @property
     def encoding(self) -> str:
@@ -742,6 +750,36 @@ def encode_deltas(
     return out
 
 
+def encode_expert(
+    names: Sequence[str],
+    source: Callable[[str], Any],
+    ks: Sequence[float],
+    alpha: float,
+    scope: str,
+    encoding: str,
+    progress: Callable[[Sequence[str], str], Iterable[str]] = lambda names, desc: names,
+    scale: str = "std",
+    allocate: str = "uniform",
+    peft_config: Optional[Mapping[str, Any]] = None,
+) -> Dict[float, Dict[str, CompressedTensor]]:
+    """:func:`encode_deltas` with the densities spread as ``allocate`` says: "uniform" (density k
+    everywhere) or "error" (per unit, from a grid around each k; see ``compeft_rs._allocate``)."""
+    if allocate == "uniform":
+        return encode_deltas(names, source, ks, alpha, scope, encoding, progress, scale=scale)
+    grids = {float(k): density_grid(float(k)) for k in ks}
+    # Densities are chosen for the rule's own scales (alpha 1); alpha then multiplies every
+    # stored scale, as it always does, so that tune's alphas reuse one allocation.
+    tried = encode_deltas(names, source, sorted({g for gr in grids.values() for g in gr}), 1.0, scope, encoding,
+                          progress, scale=scale)
+    out = {}
+    for k, grid in grids.items():
+        st = choose(list(names), source, {g: tried[g] for g in grid}, k, peft_config)
+        if alpha != 1.0:
+            st = {n: CompressedTensor(c._stream.with_scale(c.scale * alpha), c._kind) for n, c in st.items()}
+        out[k] = st
+    return out
+
+
 def _scale_value(rule: str, kept_sum: float, nnz: int, norm: float) -> float:
     """The data-free scales of one group of kept entries (as the Rust side computes them per
     tensor): mean |tau| of the kept, ||tau|| / sqrt(nnz), or ||tau||^2 / sum of the kept |tau|."""
@@ -782,13 +820,16 @@ def build_expert(
 
 def expert_info(k: float, alpha: float, scope: str, encoding: str, plans: Mapping[str, TensorPlan],
                 streams: Mapping[str, CompressedTensor], dtypes: Mapping[str, str],
-                scale: str = "std", gauge: str = "as_trained") -> Dict[str, Any]:
+                scale: str = "std", gauge: str = "as_trained", allocate: str = "uniform") -> Dict[str, Any]:
     """The codec parameters stored in a file's metadata; only what differs from the defaults is
-    listed per tensor, to keep small experts small. ``gauge`` is stored only when it is not
-    "as_trained" (files without it, written before it existed, were compressed as trained)."""
+    listed per tensor, to keep small experts small. ``gauge`` and ``allocate`` are stored only
+    when they are not the defaults (files without them, written before they existed, were
+    compressed as trained, at one density)."""
     inits = [p.init for p in plans.values() if p.init is not None]
     default = "base" if "base" in inits else "zero"
     extra = {} if gauge == "as_trained" else {"gauge": gauge}
+    if allocate != "uniform":
+        extra["allocate"] = allocate
     return {
         "library": "compeft-rs",
         "k": k,
@@ -816,6 +857,7 @@ def compress_expert_densities(
     lossless: Iterable[str] = (),
     peft_config: Optional[Dict[str, Any]] = None,
     gauge: str = "as_trained",
+    allocate: str = "uniform",
 ) -> Dict[float, CompressedExpert]:
     """compress_expert for several densities at once, one selection shared by all of them."""
     checked = [check_k_alpha(k, alpha)[0] for k in ks]
@@ -823,6 +865,7 @@ def compress_expert_densities(
     _check_scope(scope)
     check_scale(scale)
     check_gauge(gauge)
+    check_allocate(allocate, scope)
     _check_encoding(encoding)
     if base is not None:
         base = {n: _as_torch(t) for n, t in base.items()}
@@ -842,9 +885,10 @@ def compress_expert_densities(
                 deltas[na], deltas[nb] = balance_pair(deltas[na], deltas[nb])
     exact = {n: tensors[n] for n, p in plans.items() if p.exact}
     dtypes = {n: _dtype_str(tensors[n]) for n in deltas}
-    per_k = encode_deltas(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding, scale=scale)
+    per_k = encode_expert(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding, scale=scale,
+                          allocate=allocate, peft_config=peft_config)
     return {
-        k: build_expert(st, exact, expert_info(k, alpha, scope, encoding, plans, st, dtypes, scale, gauge),
+        k: build_expert(st, exact, expert_info(k, alpha, scope, encoding, plans, st, dtypes, scale, gauge, allocate),
                         peft_config)
         for k, st in per_k.items()
     }
@@ -862,6 +906,7 @@ def compress_expert(
     lossless: Iterable[str] = (),
     peft_config: Optional[Dict[str, Any]] = None,
     gauge: str = "as_trained",
+    allocate: str = "uniform",
 ) -> CompressedExpert:
     """Compresses a whole expert with ComPEFT.
 
@@ -887,6 +932,13 @@ def compress_expert(
             ``lora_embedding_A``/``lora_embedding_B`` compressed from 0; factors of other shapes
             (conv LoRA, a rank mismatch) and pairs with B A = 0 are compressed as given, every
             other tensor is unchanged. Recorded in the file (:attr:`CompressedExpert.gauge`).
+        allocate: how density is spread over the tensors (see ``compeft_rs._allocate``):
+            "uniform" (the default: every tensor at density k) or "error" (per-tensor scope only:
+            each LoRA pair, and each other tensor, gets the density from a grid around k that
+            minimises the summed squared error of what the model applies, scaling * B.A for a
+            pair, within the stream bytes of the uniform choice; the overall density stays near
+            k, the size at most that of "uniform"). Recorded in the file
+            (:attr:`CompressedExpert.allocate`).
 
     Which tensors are compressed from which theta_init, and which are kept exactly, is decided
     by one rule for every path (see ``compeft_rs._plan``): LoRA factors from 0, (IA)3 vectors from
@@ -907,5 +959,5 @@ def compress_expert(
         base = load_tensors(base)
     return compress_expert_densities(
         tensors, [k], alpha, base=base, scope=scope, scale=scale, encoding=encoding, lossless=lossless,
-        peft_config=peft_config, gauge=gauge,
+        peft_config=peft_config, gauge=gauge, allocate=allocate,
     )[k]

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from ._core import CompeftError
 from ._expert import CompressedExpert, PathLike, _torch, compress_expert, load_expert
+from ._allocate import check_allocate
 from ._gauge import check_gauge
 from ._io import atomic_dir
 
@@ -64,6 +65,7 @@ def compress_peft(
     encoding: str = "golomb",
     adapter_name: Optional[str] = None,
     gauge: str = "as_trained",
+    allocate: str = "uniform",
 ) -> CompressedExpert:
     """Compresses a PEFT adapter: a folder (adapter_config.json + weights) or a PeftModel in memory.
 
@@ -71,8 +73,9 @@ def compress_peft(
     magnitudes, modules_to_save copies, heads and non-float tensors are kept exactly; other PEFT
     types and LoRA initialisations that change the base (PiSSA, OLoRA, CorDA, LoftQ) are refused.
     The adapter config travels in the file. For a PeftModel, ``adapter_name`` defaults to the
-    active adapter. ``scope``, ``scale`` and ``gauge`` (``"balanced"`` compresses each
-    LoRA pair in the gauge of its product's SVD) as in :func:`compeft_rs.compress_expert`.
+    active adapter. ``scope``, ``scale``, ``gauge`` (``"balanced"`` compresses each
+    LoRA pair in the gauge of its product's SVD) and ``allocate`` (``"error"``: a density per
+    LoRA pair within the bytes of density k) as in :func:`compeft_rs.compress_expert`.
     """
     if isinstance(adapter, (str, os.PathLike)):
         sd, config = read_peft_folder(adapter)
@@ -85,8 +88,9 @@ def compress_peft(
         sd = {k_: v.detach().cpu() for k_, v in get_peft_model_state_dict(adapter, adapter_name=name).items()}
         config = _config_dict(adapter.peft_config[name])
     check_gauge(gauge)  # before the adapter is read
+    check_allocate(allocate, scope)
     return compress_expert(sd, k, alpha, scope=scope, scale=scale, encoding=encoding, peft_config=config,
-                           gauge=gauge)
+                           gauge=gauge, allocate=allocate)
 
 
 def adapter_state_dict(expert: CompressedExpert) -> Dict[str, Any]:

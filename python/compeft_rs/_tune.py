@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ._expert import CompressedExpert, _torch, compress_expert_densities, reconstruct
+from ._allocate import check_allocate
 from ._gauge import check_gauge
 from ._scale import SCALES, check_scale
 
@@ -186,6 +187,7 @@ def tune(
     noise: Optional[float] = None,
     seed: int = 0,
     gauge: str = "as_trained",
+    allocate: str = "uniform",
 ) -> TuneResult:
     """Grid search of (scope, scale rule, k, alpha) scored by ``evaluate`` (higher is better).
 
@@ -229,8 +231,9 @@ def tune(
     to the earlier point of the grid (the defaults first). Raises ValueError if ``evaluate``
     returns NaN or infinite scores, more than 1-d, or a different kind or number of per-example
     scores than at the first call.
-    ``gauge`` applies to every point (as in :func:`compeft_rs.compress_expert`); it is not
-    searched.
+    ``gauge`` and ``allocate`` apply to every point (as in :func:`compeft_rs.compress_expert`;
+    with ``allocate="error"`` the global scope, which has one threshold, is left out of the
+    grid); they are not searched.
     """
     torch = _torch()
     set_peft_model_state_dict: Any = None
@@ -260,6 +263,9 @@ def tune(
     if noise is not None and not (math.isfinite(float(noise)) and float(noise) >= 0.0):
         raise ValueError(f"noise must be a finite score difference >= 0, or None; got {noise}")
     check_gauge(gauge)
+    check_allocate(allocate)
+    if allocate != "uniform":
+        scopes = [s for s in scopes if s == "per_tensor"] or ["per_tensor"]
 
     def alphas_for(scale: str) -> Sequence[float]:
         if alphas is not None:
@@ -289,7 +295,7 @@ def tune(
         for (scope, scale), per in plan.items():
             # One magnitude histogram for all k, one compression per k reused for every alpha.
             per_k = compress_expert_densities(sd, list(per), 1.0, scope=scope, scale=scale, encoding=encoding,
-                                              peft_config=config, gauge=gauge)
+                                              peft_config=config, gauge=gauge, allocate=allocate)
             for k, k_alphas in per.items():
                 unit = per_k[k]
                 nbytes = unit.nbytes
@@ -366,6 +372,6 @@ def tune(
             # The gap the strongest candidate fell short of: the noise that kept the defaults.
             result_noise = max(points[1:], key=rank).noise if len(points) > 1 else None
     chosen = compress_expert_densities(sd, [best.k], best.alpha, scope=best.scope, scale=best.scale,
-                                       encoding=encoding, peft_config=config, gauge=gauge)[best.k]
+                                       encoding=encoding, peft_config=config, gauge=gauge, allocate=allocate)[best.k]
     return TuneResult(points=points, best=best, expert=chosen, pareto=pareto_front(points), default=points[0],
                       noise=result_noise, rule=rule)

@@ -65,12 +65,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if src.is_dir() and is_peft_folder(src):
         if args.base is not None:
             raise ValueError("--base is for full fine-tunes; a PEFT adapter is compressed on its own")
-        expert = compress_peft(src, args.k, args.alpha, scope=args.scope, scale=args.scale, encoding=args.encoding)
+        expert = compress_peft(src, args.k, args.alpha, scope=args.scope, scale=args.scale, encoding=args.encoding,
+                               gauge=args.gauge, allocate=args.allocate)
         kind = "PEFT adapter"
     else:
+        if args.gauge != "as_trained":
+            raise ValueError("--gauge rewrites LoRA factor pairs: it is for PEFT adapter folders")
         expert = compress_checkpoint(
             src, args.k, args.alpha, base=args.base, scope=args.scope, scale=args.scale, encoding=args.encoding,
-            progress=not args.quiet,
+            progress=not args.quiet, allocate=args.allocate,
         )
         kind = "checkpoint residual" if args.base else "tensors"
     expert.save(out)
@@ -188,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "product B.A keeps its L2 norm; --scope global --scale std is the paper's "
                         "Algorithm 1)")
     c.add_argument("--encoding", choices=["golomb", "bitmask"], default="golomb")
+    c.add_argument("--allocate", choices=["uniform", "error"], default="uniform",
+                   help="density k for every tensor (default), or per tensor / LoRA pair the density that "
+                        "minimises the error of what the model applies, within the bytes of k everywhere")
+    c.add_argument("--gauge", choices=["as_trained", "balanced"], default="as_trained",
+                   help="PEFT adapters: compress the LoRA factors as trained (default), or each pair in the "
+                        "gauge of its product's SVD (the same adapter, other factors)")
     c.add_argument("--base", metavar="BASE", help="base checkpoint (file or folder) of a full fine-tune")
     common(c)
     c.set_defaults(func=cmd_compress)

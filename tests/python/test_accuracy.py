@@ -21,7 +21,8 @@ def test_quick_study():
     results = accuracy_study.run(quick=True, log=lambda *a: None)
     assert [r["task"] for r in results] == ["movies", "amazon", "tweets"]
     for r in results:
-        rows = {row["method"]: row for row in r["rows"]}
+        assert r["kind"] == "lora"
+        rows = {row["group"]: row for row in r["rows"]}
         n_test = r["sizes"]["test"]
 
         # Margins are compared as whole test sentences: a fraction of 300 is not exact in binary.
@@ -33,8 +34,8 @@ def test_quick_study():
             """p accuracy points as test sentences (3 for 1 point on 300 sentences)."""
             return round(p * n_test / 100)
 
-        full = rows["uncompressed adapter"]["test"]
-        none = rows["no adapter (LoRA removed, head kept)"]["test"]
+        full = rows["uncompressed"]["test"]
+        none = rows["no expert (base, trained head)"]["test"]
         default = rows["defaults, no tuning"]
         assert ahead(full, none) > points(8), r
         assert (default["scope"], default["scale"], default["k"]) == ("per_tensor", "pair", 0.1)
