@@ -223,10 +223,14 @@ class Study:
             self.load(original)
 
 
-@functools.lru_cache(maxsize=None)
 def trained(task: str, quick: bool, train_cap: int = 3000, kind: str = "lora") -> Study:
     """The task's Study with its expert trained; kept for the process, so the merging study (and
     the CI tests, which run both quick studies) train each expert once."""
+    return _trained(task, bool(quick), int(train_cap), kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(task: str, quick: bool, train_cap: int, kind: str) -> Study:
     study = Study(task, quick, train_cap=train_cap, kind=kind)
     notes = []
     # Quick: 2 epochs over 640 sentences (40 steps); after 20 steps the tweets adapter was too

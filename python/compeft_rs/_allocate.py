@@ -21,6 +21,7 @@ import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._lora import expert_scalings, lora_factor
+from ._scale import _matrix as _scale_matrix
 from ._scale import lora_pairs
 from ._tensor import CompressedTensor
 
@@ -32,9 +33,9 @@ ALLOCATIONS = ("uniform", "error")
 _STEPS = tuple(range(-4, 5))
 
 
-def check_allocate(allocate: Any, scope: str = "per_tensor") -> str:
-    """``allocate`` if it is one of :data:`ALLOCATIONS` and fits ``scope``, else ValueError
-    saying what to pass."""
+def check_allocate(allocate: Any, scope: str = "per_tensor", encoding: str = "golomb") -> str:
+    """``allocate`` if it is one of :data:`ALLOCATIONS` and fits ``scope`` and ``encoding``, else
+    ValueError saying what to pass."""
     if allocate not in ALLOCATIONS:
         raise ValueError(
             f"allocate must be one of {', '.join(repr(a) for a in ALLOCATIONS)}, got {allocate!r}: "
@@ -44,6 +45,9 @@ def check_allocate(allocate: Any, scope: str = "per_tensor") -> str:
     if allocate != "uniform" and scope != "per_tensor":
         raise ValueError(f"allocate={allocate!r} chooses a density per tensor, so it needs scope=\"per_tensor\" "
                          f"(scope={scope!r} keeps one threshold over all tensors)")
+    if allocate != "uniform" and encoding != "golomb":
+        raise ValueError(f"allocate={allocate!r} spends a byte budget, so it needs encoding=\"golomb\": a "
+                         f"{encoding} stream's size does not depend on its density (convert after compressing)")
     return str(allocate)
 
 
@@ -85,29 +89,37 @@ def choose(
     import torch
 
     grid = sorted(per_k)
-    pairs = [(a, b) for a, b in lora_pairs(list(names)) if _rank_matches(per_k[k][a], per_k[k][b])]
+    pairs = [(a, b) for a, b in lora_pairs(list(names)) if _factors_of_one_rank(per_k[k][a], per_k[k][b])]
     paired = {n for p in pairs for n in p}
     scalings = expert_scalings(peft_config, names) if peft_config else {}
     units: List[Tuple[str, ...]] = [p for p in pairs] + [(n,) for n in sorted(names) if n not in paired]
+
+    def scaling(n: str) -> float:
+        f = lora_factor(n)
+        return scalings.get(f[0], 1.0) if f is not None else 1.0
+
+    def read(n: str) -> Any:
+        return source(n).detach().to(device="cpu", dtype=torch.float64)
 
     # cost[u][i] = (bytes, error) of unit u at density grid[i].
     cost: List[List[Tuple[int, float]]] = []
     with torch.no_grad():
         for u in units:
             row = []
+            # What the model applies: scaling * B.A for a pair, scaling * bias for lora_B's bias,
+            # the tensor itself otherwise (a factor without its partner counts as itself).
+            f = lora_factor(u[0])
+            w = scaling(u[0]) ** 2 if len(u) == 2 or (f is not None and f[1] == "bias") else 1.0
             if len(u) == 2:
-                a, b = (source(n).to(torch.float64) for n in u)
-                f = lora_factor(u[0])
-                s = scalings.get(f[0], 1.0) if f is not None else 1.0
+                a, b = read(u[0]), read(u[1])
                 for kk in grid:
                     sa, sb = per_k[kk][u[0]], per_k[kk][u[1]]
-                    err = s * s * _pair_error(a, b, _dense(sa), _dense(sb))
-                    row.append((sa.nbytes + sb.nbytes, err))
+                    row.append((sa.nbytes + sb.nbytes, w * _pair_error(a, b, _dense(sa), _dense(sb))))
             else:
-                t = source(u[0]).to(torch.float64)
+                t = read(u[0])
                 for kk in grid:
                     st = per_k[kk][u[0]]
-                    row.append((st.nbytes, _tensor_error(t, _dense(st))))
+                    row.append((st.nbytes, w * _tensor_error(t, _dense(st))))
             cost.append(row)
 
     picks = pick_densities(cost, grid.index(k))
@@ -130,9 +142,12 @@ def pick_densities(cost: List[List[Tuple[int, float]]], uniform: int) -> List[in
     return picks
 
 
-def _rank_matches(a: CompressedTensor, b: CompressedTensor) -> bool:
-    """Whether A (r, ...) and B (d_out, r, ...) are factors of one rank (checked, not assumed)."""
-    return len(a.shape) >= 1 and len(b.shape) >= 2 and a.shape[0] == b.shape[1]
+def _factors_of_one_rank(a: CompressedTensor, b: CompressedTensor) -> bool:
+    """Whether A and B, as the matrices peft multiplies (rows, everything else), have one rank
+    (checked, not assumed; the same test as the pair scale rule's)."""
+    if not a.shape or not b.shape:
+        return False
+    return _scale_matrix(tuple(a.shape))[0] == _scale_matrix(tuple(b.shape))[1]
 
 
 def _dense(s: CompressedTensor) -> Any:

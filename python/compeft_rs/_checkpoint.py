@@ -104,7 +104,7 @@ def compress_checkpoint(
     _check_scope(scope)
     check_scale(scale)
     _check_encoding(encoding)
-    check_allocate(allocate, scope)
+    check_allocate(allocate, scope, encoding)
     ft = _Checkpoint(finetuned)
     bs = _Checkpoint(base) if base is not None else None
     plans = plan_expert(ft.meta, base=None if bs is None else bs.meta)

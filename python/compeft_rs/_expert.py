@@ -337,10 +337,14 @@ class CompressedExpert:
 
     @property
     def k(self) -> float:
+        """The density asked for: every tensor's with ``allocate="uniform"``, the byte budget's
+        (the streams' size at that density everywhere) with ``allocate="error"``; the streams'
+        own densities are in :meth:`summary`."""
         return float(self._info["k"])
 
     @property
     def alpha(self) -> float:
+        """The multiplier every stored scale carries."""
         return float(self._info["alpha"])
 
     @property
@@ -865,7 +869,7 @@ def compress_expert_densities(
     _check_scope(scope)
     check_scale(scale)
     check_gauge(gauge)
-    check_allocate(allocate, scope)
+    check_allocate(allocate, scope, encoding)
     _check_encoding(encoding)
     if base is not None:
         base = {n: _as_torch(t) for n, t in base.items()}
@@ -936,9 +940,13 @@ def compress_expert(
             "uniform" (the default: every tensor at density k) or "error" (per-tensor scope only:
             each LoRA pair, and each other tensor, gets the density from a grid around k that
             minimises the summed squared error of what the model applies, scaling * B.A for a
-            pair, within the stream bytes of the uniform choice; the overall density stays near
-            k, the size at most that of "uniform"). Recorded in the file
-            (:attr:`CompressedExpert.allocate`).
+            pair, within the stream bytes of the uniform choice). Then k sets a byte budget: the
+            streams take no more bytes than at density k everywhere (the file may be some tens
+            of bytes larger: stream headers deflate less well when densities differ), and the
+            overall density may differ from k in either direction (denser tensors cost fewer
+            bits per kept entry). Golomb encoding only. It keeps nine candidate streams of every
+            tensor in memory (about a byte per parameter at k = 0.1) and decodes each. Recorded
+            in the file (:attr:`CompressedExpert.allocate`).
 
     Which tensors are compressed from which theta_init, and which are kept exactly, is decided
     by one rule for every path (see ``compeft_rs._plan``): LoRA factors from 0, (IA)3 vectors from

@@ -232,8 +232,8 @@ def tune(
     returns NaN or infinite scores, more than 1-d, or a different kind or number of per-example
     scores than at the first call.
     ``gauge`` and ``allocate`` apply to every point (as in :func:`compeft_rs.compress_expert`;
-    with ``allocate="error"`` the global scope, which has one threshold, is left out of the
-    grid); they are not searched.
+    with ``allocate="error"`` the grid keeps only the per-tensor scope, since the global one has
+    a single threshold); they are not searched.
     """
     torch = _torch()
     set_peft_model_state_dict: Any = None
@@ -263,9 +263,11 @@ def tune(
     if noise is not None and not (math.isfinite(float(noise)) and float(noise) >= 0.0):
         raise ValueError(f"noise must be a finite score difference >= 0, or None; got {noise}")
     check_gauge(gauge)
-    check_allocate(allocate)
+    check_allocate(allocate, encoding=encoding)
     if allocate != "uniform":
-        scopes = [s for s in scopes if s == "per_tensor"] or ["per_tensor"]
+        if "per_tensor" not in scopes:
+            check_allocate(allocate, scopes[0], encoding)  # the error that says what to pass
+        scopes = ["per_tensor"]
 
     def alphas_for(scale: str) -> Sequence[float]:
         if alphas is not None:

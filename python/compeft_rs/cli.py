@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("src", metavar="SRC")
     c.add_argument("-o", "--output", required=True, metavar="OUT", help="the compressed file to write")
-    c.add_argument("-k", type=float, required=True, metavar="K", help="density in (0, 1], e.g. 0.1")
+    c.add_argument("-k", type=float, required=True, metavar="K",
+                   help="density in (0, 1], e.g. 0.1 (with --allocate error, the density whose size is the budget)")
     c.add_argument("--alpha", type=float, default=1.0, metavar="A", help="scale multiplier (default 1.0)")
     c.add_argument("--scope", choices=["per_tensor", "global"], default="per_tensor",
                    help="top k of each tensor (default) or one threshold over all tensors")
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--encoding", choices=["golomb", "bitmask"], default="golomb")
     c.add_argument("--allocate", choices=["uniform", "error"], default="uniform",
                    help="density k for every tensor (default), or per tensor / LoRA pair the density that "
-                        "minimises the error of what the model applies, within the bytes of k everywhere")
+                        "minimises the error of what the model applies, within the stream bytes of k everywhere "
+                        "(k then sets the size; the overall density may differ)")
     c.add_argument("--gauge", choices=["as_trained", "balanced"], default="as_trained",
                    help="PEFT adapters: compress the LoRA factors as trained (default), or each pair in the "
                         "gauge of its product's SVD (the same adapter, other factors)")

@@ -192,6 +192,70 @@ def test_bad_arguments_say_what_to_pass():
         compeft_rs.compress_expert(sd, 0.1, allocate="greedy")
     with pytest.raises(ValueError, match='needs scope="per_tensor"'):
         compeft_rs.compress_expert(sd, 0.1, scope="global", allocate="error")
+    # A bitmask's size does not depend on its density: no budget to spend.
+    with pytest.raises(ValueError, match='needs encoding="golomb"'):
+        compeft_rs.compress_expert(sd, 0.1, encoding="bitmask", allocate="error")
+    with pytest.raises(ValueError, match='needs scope="per_tensor"'):
+        compeft_rs.tune(sd, lambda w: 0.0, scopes=("global",), allocate="error", progress=False)
+
+
+def test_conv_embedding_bias_and_single_tensors():
+    """Conv LoRA (A: r x c x kh x kw, B: out x r x 1 x 1), embedding LoRA, lora_B's bias and an
+    (IA)3-like vector in one expert: each unit's error is what the model applies, measured here
+    on dense products in numpy."""
+    g = torch.Generator().manual_seed(11)
+    sd = {
+        "base_model.model.conv.lora_A.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "base_model.model.conv.lora_B.weight": torch.randn(8, 4, 1, 1, generator=g) * 0.1,
+        "base_model.model.emb.lora_embedding_A": torch.randn(4, 50, generator=g) * 3,
+        "base_model.model.emb.lora_embedding_B": torch.randn(16, 4, generator=g) * 0.1,
+        "base_model.model.q.lora_A.weight": torch.randn(4, 30, generator=g),
+        "base_model.model.q.lora_B.weight": torch.randn(30, 4, generator=g) * 0.01,
+        "base_model.model.q.lora_B.bias": torch.randn(30, generator=g) * 0.1,
+    }
+    config = dict(CONFIG, lora_bias=True)
+    uni = compeft_rs.compress_expert(sd, 0.1, peft_config=config)
+    err = compeft_rs.compress_expert(sd, 0.1, peft_config=config, allocate="error")
+
+    def applied_error(w):
+        total = 0.0
+        for m, a_key, b_key in (("conv", "lora_A.weight", "lora_B.weight"),
+                                ("emb", "lora_embedding_A", "lora_embedding_B"),
+                                ("q", "lora_A.weight", "lora_B.weight")):
+            p = f"base_model.model.{m}."
+            a, b = sd[p + a_key].double().numpy(), sd[p + b_key].double().numpy()
+            a2, b2 = w[p + a_key].double().numpy(), w[p + b_key].double().numpy()
+            prod = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+            prod2 = b2.reshape(b2.shape[0], -1) @ a2.reshape(a2.shape[0], -1)
+            total += 2.0 ** 2 * float(((prod2 - prod) ** 2).sum())
+        bias = sd["base_model.model.q.lora_B.bias"].double().numpy()
+        bias2 = w["base_model.model.q.lora_B.bias"].double().numpy()
+        return total + 2.0 ** 2 * float(((bias2 - bias) ** 2).sum())
+
+    assert stream_bytes(err) <= stream_bytes(uni)
+    assert applied_error(err.apply()) <= applied_error(uni.apply()) * (1 + 1e-9)
+    for m, a_key, b_key in (("conv", "lora_A.weight", "lora_B.weight"), ("emb", "lora_embedding_A", "lora_embedding_B")):
+        p = f"base_model.model.{m}."
+        assert err.stream(p + a_key).density == pytest.approx(err.stream(p + b_key).density, abs=0.05)
+
+
+def test_file_is_at_most_a_few_bytes_larger():
+    for seed in range(3):
+        sd = lora_expert(seed, layers=6, spread=10.0)
+        uni = compeft_rs.compress_expert(sd, 0.1, peft_config=CONFIG)
+        err = compeft_rs.compress_expert(sd, 0.1, peft_config=CONFIG, allocate="error")
+        assert stream_bytes(err) <= stream_bytes(uni)
+        assert err.nbytes <= uni.nbytes + 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_factors():
+    sd = {n: t.cuda() for n, t in lora_expert(1).items()}
+    on_gpu = compeft_rs.compress_expert(sd, 0.1, peft_config=CONFIG, allocate="error")
+    on_cpu = compeft_rs.compress_expert({n: t.cpu() for n, t in sd.items()}, 0.1, peft_config=CONFIG,
+                                        allocate="error")
+    for n in on_cpu.compressed_keys():
+        assert on_gpu.stream(n) == on_cpu.stream(n)
 
 
 def test_tune_returns_the_allocation_it_scored():
