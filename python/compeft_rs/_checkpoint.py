@@ -19,6 +19,7 @@ from ._expert import (
     CompressedExpert,
     PathLike,
     _check_scope,
+    default_scope,
     _decode_parsed,
     _dtype_str,
     build_expert,
@@ -86,7 +87,7 @@ def compress_checkpoint(
     alpha: float = 1.0,
     *,
     base: Optional[PathLike] = None,
-    scope: str = "per_tensor",
+    scope: Optional[str] = None,
     scale: str = "pair",
     encoding: str = "golomb",
     progress: bool = False,
@@ -104,7 +105,7 @@ def compress_checkpoint(
     _check_scope(scope)
     check_scale(scale)
     _check_encoding(encoding)
-    check_allocate(allocate, scope, encoding)
+    check_allocate(allocate, scope or "per_tensor", encoding)
     ft = _Checkpoint(finetuned)
     bs = _Checkpoint(base) if base is not None else None
     plans = plan_expert(ft.meta, base=None if bs is None else bs.meta)
@@ -115,6 +116,8 @@ def compress_checkpoint(
             f"{finetuned} has no tensor of a supported dtype (float16, bfloat16, float32, float64) to "
             f"compress; found {', '.join(found)}"
         )
+
+    scope = scope or default_scope(deltas, allocate)
 
     def source(n: str) -> Any:
         return delta_of(plans[n], ft.get(n), bs.get(n) if plans[n].init == "base" else None)  # type: ignore[union-attr]

@@ -28,10 +28,11 @@ from ._core import kept_abs_sum as _kept_abs_sum
 from ._allocate import check_allocate, choose, density_grid
 from ._gauge import balance_pair, check_gauge
 from ._bounds import adaptive_bound_bits
+from ._lora import lora_factor
 from ._scale import check_scale, lora_pairs, pair_rescale
 from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._io import atomic_file
-from ._plan import FLOAT_NAMES, TensorPlan, plan_expert
+from ._plan import FLOAT_NAMES, IA3_VECTORS, TensorPlan, plan_expert
 from ._tensor import CompressedTensor, _check_encoding, check_k_alpha
 
 __all__ = ["CompressedExpert", "compress_expert", "load_expert", "ExpertSummary", "load_tensors"]
@@ -612,10 +613,21 @@ def load_expert(path: PathLike) -> CompressedExpert:
     return CompressedExpert(storage, path=p, where=str(p))
 
 
-def _check_scope(scope: Any) -> str:
-    if scope not in ("global", "per_tensor"):
-        raise ValueError(f"scope must be 'global' or 'per_tensor', got {scope!r}")
+def _check_scope(scope: Any) -> Optional[str]:
+    if scope not in (None, "global", "per_tensor"):
+        raise ValueError(f"scope must be 'global', 'per_tensor' or None (the default for the expert's kind), "
+                         f"got {scope!r}")
     return scope
+
+
+def default_scope(names: Iterable[str], allocate: str = "uniform") -> str:
+    """The scope of ``scope=None``, from the names of the tensors compressed: "global" for a full
+    fine-tune's residuals or plain task vectors, "per_tensor" for adapters (LoRA factors: global
+    top-k over raw factors keeps almost only lora_A entries; (IA)3 vectors: one threshold did
+    worse on one task's validation) and whenever ``allocate`` chooses densities per tensor.
+    Chosen by the accuracy study on validation (README, "Accuracy on real experts")."""
+    adapter = any(lora_factor(n) is not None or IA3_VECTORS & set(n.split(".")) for n in names)
+    return "per_tensor" if allocate != "uniform" or adapter else "global"
 
 
 def _meta_of(tensors: Mapping[str, Any]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
@@ -855,7 +867,7 @@ def compress_expert_densities(
     alpha: float = 1.0,
     *,
     base: Optional[Mapping[str, Any]] = None,
-    scope: str = "per_tensor",
+    scope: Optional[str] = None,
     scale: str = "pair",
     encoding: str = "golomb",
     lossless: Iterable[str] = (),
@@ -869,7 +881,7 @@ def compress_expert_densities(
     _check_scope(scope)
     check_scale(scale)
     check_gauge(gauge)
-    check_allocate(allocate, scope, encoding)
+    check_allocate(allocate, scope or "per_tensor", encoding)
     _check_encoding(encoding)
     if base is not None:
         base = {n: _as_torch(t) for n, t in base.items()}
@@ -889,6 +901,7 @@ def compress_expert_densities(
                 deltas[na], deltas[nb] = balance_pair(deltas[na], deltas[nb])
     exact = {n: tensors[n] for n, p in plans.items() if p.exact}
     dtypes = {n: _dtype_str(tensors[n]) for n in deltas}
+    scope = scope or default_scope(deltas, allocate)
     per_k = encode_expert(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding, scale=scale,
                           allocate=allocate, peft_config=peft_config)
     return {
@@ -904,7 +917,7 @@ def compress_expert(
     alpha: float = 1.0,
     *,
     base: Union[Mapping[str, Any], PathLike, None] = None,
-    scope: str = "per_tensor",
+    scope: Optional[str] = None,
     scale: str = "pair",
     encoding: str = "golomb",
     lossless: Iterable[str] = (),
@@ -920,8 +933,11 @@ def compress_expert(
         base: the base checkpoint (dict or path) of a full fine-tune; each tensor the base has
             is compressed as tensors - base (in float32, float64 if either is), the rest kept
             exactly.
-        scope: "per_tensor" (the default: each tensor keeps its own top k) or "global" (one
-            threshold over all compressed tensors, in sorted name order).
+        scope: "per_tensor" (each tensor keeps its own top k) or "global" (one threshold over
+            all compressed tensors, in sorted name order); None (the default) picks by kind:
+            "global" for a full fine-tune's residuals and plain task vectors, "per_tensor" for
+            adapters (LoRA, (IA)3) and with ``allocate="error"``, as the study in README chose.
+            The file records the scope used.
         scale: how each stream's one magnitude is chosen, times alpha (see ``compeft_rs._scale``):
             "pair" (the default: each LoRA pair's product B.A keeps its L2 norm, other tensors
             ||tau|| / sqrt(nnz)), "norm", "proj", "mean" or "std".

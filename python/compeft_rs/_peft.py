@@ -60,7 +60,7 @@ def compress_peft(
     k: float,
     alpha: float = 1.0,
     *,
-    scope: str = "per_tensor",
+    scope: Optional[str] = None,
     scale: str = "pair",
     encoding: str = "golomb",
     adapter_name: Optional[str] = None,
@@ -88,7 +88,7 @@ def compress_peft(
         sd = {k_: v.detach().cpu() for k_, v in get_peft_model_state_dict(adapter, adapter_name=name).items()}
         config = _config_dict(adapter.peft_config[name])
     check_gauge(gauge)  # before the adapter is read
-    check_allocate(allocate, scope, encoding)
+    check_allocate(allocate, scope or "per_tensor", encoding)
     return compress_expert(sd, k, alpha, scope=scope, scale=scale, encoding=encoding, peft_config=config,
                            gauge=gauge, allocate=allocate)
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._expert import CompressedExpert, _torch, compress_expert_densities, reconstruct
+from ._expert import CompressedExpert, _torch, compress_expert_densities, default_scope, reconstruct
 from ._allocate import check_allocate
 from ._gauge import check_gauge
 from ._scale import SCALES, check_scale
@@ -25,8 +25,8 @@ DATA_FREE_ALPHAS = (1.0, 0.7, 1.4)
 STD_ALPHAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 # The library's defaults (compress_expert, compress_peft, the CLI): the baseline tune must beat.
+# The scope depends on the expert's kind (``_expert.default_scope``).
 DEFAULT_K = 0.1
-DEFAULT_SCOPE = "per_tensor"
 DEFAULT_SCALE = "pair"
 DEFAULT_ALPHA = 1.0
 
@@ -204,8 +204,9 @@ def tune(
     in the same order at every call. The point's score is then their mean, and tune can measure
     how much of a difference between two points is noise.
 
-    The defaults, (per_tensor, pair, k, alpha 1) with k = 0.1 if ``ks`` has it, else the first of
-    ``ks``, are always evaluated (added if the grid lacks them) and come first. They are kept
+    The defaults, (the expert's default scope, pair, k, alpha 1: "global" for task vectors,
+    "per_tensor" for adapters, see :func:`compeft_rs.compress_expert`) with k = 0.1 if ``ks`` has it,
+    else the first of ``ks``, are always evaluated (added if the grid lacks them) and come first. They are kept
     unless a candidate beats them by more than the noise:
 
     - Per-example scores, ``confidence`` set (0.95 by default): a paired bootstrap over the
@@ -276,7 +277,7 @@ def tune(
 
     # The grid as (scope, scale) -> k -> alphas, the defaults' combination first.
     default_k = DEFAULT_K if DEFAULT_K in {float(k) for k in ks} else float(ks[0])
-    default_key = (DEFAULT_SCOPE, DEFAULT_SCALE)
+    default_key = (default_scope(sd, allocate), DEFAULT_SCALE)
     plan: Dict[Tuple[str, str], Dict[float, List[float]]] = {default_key: {}}
     for scope in scopes:
         for scale in scales:
@@ -326,7 +327,7 @@ def tune(
     # The defaults are first in the grid; move them to the very front if the plan put other
     # alphas of theirs before them.
     di = next(i for i, (p, _) in enumerate(evaluated)
-              if (p.scope, p.scale, p.k, p.alpha) == (DEFAULT_SCOPE, DEFAULT_SCALE, default_k, DEFAULT_ALPHA))
+              if (p.scope, p.scale, p.k, p.alpha) == (*default_key, default_k, DEFAULT_ALPHA))
     evaluated.insert(0, evaluated.pop(di))
     default, default_ex = evaluated[0]
     candidates = evaluated[1:]

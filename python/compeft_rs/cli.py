@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-k", type=float, required=True, metavar="K",
                    help="density in (0, 1], e.g. 0.1 (with --allocate error, the density whose size is the budget)")
     c.add_argument("--alpha", type=float, default=1.0, metavar="A", help="scale multiplier (default 1.0)")
-    c.add_argument("--scope", choices=["per_tensor", "global"], default="per_tensor",
-                   help="top k of each tensor (default) or one threshold over all tensors")
+    c.add_argument("--scope", choices=["per_tensor", "global"], default=None,
+                   help="top k of each tensor or one threshold over all tensors (default: global for full "
+                        "fine-tunes and task vectors, per_tensor for adapters)")
     c.add_argument("--scale", choices=list(SCALES), default="pair",
                    help="how each tensor's one magnitude is chosen, times --alpha (default pair: each LoRA "
                         "product B.A keeps its L2 norm; --scope global --scale std is the paper's "

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 
 def test_quick_study():
     results = accuracy_study.run(quick=True, log=lambda *a: None)
-    assert [r["task"] for r in results] == ["movies", "amazon", "tweets"]
+    assert [(r["task"], r["kind"]) for r in results] == [
+        ("movies", "lora"), ("amazon", "lora"), ("tweets", "lora"), ("tweets", "ia3"), ("tweets", "full")]
     for r in results:
-        assert r["kind"] == "lora"
         rows = {row["group"]: row for row in r["rows"]}
         n_test = r["sizes"]["test"]
 
@@ -37,17 +37,33 @@ def test_quick_study():
         full = rows["uncompressed"]["test"]
         none = rows["no expert (base, trained head)"]["test"]
         default = rows["defaults, no tuning"]
+        algorithm_1 = rows["Algorithm 1 (global, std, alpha tuned)"]["test"]
         assert ahead(full, none) > points(8), r
-        assert (default["scope"], default["scale"], default["k"]) == ("per_tensor", "pair", 0.1)
-        # Sizes against the fp16 adapter file, head included: at least 20x when the head is kept
-        # in fp16 as that file has it; 19x with the trained fp32 head kept exactly.
-        assert default["ratio_vs_fp16"] > 18.5, r
-        from_fp16 = rows["defaults, from the fp16 adapter file"]
-        assert from_fp16["ratio_vs_fp16"] >= 20, r
-        assert abs(ahead(from_fp16["test"], default["test"])) <= points(1), r
-        # Quick adapters (40 steps) on 300 test sentences: a 1-point gap is 3 sentences. Far above
-        # no adapter, near the adapter, and never worse than the paper's Algorithm 1 with alpha
-        # tuned.
-        assert ahead(default["test"], none) > points(8), r
-        assert ahead(default["test"], full) > -points(6), r
-        assert ahead(default["test"], rows["Algorithm 1 (global, std, alpha tuned)"]["test"]) >= -points(2), r
+        if r["kind"] == "lora":
+            assert (default["scope"], default["scale"], default["k"]) == ("per_tensor", "pair", 0.1)
+            # Sizes against the fp16 adapter file, head included: at least 20x when the head is
+            # kept in fp16 as that file has it; 19x with the trained fp32 head kept exactly.
+            assert default["ratio_vs_fp16"] > 18.5, r
+            from_fp16 = rows["defaults, from the fp16 adapter file"]
+            assert from_fp16["ratio_vs_fp16"] >= 20, r
+            assert abs(ahead(from_fp16["test"], default["test"])) <= points(1), r
+            # Quick adapters (40 steps) on 300 test sentences: a 1-point gap is 3 sentences. Far
+            # above no adapter, near the adapter, and never worse than the paper's Algorithm 1
+            # with alpha tuned.
+            assert ahead(default["test"], none) > points(8), r
+            assert ahead(default["test"], full) > -points(6), r
+            assert ahead(default["test"], algorithm_1) >= -points(2), r
+        else:
+            # A full fine-tune: one global threshold by default (the study's choice); (IA)3 per
+            # tensor.
+            scope = "global" if r["kind"] == "full" else "per_tensor"
+            assert (default["scope"], default["scale"], default["k"]) == (scope, "pair", 0.1)
+            assert ahead(default["test"], none) > points(MARGIN_OVER_NONE[r["kind"]]), r
+            assert ahead(default["test"], full) > -points(MARGIN_TO_FULL[r["kind"]]), r
+            assert ahead(default["test"], algorithm_1) >= -points(2), r
+
+
+# Quick (IA)3 (40 steps) and full fine-tune (60 steps) on tweets: bounds with headroom from the
+# quick run measured when they were set (README, "Accuracy on real experts").
+MARGIN_OVER_NONE = {"ia3": 8, "full": 8}
+MARGIN_TO_FULL = {"ia3": 6, "full": 6}

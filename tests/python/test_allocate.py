@@ -143,8 +143,9 @@ def test_other_tensors_full_fine_tune_and_checkpoint(tmp_path):
     base = {f"w{i}": torch.randn(32, 40, generator=g) for i in range(4)}
     ft = {n: t + torch.randn(t.shape, generator=g) * 0.01 * (i + 1) ** 2 for i, (n, t) in enumerate(base.items())}
     ft["head"] = torch.randn(2, 40, generator=g)
-    uni = compeft_rs.compress_expert(ft, 0.1, base=base)
+    uni = compeft_rs.compress_expert(ft, 0.1, base=base, scope="per_tensor")
     err = compeft_rs.compress_expert(ft, 0.1, base=base, allocate="error")
+    assert err.scope == "per_tensor"
 
     def residual_error(e):
         w = e.apply(base=base)

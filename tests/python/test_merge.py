@@ -28,7 +28,7 @@ def make_experts(n, seed, ks, dtype=torch.float32, shapes=SHAPES, shared=0.7, re
     for i in range(n):
         t = {name: (shared * c + torch.randn(c.shape, generator=g)).to(dtype) for name, c in common.items()}
         base = {name: torch.zeros_like(x) for name, x in t.items()} if residual else None
-        out.append(compeft_rs.compress_expert(t, ks[i % len(ks)], 0.5 + i, base=base, scale="std"))
+        out.append(compeft_rs.compress_expert(t, ks[i % len(ks)], 0.5 + i, base=base, scale="std", scope="per_tensor"))
     return out
 
 

@@ -120,7 +120,7 @@ def test_row_coded_experts_decode_merge_and_read_like_plain(tmp_path):
         x = np.zeros((500, 96), np.float32)
         x[rng.choice(500, 80, replace=False)] = rng.standard_normal((80, 96))
         tensors[f"layer.{i}.weight"] = torch.from_numpy(x)
-    experts = [compeft_rs.compress_expert({n: t * (1 + j) + 0.001 * j for n, t in tensors.items()}, 0.1)
+    experts = [compeft_rs.compress_expert({n: t * (1 + j) + 0.001 * j for n, t in tensors.items()}, 0.1, scope="per_tensor")
                for j in range(2)]
     assert all(experts[0].stream(n).row_length == 96 for n in tensors)
     path = tmp_path / "e.safetensors"
