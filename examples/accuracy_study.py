@@ -29,6 +29,7 @@ the fine-tune's residual with its head) are reported, and a size-accuracy plot p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -170,14 +171,20 @@ class Study:
         else:
             self.peft.set_peft_model_state_dict(self.model, weights)
 
-    def scores(self, weights, which=("validation", "test")):
-        """Accuracies with `weights` swapped in; the trained expert is put back after."""
+    @contextlib.contextmanager
+    def swapped(self, weights):
+        """The model with `weights` swapped in; the trained expert is put back after."""
         original = self.expert_state()
         try:
             self.load(weights)
-            return {w: self.accuracy(w) for w in which}
+            yield self.model
         finally:
             self.load(original)
+
+    def scores(self, weights, which=("validation", "test")):
+        """Accuracies with `weights` swapped in."""
+        with self.swapped(weights):
+            return {w: self.accuracy(w) for w in which}
 
     def compress(self, k, alpha=1.0, **kw):
         """The trained expert compressed (a fine-tune against its base checkpoint)."""
@@ -209,18 +216,10 @@ class Study:
         def evaluate(tau):
             w = dict(state)
             w.update({n: (self.init[n].float() + t.float()).to(state[n].dtype) for n, t in tau.items()})
-            return self.correct_with(w)
+            with self.swapped(w):
+                return self.correct("validation")
 
         return compeft_rs.tune(taus, evaluate, ks=(k,), progress=False)
-
-    def correct_with(self, weights):
-        """Per-example validation correctness with `weights` swapped in."""
-        original = self.expert_state()
-        try:
-            self.load(weights)
-            return self.correct("validation")
-        finally:
-            self.load(original)
 
 
 def trained(task: str, quick: bool, train_cap: int = 3000, kind: str = "lora") -> Study:

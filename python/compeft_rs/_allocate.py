@@ -57,8 +57,8 @@ def density_grid(k: float) -> List[float]:
 
 
 def _matrix(t: Any) -> Any:
-    """A factor as the matrix peft multiplies: (rows, everything else), float64."""
-    return t.reshape(t.shape[0], -1).double()
+    """A factor as the matrix peft multiplies, float64 (the pair scale rule's shape)."""
+    return t.reshape(_scale_matrix(tuple(t.shape))).double()
 
 
 def _pair_error(a: Any, b: Any, a_hat: Any, b_hat: Any) -> float:
@@ -92,7 +92,7 @@ def choose(
     pairs = [(a, b) for a, b in lora_pairs(list(names)) if _factors_of_one_rank(per_k[k][a], per_k[k][b])]
     paired = {n for p in pairs for n in p}
     scalings = expert_scalings(peft_config, names) if peft_config else {}
-    units: List[Tuple[str, ...]] = [p for p in pairs] + [(n,) for n in sorted(names) if n not in paired]
+    units: List[Tuple[str, ...]] = list(pairs) + [(n,) for n in sorted(names) if n not in paired]
 
     def scaling(n: str) -> float:
         f = lora_factor(n)

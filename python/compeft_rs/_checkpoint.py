@@ -25,7 +25,7 @@ from ._expert import (
     build_expert,
     checkpoint_files,
     delta_of,
-    encode_expert,
+    encode_deltas,
     expert_info,
     load_expert,
     reconstruct,
@@ -122,7 +122,7 @@ def compress_checkpoint(
     def source(n: str) -> Any:
         return delta_of(plans[n], ft.get(n), bs.get(n) if plans[n].init == "base" else None)  # type: ignore[union-attr]
 
-    streams = encode_expert(deltas, source, [k], alpha, scope, encoding, _progress(progress), scale=scale,
+    streams = encode_deltas(deltas, source, [k], alpha, scope, encoding, _progress(progress), scale=scale,
                             allocate=allocate)[k]
     exact = {n: ft.get(n) for n, p in plans.items() if p.exact}
     info = expert_info(k, alpha, scope, encoding, plans, streams, {n: ft.meta[n][0] for n in deltas}, scale,

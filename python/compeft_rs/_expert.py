@@ -28,11 +28,10 @@ from ._core import kept_abs_sum as _kept_abs_sum
 from ._allocate import check_allocate, choose, density_grid
 from ._gauge import balance_pair, check_gauge
 from ._bounds import adaptive_bound_bits
-from ._lora import lora_factor
 from ._scale import check_scale, lora_pairs, pair_rescale
 from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._io import atomic_file
-from ._plan import FLOAT_NAMES, IA3_VECTORS, TensorPlan, plan_expert
+from ._plan import FLOAT_NAMES, TensorPlan, is_adapter_tensor, plan_expert
 from ._tensor import CompressedTensor, _check_encoding, check_k_alpha
 
 __all__ = ["CompressedExpert", "compress_expert", "load_expert", "ExpertSummary", "load_tensors"]
@@ -626,7 +625,7 @@ def default_scope(names: Iterable[str], allocate: str = "uniform") -> str:
     top-k over raw factors keeps almost only lora_A entries; (IA)3 vectors: one threshold did
     worse on one task's validation) and whenever ``allocate`` chooses densities per tensor.
     Chosen by the accuracy study on validation (README, "Accuracy on real experts")."""
-    adapter = any(lora_factor(n) is not None or IA3_VECTORS & set(n.split(".")) for n in names)
+    adapter = any(is_adapter_tensor(n) for n in names)
     return "per_tensor" if allocate != "uniform" or adapter else "global"
 
 
@@ -673,6 +672,8 @@ def encode_deltas(
     encoding: str,
     progress: Callable[[Sequence[str], str], Iterable[str]] = lambda names, desc: names,
     scale: str = "std",
+    allocate: str = "uniform",
+    peft_config: Optional[Mapping[str, Any]] = None,
 ) -> Dict[float, Dict[str, CompressedTensor]]:
     """Compresses the task vectors ``source(name)`` for every density in ``ks``.
 
@@ -680,11 +681,23 @@ def encode_deltas(
     name order (which also orders ties), fed one tensor at a time, its first-level histogram
     shared by every k; in per-tensor scope one parallel call into Rust per k. ``scale`` is "std"
     (alpha * sigma) or "mean" (alpha * mean |tau| of the kept entries, over the tensor or, in
-    global scope, over all of them).
+    global scope, over all of them). ``allocate="error"`` spreads each k over the tensors (a
+    density per unit from a grid around k; see ``compeft_rs._allocate``).
     """
     names = sorted(names)
     out: Dict[float, Dict[str, CompressedTensor]] = {float(k): {} for k in ks}
     if not names:
+        return out
+    if allocate != "uniform":
+        grids = {float(k): density_grid(float(k)) for k in ks}
+        # Densities are chosen for the rule's own scales (alpha 1); alpha then multiplies every
+        # stored scale, as it always does, so that tune's alphas reuse one allocation.
+        tried = encode_deltas(names, source, sorted({g for gr in grids.values() for g in gr}), 1.0, scope,
+                              encoding, progress, scale=scale)
+        for k, grid in grids.items():
+            st = choose(names, source, {g: tried[g] for g in grid}, k, peft_config)
+            out[k] = {n: CompressedTensor(c._stream.with_scale(c.scale * alpha), c._kind) for n, c in st.items()
+                      } if alpha != 1.0 else st
         return out
     # "pair" starts from the norm scale of every tensor, then sets each LoRA pair's product.
     base_rule = "norm" if scale == "pair" else scale
@@ -763,36 +776,6 @@ def encode_deltas(
         out[float(k)] = {n: CompressedTensor(s, "torch") for n, s in streams.items()}
         if scale == "pair":
             out[float(k)] = pair_rescale(out[float(k)], source, alpha)
-    return out
-
-
-def encode_expert(
-    names: Sequence[str],
-    source: Callable[[str], Any],
-    ks: Sequence[float],
-    alpha: float,
-    scope: str,
-    encoding: str,
-    progress: Callable[[Sequence[str], str], Iterable[str]] = lambda names, desc: names,
-    scale: str = "std",
-    allocate: str = "uniform",
-    peft_config: Optional[Mapping[str, Any]] = None,
-) -> Dict[float, Dict[str, CompressedTensor]]:
-    """:func:`encode_deltas` with the densities spread as ``allocate`` says: "uniform" (density k
-    everywhere) or "error" (per unit, from a grid around each k; see ``compeft_rs._allocate``)."""
-    if allocate == "uniform":
-        return encode_deltas(names, source, ks, alpha, scope, encoding, progress, scale=scale)
-    grids = {float(k): density_grid(float(k)) for k in ks}
-    # Densities are chosen for the rule's own scales (alpha 1); alpha then multiplies every
-    # stored scale, as it always does, so that tune's alphas reuse one allocation.
-    tried = encode_deltas(names, source, sorted({g for gr in grids.values() for g in gr}), 1.0, scope, encoding,
-                          progress, scale=scale)
-    out = {}
-    for k, grid in grids.items():
-        st = choose(list(names), source, {g: tried[g] for g in grid}, k, peft_config)
-        if alpha != 1.0:
-            st = {n: CompressedTensor(c._stream.with_scale(c.scale * alpha), c._kind) for n, c in st.items()}
-        out[k] = st
     return out
 
 
@@ -902,7 +885,7 @@ def compress_expert_densities(
     exact = {n: tensors[n] for n, p in plans.items() if p.exact}
     dtypes = {n: _dtype_str(tensors[n]) for n in deltas}
     scope = scope or default_scope(deltas, allocate)
-    per_k = encode_expert(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding, scale=scale,
+    per_k = encode_deltas(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding, scale=scale,
                           allocate=allocate, peft_config=peft_config)
     return {
         k: build_expert(st, exact, expert_info(k, alpha, scope, encoding, plans, st, dtypes, scale, gauge, allocate),

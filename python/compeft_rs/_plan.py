@@ -85,7 +85,8 @@ def _foreign(name: str) -> Optional[str]:
     return None
 
 
-def _is_adapter_tensor(name: str) -> bool:
+def is_adapter_tensor(name: str) -> bool:
+    """Whether a tensor name is a LoRA factor, an (IA)3 vector or a DoRA magnitude."""
     segs = set(_segments(name))
     return bool(segs & (LORA_FACTORS | IA3_VECTORS | DORA_MAGNITUDES))
 
@@ -121,7 +122,7 @@ def plan_expert(
     tensor whose shape differs from the base's.
     """
     check_peft_config(peft_config)
-    adapter = peft_config is not None or any(_is_adapter_tensor(n) for n in tensors)
+    adapter = peft_config is not None or any(is_adapter_tensor(n) for n in tensors)
     plans: Dict[str, TensorPlan] = {}
     for name in sorted(tensors):
         dtype, shape = tensors[name]
