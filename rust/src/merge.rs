@@ -1,13 +1,15 @@
 //! Merging and comparing experts on their compressed form.
 //!
 //! Every kept entry of stream i is `±s_i`, so task arithmetic and TIES (trim, elect a sign per
-//! entry, disjoint mean) need only each stream's two bitmasks and its scale: per 64-entry word the
-//! set bits are visited, never a dense float vector per expert. The output buffer is the only
-//! dense allocation. [`similarity`] is the exact cosine matrix of whole experts by popcounts.
+//! entry, disjoint mean) need only each stream's kept positions, signs and scale: the output is
+//! cut into ranges, and in each range every stream's kept entries are decoded straight from the
+//! stream and scattered into float32 sums, never a dense float vector per expert. The output
+//! buffer (and, for TIES, two per-range float32 scratch arrays) is the only dense allocation.
+//! [`similarity`] is the exact cosine matrix of whole experts by popcounts.
 
 use rayon::prelude::*;
 
-use crate::codec::{BitmaskBody, Body, Compressed};
+use crate::codec::{Body, Compressed};
 use crate::error::{Error, Result};
 use crate::popcount::{best_kernel, counts_with};
 
@@ -58,9 +60,10 @@ fn bad(msg: String) -> Error {
 }
 
 /// What one stream adds per entry in TIES. Every sum is float32, as the references compute.
-struct Part {
-    pos: Vec<u64>,
-    neg: Vec<u64>,
+struct Part<'a> {
+    stream: &'a Compressed,
+    /// Its kept entries below this position take part (all, or the first `keep`).
+    end: u64,
     /// Tally added by a positive entry (subtracted by a negative one) in the election.
     elect: f32,
     /// Contribution of a positive entry: w * s in float32 (a negative entry gives -w * s).
@@ -70,45 +73,6 @@ struct Part {
     /// The entry's sign in the election is the pattern's sign times -1 (a negative mergekit
     /// weight).
     flip: bool,
-}
-
-impl Part {
-    /// Word `w` of the masks as the election sees them: (positive, negative), swapped for a
-    /// negative mergekit weight.
-    #[inline(always)]
-    fn elect_words(&self, w: usize) -> (u64, u64) {
-        if self.flip {
-            (self.neg[w], self.pos[w])
-        } else {
-            (self.pos[w], self.neg[w])
-        }
-    }
-}
-
-/// Clears every kept entry after the first `keep` (row-major) of a pair of masks.
-fn trim(pos: &mut [u64], neg: &mut [u64], keep: u64) {
-    let mut seen = 0u64;
-    for i in 0..pos.len() {
-        let w = pos[i] | neg[i];
-        let c = w.count_ones() as u64;
-        if seen + c <= keep {
-            seen += c;
-            continue;
-        }
-        // Keep the lowest (keep - seen) set bits of this word, drop everything after.
-        let mut m = w;
-        for _ in 0..keep - seen {
-            m &= m - 1;
-        }
-        let lowmask = w & !m;
-        pos[i] &= lowmask;
-        neg[i] &= lowmask;
-        for j in i + 1..pos.len() {
-            pos[j] = 0;
-            neg[j] = 0;
-        }
-        return;
-    }
 }
 
 /// How many kept entries of a `numel`-entry stream a trim to `density` leaves at most:
@@ -203,134 +167,104 @@ pub fn merge_into(
             (Convention::Mergekit, Election::Total) => (value.abs(), w, w < 0.0),
             (Convention::Mergekit, Election::Frequency) => (1.0, w, w < 0.0),
         };
-        let BitmaskBody { mut pos, mut neg } = s.masks()?.into_owned();
-        if let Some(keep) = keep {
-            if keep < s.nnz() {
-                trim(&mut pos, &mut neg, keep);
-            }
-        }
+        s.check()?;
+        let end = match keep {
+            Some(k) => s.kept_prefix_end(k)?,
+            None => s.numel(),
+        };
         parts.push(Part {
-            pos,
-            neg,
+            stream: s,
+            end,
             elect,
             value,
             den,
             flip,
         });
     }
-    let lam = spec.lam as f32;
-    const WORDS: usize = 256;
-    let avx2 = ties_avx2_available();
-    out.par_chunks_mut(64 * WORDS)
-        .enumerate()
-        .for_each(|(c, chunk)| ties_chunk(avx2, &parts, c * WORDS, spec.convention, lam, chunk));
-    Ok(())
+    ties(&parts, spec.convention, spec.lam as f32, out)
 }
 
-fn ties_avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
+/// Longest output range TIES works on: its two float32 scratch arrays take 32 MiB at most, and
+/// offsets in a range fit 31 bits.
+const TIES_RANGE_MAX: u64 = 1 << 22;
+
+/// TIES over output ranges: per range, the kept entries of every stream are decoded once (only
+/// the blocks overlapping the range) and their signed election values added to a float32 tally
+/// in stream order, their offsets and signs kept; the elected sign of each entry is then the
+/// tally's (0 elects +, as both references do), and the agreeing entries' values and divisors
+/// are added, again in stream order. Entries no stream keeps come out 0.
+fn ties(parts: &[Part<'_>], conv: Convention, lam: f32, out: &mut [f32]) -> Result<()> {
+    let streams: Vec<&Compressed> = parts.iter().map(|p| p.stream).collect();
+    let bounds = range_bounds(&streams, out.len() as u64, TIES_RANGE_MAX);
+    let mut ranges = Vec::with_capacity(bounds.len());
+    let mut rest = out;
+    for w in bounds.windows(2) {
+        let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((w[1] - w[0]) as usize);
+        ranges.push((w[0], chunk));
+        rest = tail;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    // Scratch reused by each thread across its ranges: the allocator's fresh pages (and, for
+    // large arrays, a map and unmap each time) cost more than the merge of a LoRA factor.
+    ranges.into_par_iter().try_for_each_init(
+        || (Vec::new(), Vec::new(), vec![Vec::new(); parts.len()]),
+        |(tally, den, kept): &mut (Vec<f32>, Vec<f32>, Vec<Vec<u32>>), (lo, num)| -> Result<()> {
+            let hi = lo + num.len() as u64;
+            tally.clear();
+            tally.resize(num.len(), 0.0);
+            // Per stream, its entries in the range: offset from lo, the pattern's sign in bit 31.
+            for (p, mine) in parts.iter().zip(kept.iter_mut()) {
+                let (e, flip) = (p.elect.to_bits(), p.flip as u32);
+                mine.clear();
+                p.stream
+                    .kept_runs_in_checked(lo, hi.min(p.end), |ps, signs| {
+                        for (r, &at) in ps.iter().enumerate() {
+                            // Signs by xor, not a branch: random signs mispredict half the time.
+                            let neg = ((signs >> r) & 1) as u32;
+                            let off = (at - lo) as u32;
+                            tally[off as usize] += f32::from_bits(e ^ (neg ^ flip) << 31);
+                            mine.push(off | neg << 31);
+                        }
+                    })?;
+            }
+            num.fill(0.0);
+            den.clear();
+            den.resize(num.len(), 0.0);
+            for (p, mine) in parts.iter().zip(kept.iter()) {
+                let (v, flip) = (p.value.to_bits(), p.flip as u32);
+                for &x in mine {
+                    let (off, neg) = ((x & 0x7fff_ffff) as usize, x >> 31);
+                    // It agrees when its election sign (neg ^ flip: 1 is -) is the elected one;
+                    // a disagreeing entry adds +-0.0, which changes no sum (none is -0.0).
+                    let agree = ((tally[off] >= 0.0) as u32 ^ neg ^ flip) as f32;
+                    num[off] += f32::from_bits(v ^ neg << 31) * agree;
+                    den[off] += p.den * agree;
+                }
+            }
+            for (o, d) in num.iter_mut().zip(den.iter()) {
+                *o = merged(*o, *d, conv, lam);
+            }
+            Ok(())
+        },
+    )
 }
 
-/// TIES on the words of `chunk` (word `w0` onwards): with `avx2` (the CPU has it), the dense
-/// kernel compiled for AVX2; otherwise the sparse one (the dense kernel needs per-lane shifts,
-/// which the baseline x86-64 build lacks).
-fn ties_chunk(
-    avx2: bool,
-    parts: &[Part],
-    w0: usize,
-    conv: Convention,
-    lam: f32,
-    chunk: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 && std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        unsafe { ties_chunk_avx2(parts, w0, conv, lam, chunk) };
-        return;
-    }
-    let _ = avx2;
-    let mut acc = Acc::default();
-    for (j, o) in chunk.chunks_mut(64).enumerate() {
-        ties_word(parts, w0 + j, conv, lam, o, &mut acc);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn ties_chunk_avx2(parts: &[Part], w0: usize, conv: Convention, lam: f32, chunk: &mut [f32]) {
-    for (j, o) in chunk.chunks_mut(64).enumerate() {
-        ties_word_dense(parts, w0 + j, conv, lam, o);
-    }
-}
-
-/// The 64 bits of `x` as 0.0 / 1.0, lane j for bit j (vectorised with per-lane shifts).
-#[inline(always)]
-fn lanes(x: u64) -> [f32; 64] {
-    let (lo, hi) = (x as u32, (x >> 32) as u32);
-    let mut b = [0f32; 64];
-    for j in 0..32 {
-        b[j] = ((lo >> j) & 1) as f32;
-        b[j + 32] = ((hi >> j) & 1) as f32;
-    }
-    b
-}
-
-/// [`ties_word`] with no branch on the bits: every lane of the word is computed, an entry a
-/// stream does not keep adding +-0.0, which changes no sum's value (and no comparison with 0),
-/// so the result is bit for bit the sparse kernel's; vectorised, it has no mispredicted loop
-/// per stream and word (the sparse kernel's cost at k = 0.1 and 8 streams).
-#[inline(always)]
-fn ties_word_dense(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &mut [f32]) {
-    let mut tally = [0f32; 64];
-    for p in parts {
-        let (ep, en) = p.elect_words(w);
-        let (bp, bn) = (lanes(ep), lanes(en));
-        for j in 0..64 {
-            tally[j] += p.elect * (bp[j] - bn[j]);
-        }
-    }
-    let mut up = 0u64;
-    for (j, t) in tally.iter().enumerate() {
-        up |= ((*t >= 0.0) as u64) << j;
-    }
-    let (mut num, mut den) = ([0f32; 64], [0f32; 64]);
-    for p in parts {
-        let (ep, en) = p.elect_words(w);
-        let agree = (ep & up) | (en & !up);
-        // The value's sign is the pattern's own (not flipped).
-        let (a, an) = (lanes(agree), lanes(agree & p.neg[w]));
-        for j in 0..64 {
-            num[j] += p.value * (a[j] - 2.0 * an[j]);
-            den[j] += p.den * a[j];
-        }
-    }
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = merged(num[j], den[j], conv, lam);
-    }
-}
-
-/// Fewest output entries per task of task arithmetic: 512 kB of float32, within a core's L2
-/// cache, and a whole LoRA factor of a 7B model (16 x 4096) in one task.
+/// Fewest output entries per range of a merge: 512 kB of float32, within a core's L2 cache, and a
+/// whole LoRA factor of a 7B model (16 x 4096) in one range.
 const TA_RANGE: usize = 1 << 17;
 
-/// Where task arithmetic cuts the output: ranges of at least [`TA_RANGE`] entries and of four
-/// blocks of the stream whose blocks span the most positions (the sparsest), cut at that stream's
-/// block starts, so that it decodes each block once and the others at most two blocks in part
-/// per range (fixed ranges re-decoded whole blocks across every edge: 4.6x one walk at k =
-/// 0.01); no longer than a share of two ranges per thread of a large tensor. Increasing, from 0
-/// to `numel`.
-fn ta_bounds(parts: &[(&Compressed, f32, u64)], numel: u64) -> Vec<u64> {
+/// Where a merge cuts the output: ranges of at least [`TA_RANGE`] entries and of four blocks of
+/// the stream whose blocks span the most positions (the sparsest), cut at that stream's block
+/// starts, so that it decodes each block once and the others at most two blocks in part per
+/// range (fixed ranges re-decoded whole blocks across every edge: 4.6x one walk at k = 0.01); no
+/// longer than a share of two ranges per thread of a large tensor, nor than `max_len`.
+/// Increasing, from 0 to `numel`.
+fn range_bounds(streams: &[&Compressed], numel: u64, max_len: u64) -> Vec<u64> {
     let threads = rayon::current_num_threads().max(1) as u64;
     let floor = TA_RANGE as u64;
-    let cap = (numel / (2 * threads)).max(floor);
-    let sparsest = parts
+    let cap = (numel / (2 * threads)).max(floor).min(max_len);
+    let sparsest = streams
         .iter()
-        .filter_map(|(s, _, _)| match s.body() {
+        .filter_map(|s| match s.body() {
             Body::Golomb(g) if !g.index.is_empty() => {
                 Some((s.numel() * (1u64 << g.block_log2) / s.nnz(), g))
             }
@@ -339,7 +273,7 @@ fn ta_bounds(parts: &[(&Compressed, f32, u64)], numel: u64) -> Vec<u64> {
         .max_by_key(|&(span, _)| span);
     let target = sparsest
         .map_or(floor, |(span, _)| span.saturating_mul(4))
-        .clamp(floor, cap);
+        .clamp(floor.min(cap), cap);
     let mut bounds = vec![0u64];
     let mut lo = 0u64;
     while lo < numel {
@@ -352,7 +286,7 @@ fn ta_bounds(parts: &[(&Compressed, f32, u64)], numel: u64) -> Vec<u64> {
                 .map_or(numel, |b| b.next),
             None => want,
         }
-        .clamp(lo + 1, numel);
+        .clamp(lo + 1, numel.min(lo.saturating_add(max_len)));
         bounds.push(hi);
         lo = hi;
     }
@@ -384,7 +318,8 @@ fn task_arithmetic(
         parts.push((*s, w as f32 * s.scale() as f32, end));
     }
     let lam = lam as f32;
-    let bounds = ta_bounds(&parts, out.len() as u64);
+    let streams: Vec<&Compressed> = parts.iter().map(|p| p.0).collect();
+    let bounds = range_bounds(&streams, out.len() as u64, u64::MAX);
     let mut ranges = Vec::with_capacity(bounds.len());
     let mut rest = out;
     for w in bounds.windows(2) {
@@ -418,32 +353,6 @@ fn task_arithmetic(
         })
 }
 
-#[inline]
-fn each_bit(mut m: u64, mut f: impl FnMut(usize)) {
-    while m != 0 {
-        f(m.trailing_zeros() as usize);
-        m &= m - 1;
-    }
-}
-
-/// Per-entry float32 sums of one word, kept zero between words: only the entries some stream
-/// keeps are touched, and reset after use.
-struct Acc {
-    tally: [f32; 64],
-    num: [f32; 64],
-    den: [f32; 64],
-}
-
-impl Default for Acc {
-    fn default() -> Acc {
-        Acc {
-            tally: [0.0; 64],
-            num: [0.0; 64],
-            den: [0.0; 64],
-        }
-    }
-}
-
 /// One merged TIES entry from the sum of the agreeing values and of their divisors: peft divides
 /// by how many agree (at least 1), mergekit by the sum of their weights (1 where that is 0).
 #[inline(always)]
@@ -456,43 +365,6 @@ fn merged(num: f32, den: f32, conv: Convention, lam: f32) -> f32 {
     let m = num / d;
     // + 0.0: no -0.0 (a sum that cancels over a negative mergekit divisor, or a negative lam)
     (if lam != 1.0 { m * lam } else { m }) + 0.0
-}
-
-/// TIES on one 64-entry word of the output.
-fn ties_word(parts: &[Part], w: usize, conv: Convention, lam: f32, out: &mut [f32], acc: &mut Acc) {
-    out.fill(0.0);
-    // Election: the tally uses each entry's own sign (flipped for a negative mergekit weight);
-    // ties (a tally of exactly 0) elect +, as both references do.
-    let mut any = 0u64;
-    for p in parts {
-        let (ep, en) = p.elect_words(w);
-        // One pass over the kept bits, the sign by xor (a branch or a second loop on random
-        // signs mispredicts).
-        let e = p.elect.to_bits();
-        each_bit(ep | en, |b| {
-            acc.tally[b] += f32::from_bits(e ^ ((en >> b & 1) as u32) << 31)
-        });
-        any |= ep | en;
-    }
-    let mut up = 0u64;
-    each_bit(any, |b| {
-        up |= ((acc.tally[b] >= 0.0) as u64) << b;
-        acc.tally[b] = 0.0;
-    });
-    for p in parts {
-        let (ep, en) = p.elect_words(w);
-        let agree = (ep & up) | (en & !up);
-        let (v, neg) = (p.value.to_bits(), p.neg[w]);
-        each_bit(agree, |b| {
-            acc.num[b] += f32::from_bits(v ^ ((neg >> b & 1) as u32) << 31);
-            acc.den[b] += p.den;
-        });
-    }
-    each_bit(any, |b| {
-        out[b] = merged(acc.num[b], acc.den[b], conv, lam);
-        acc.num[b] = 0.0;
-        acc.den[b] = 0.0;
-    });
 }
 
 /// Merges many tensors at once (parallel over tensors and within each): `groups[t]` holds the
@@ -665,8 +537,8 @@ mod tests {
                 compress(Tensor::F32(&x), &[n], k, 0.3 + s as f64, Encoding::Golomb).unwrap()
             })
             .collect();
-        let parts: Vec<(&Compressed, f32, u64)> = streams.iter().map(|s| (s, 1.0, n)).collect();
-        let b = ta_bounds(&parts, n);
+        let refs: Vec<&Compressed> = streams.iter().collect();
+        let b = range_bounds(&refs, n, u64::MAX);
         assert_eq!((b[0], *b.last().unwrap()), (0, n));
         assert!(b.windows(2).all(|w| w[0] < w[1]));
         let Body::Golomb(g) = streams[0].body() else {
@@ -677,7 +549,6 @@ mod tests {
             b.len() > 2 && b[1..b.len() - 1].iter().all(|x| starts.contains(x)),
             "{b:?}"
         );
-        let refs: Vec<&Compressed> = streams.iter().collect();
         let weights = [1.5, -0.25, 2.0];
         for density in [None, Some(0.004)] {
             let spec = MergeSpec {
@@ -814,68 +685,100 @@ mod tests {
         }
     }
 
+    /// TIES from its definition on the dense float32 decodes: per entry, the election sums (in
+    /// stream order) tau_i's sign times s_i (peft "total"), its sign (frequency), or the same of
+    /// w_i * tau_i (mergekit); 0 elects +; the agreeing entries' f32(w_i) * tau_i are summed and
+    /// divided by their count (peft, at least 1) or by the sum of their weights (mergekit, 1 where
+    /// that is 0); times lam, + 0.0. Each stream's first `keep` kept entries take part.
+    fn ties_reference(streams: &[Compressed], weights: &[f64], spec: &MergeSpec) -> Vec<f32> {
+        use crate::TensorMut;
+        let n = streams[0].numel() as usize;
+        let keep = spec
+            .density
+            .map(|d| keep_count(d, n as u64, spec.convention));
+        let taus: Vec<Vec<f32>> = streams
+            .iter()
+            .map(|s| {
+                let mut d = vec![0f32; n];
+                s.decode_into(TensorMut::F32(&mut d)).unwrap();
+                for (seen, v) in d.iter_mut().filter(|v| **v != 0.0).enumerate() {
+                    if keep.is_some_and(|k| seen as u64 >= k) {
+                        *v = 0.0;
+                    }
+                }
+                d
+            })
+            .collect();
+        let mk = spec.convention == Convention::Mergekit;
+        let sign = |x: f32| (x > 0.0) as i32 as f32 - (x < 0.0) as i32 as f32;
+        (0..n)
+            .map(|j| {
+                let mut tally = 0f32;
+                for (t, &w) in taus.iter().zip(weights) {
+                    let x = if mk { w as f32 * t[j] } else { t[j] };
+                    tally += match spec.election {
+                        Election::Total => x,
+                        Election::Frequency => sign(x),
+                    };
+                }
+                let up = tally >= 0.0;
+                let (mut num, mut den) = (0f32, 0f32);
+                for (t, &w) in taus.iter().zip(weights) {
+                    let x = if mk { w as f32 * t[j] } else { t[j] };
+                    if x != 0.0 && (x > 0.0) == up {
+                        num += w as f32 * t[j];
+                        den += if mk { w as f32 } else { 1.0 };
+                    }
+                }
+                merged(num, den, spec.convention, spec.lam as f32)
+            })
+            .collect()
+    }
+
     proptest::proptest! {
-        /// The dense TIES kernel (AVX2 where the CPU has it) gives the sparse kernel's output
-        /// bit for bit: random masks at densities from none to all, elect / value / divisor
-        /// values whose sums cancel exactly (0.1 + 0.2 - 0.3 in float32), flipped mergekit
-        /// signs, negative weights and lam, outputs ending inside a word.
+        /// TIES over output ranges equals its definition on the dense decodes, bit for bit:
+        /// tensors of one to several ranges (cut inside golomb streams' blocks), golomb and
+        /// bitmask streams, scales whose float32 sums cancel exactly (0.1 + 0.2 - 0.3), both
+        /// conventions and elections, negative weights and lam, trimmed or not.
         #[test]
-        fn dense_ties_kernel_equals_the_sparse_one(
-            n in 1usize..9,
-            words in 1usize..4,
-            tail in 0usize..64,
-            density in proptest::sample::select(vec![0u32, 4, 16, 40, 64]),
+        fn ties_equals_its_definition(
+            n in 1usize..6,
+            numel in proptest::sample::select(vec![1u64, 63, 1000, 300_001]),
+            k in proptest::sample::select(vec![0.01, 0.1, 0.5, 1.0]),
             seed in proptest::prelude::any::<u64>(),
             mergekit in proptest::prelude::any::<bool>(),
-            lam in proptest::sample::select(vec![1.0f32, 0.5, -1.0]),
+            frequency in proptest::prelude::any::<bool>(),
+            density in proptest::option::of(proptest::sample::select(vec![0.0, 0.02, 0.3])),
+            lam in proptest::sample::select(vec![1.0f64, 0.5, -1.0]),
         ) {
+            use crate::{compress, Encoding, Tensor};
             use rand::{Rng, SeedableRng};
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let vals = [0.1f32, 0.2, 0.3, -0.3, 1.0, -0.5, 2.5e-3, 0.0];
-            let parts: Vec<Part> = (0..n)
+            let scales = [0.1, 0.2, 0.3, 1.0, 0.5, 2.5e-3];
+            let ws = [1.0, 0.5, -0.25, 2.0, 0.0, -1.0];
+            let streams: Vec<Compressed> = (0..n)
                 .map(|_| {
-                    let (mut pos, mut neg) = (vec![0u64; words], vec![0u64; words]);
-                    for w in 0..words {
-                        for b in 0..64 {
-                            if rng.gen_range(0..64) < density {
-                                if rng.gen_bool(0.5) { pos[w] |= 1 << b } else { neg[w] |= 1 << b }
-                            }
-                        }
-                    }
-                    let pick = |r: &mut rand::rngs::StdRng| vals[r.gen_range(0..vals.len())];
-                    Part {
-                        pos,
-                        neg,
-                        elect: pick(&mut rng).abs(),
-                        value: pick(&mut rng),
-                        den: if mergekit { pick(&mut rng) } else { 1.0 },
-                        flip: mergekit && rng.gen_bool(0.3),
-                    }
+                    let x: Vec<f32> = (0..numel).map(|_| rng.gen::<f32>() - 0.5).collect();
+                    let enc = if rng.gen_bool(0.3) { Encoding::Bitmask } else { Encoding::Golomb };
+                    compress(Tensor::F32(&x), &[numel], k, 1.0, enc)
+                        .and_then(|c| c.with_scale(scales[rng.gen_range(0..scales.len())]))
+                        .unwrap()
                 })
                 .collect();
-            let conv = if mergekit { Convention::Mergekit } else { Convention::Peft };
-            let len = words * 64 - tail;
-            // No bit past the last entry (as every checked stream has).
-            let mut parts = parts;
-            for p in &mut parts {
-                let keep = !0u64 >> tail;
-                p.pos[words - 1] &= keep;
-                p.neg[words - 1] &= keep;
-            }
-            let mut sparse = vec![7.0f32; len];
-            let mut acc = Acc::default();
-            for (j, o) in sparse.chunks_mut(64).enumerate() {
-                ties_word(&parts, j, conv, lam, o, &mut acc);
-            }
-            let mut dense = vec![7.0f32; len];
-            ties_chunk(true, &parts, 0, conv, lam, &mut dense);
-            let mut plain = vec![7.0f32; len];
-            for (j, o) in plain.chunks_mut(64).enumerate() {
-                ties_word_dense(&parts, j, conv, lam, o);
-            }
+            let weights: Vec<f64> = (0..n).map(|_| ws[rng.gen_range(0..ws.len())]).collect();
+            let spec = MergeSpec {
+                method: Method::Ties,
+                election: if frequency { Election::Frequency } else { Election::Total },
+                convention: if mergekit { Convention::Mergekit } else { Convention::Peft },
+                density,
+                lam,
+            };
+            let refs: Vec<&Compressed> = streams.iter().collect();
+            let mut got = vec![f32::NAN; numel as usize];
+            merge_into(&refs, &weights, &spec, &mut got).unwrap();
+            let want = ties_reference(&streams, &weights, &spec);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            proptest::prop_assert_eq!(bits(&dense), bits(&sparse));
-            proptest::prop_assert_eq!(bits(&plain), bits(&sparse));
+            proptest::prop_assert_eq!(bits(&got), bits(&want));
         }
     }
 
@@ -938,19 +841,5 @@ mod tests {
                 assert_eq!(got, expect, "{method:?} {convention:?}");
             }
         }
-    }
-
-    #[test]
-    fn trim_keeps_the_first_entries_in_row_major_order() {
-        let mut pos = vec![0b1010u64, 0b1];
-        let mut neg = vec![0b0101u64, 0b10];
-        trim(&mut pos, &mut neg, 3);
-        assert_eq!(
-            (pos.clone(), neg.clone()),
-            (vec![0b0010, 0], vec![0b0101, 0])
-        );
-        let (mut p, mut q) = (vec![0b1010u64, 0b1], vec![0b0101u64, 0b10]);
-        trim(&mut p, &mut q, 5);
-        assert_eq!((p, q), (vec![0b1010, 0b1], vec![0b0101, 0]));
     }
 }
