@@ -68,8 +68,15 @@ def _as_torch(x: Any) -> Any:
     raise TypeError(f"expected a torch tensor or numpy array, got {type(x).__name__}")
 
 
+_DTYPE_NAMES: Dict[Any, str] = {}
+
+
 def _dtype_str(t: Any) -> str:
-    return str(t.dtype).replace("torch.", "")
+    """A tensor's dtype as its name ("float16"); remembered per dtype (swaps ask it per tensor)."""
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        name = _DTYPE_NAMES[t.dtype] = str(t.dtype).replace("torch.", "")
+    return name
 
 
 def checkpoint_files(path: PathLike) -> List[Path]:

@@ -34,14 +34,20 @@ def _numpy_view(t: Any) -> np.ndarray:
     return t.numpy()
 
 
-def _adapter_tensors(model: Any, name: str) -> Dict[str, Any]:
+_LAYER_SEGMENTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                             "ia3_l"})
+
+
+def _adapter_slot(model: Any, name: str) -> Tuple[Dict[str, Any], List[Tuple[Optional[str], Any]]]:
     """The adapter's tensors under the names a PEFT state dict (and so an expert) uses, each
-    sharing storage with the parameter it comes from.
+    sharing storage with the parameter it comes from; and its tuner layers (modules holding
+    ``scaling`` and ``merged_adapters``), once each, with the LoRA module name of each (None for
+    other layers).
 
     peft's ``get_peft_model_state_dict`` walks every module of the model (about 25 ms for a
-    7B-shaped model, three times the decode itself), so the map from names to parameters is kept
-    per model and adapter and checked on every call: the adapter's config the same object with the
-    same targets, and every parameter still the one its module holds under its name."""
+    7B-shaped model, three times the decode itself), so the slot is kept per model and adapter
+    (:class:`_Slot`, rebuilt when the adapter's config is replaced or its targets change) and its
+    paths followed in the live model on every call."""
     if not isinstance(getattr(model, "peft_config", None), dict):
         raise TypeError(f"load_into takes a peft PeftModel (with the adapter slot to fill), not a {type(model).__name__}")
     if name not in model.peft_config:
@@ -51,60 +57,95 @@ def _adapter_tensors(model: Any, name: str) -> Dict[str, Any]:
     key = _slot_key(model, name)
     slots = _SLOTS.setdefault(model, {})
     cached = slots.get(name)
-    if cached is not None and cached[0] == key:
-        out = {}
-        for sd_name, (path, ref, is_buffer) in cached[1].items():
-            p = ref()
-            if p is None or _held(model, path, is_buffer) is not p:
-                break
-            out[sd_name] = p.detach()
-        else:
-            return out
-    entries = _slot_entries(model, name)
-    slots[name] = (key, entries)
-    return {n: ref().detach() for n, (_, ref, _) in entries.items()}
+    if cached is not None and cached.key == key:
+        found = cached.resolve(model)
+        if found is not None:
+            return found
+    slot = _Slot.of(model, name, key)
+    slots[name] = slot
+    found = slot.resolve(model)
+    if found is None:
+        raise RuntimeError(f"adapter {name!r} changed while it was being looked up; try again")
+    return found
 
 
-# Per model (weakly, so a model is never kept alive by it): adapter name -> (config key, entries).
-_SLOTS: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
+class _Slot:
+    """An adapter slot as paths in the model's module tree: every module on the way to its
+    parameters and layers once (``edges``: parent's index and the name it holds the module under;
+    index 0 is the model, parents come first), each parameter as (module index, name, is a buffer), each
+    tuner layer as (module index, LoRA module name or None). Resolving it walks the live tree,
+    each module once (a 7B-shaped slot has some 700), so that a parameter or module replaced since
+    is found where it now is."""
+
+    def __init__(self, key: Tuple[Any, ...]) -> None:
+        self.key = key
+        self.edges: List[Tuple[int, str]] = []
+        self.params: Dict[str, Tuple[int, str, bool]] = {}
+        self.layers: List[Tuple[int, Optional[str]]] = []
+        self._index: Dict[Tuple[str, ...], int] = {(): 0}
+
+    def _node(self, path: Tuple[str, ...]) -> int:
+        i = self._index.get(path)
+        if i is None:
+            self.edges.append((self._node(path[:-1]), path[-1]))
+            i = self._index[path] = len(self.edges)
+        return i
+
+    @classmethod
+    def of(cls, model: Any, name: str, key: Tuple[Any, ...]) -> "_Slot":
+        """From peft's own state dict, whose tensors must share storage with the model's."""
+        from peft.utils import get_peft_model_state_dict
+
+        slot = cls(key)
+        sd = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+        storage = {p.data_ptr(): (n, p, False) for n, p in model.named_parameters()}
+        storage.update({b.data_ptr(): (n, b, True) for n, b in model.named_buffers()})
+        layers: Dict[Tuple[str, ...], Optional[str]] = {}
+        for n, t in sd.items():
+            full, p, is_buffer = storage.get(t.data_ptr(), (None, None, False))
+            if p is None or p.shape != t.shape or p.dtype != t.dtype:
+                raise RuntimeError(f"peft returned a copy of {n!r}, not the parameter itself; load_into cannot write "
+                                   "it in place (use compeft_rs.load_peft or peft's set_peft_model_state_dict)")
+            path = tuple(full.split("."))
+            slot.params[n] = (slot._node(path[:-1]), path[-1], is_buffer)
+            i = next((i for i, atom in enumerate(path) if atom in _LAYER_SEGMENTS), None)
+            if i is not None and layers.get(path[:i]) is None:
+                # A layer's LoRA module name from any of its factors (a DoRA magnitude may come first).
+                f = lora_factor(n)
+                layers[path[:i]] = f[0] if f is not None else None
+        slot.layers = [(slot._node(path), module) for path, module in layers.items()]
+        del slot._index
+        return slot
+
+    def resolve(self, model: Any) -> Optional[Tuple[Dict[str, Any], List[Tuple[Optional[str], Any]]]]:
+        """The slot's tensors and layers as the model holds them now, or None if a path is gone."""
+        mods = [model]
+        for parent, atom in self.edges:
+            m = mods[parent]._modules.get(atom)
+            if m is None:
+                return None
+            mods.append(m)
+        tensors = {}
+        for n, (i, leaf, is_buffer) in self.params.items():
+            m = mods[i]
+            p = (m._buffers if is_buffer else m._parameters).get(leaf)
+            if p is None:
+                return None
+            tensors[n] = p.detach()
+        return tensors, [(module, mods[i]) for i, module in self.layers]
+
+
+# Per model (weakly, so a model is never kept alive by it): adapter name -> its _Slot.
+_SLOTS: "weakref.WeakKeyDictionary[Any, Dict[str, _Slot]]" = weakref.WeakKeyDictionary()
 
 
 def _slot_key(model: Any, name: str) -> Tuple[Any, ...]:
     """What changes when peft adds, removes or re-targets an adapter (its config is replaced or its
-    target lists change); parameters replaced in place are caught by the per-tensor check."""
+    target lists change); parameters and modules replaced in place are caught by the slot's check."""
     cfg = model.peft_config[name]
     targeted = getattr(getattr(model, "base_model", None), "targeted_module_names", None)
     return (id(cfg), repr(getattr(cfg, "target_modules", None)), repr(getattr(cfg, "modules_to_save", None)),
             len(targeted) if targeted is not None else None)
-
-
-def _held(model: Any, path: Tuple[str, ...], is_buffer: bool) -> Any:
-    """The parameter (or buffer) a module of the model holds under the dotted path, or None; by
-    the modules' own dicts, as named_parameters names them (module __getattr__ is slow)."""
-    mod = model
-    for atom in path[:-1]:
-        mod = mod._modules.get(atom)
-        if mod is None:
-            return None
-    return (mod._buffers if is_buffer else mod._parameters).get(path[-1])
-
-
-def _slot_entries(model: Any, name: str) -> Dict[str, Tuple[Tuple[str, ...], Any, bool]]:
-    """State-dict name -> (path of the parameter or buffer, weak reference to it, is a buffer), from
-    peft's own state dict, whose tensors must share storage with the model's."""
-    from peft.utils import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
-    storage = {p.data_ptr(): (n, p, False) for n, p in model.named_parameters()}
-    storage.update({b.data_ptr(): (n, b, True) for n, b in model.named_buffers()})
-    entries = {}
-    for n, t in sd.items():
-        full, p, is_buffer = storage.get(t.data_ptr(), (None, None, False))
-        if p is None or p.shape != t.shape or p.dtype != t.dtype:
-            raise RuntimeError(f"peft returned a copy of {n!r}, not the parameter itself; load_into cannot write "
-                               "it in place (use compeft_rs.load_peft or peft's set_peft_model_state_dict)")
-        entries[n] = (tuple(full.split(".")), weakref.ref(p), is_buffer)
-    return entries
 
 
 def _rank_hint(name: str, a: Tuple[int, ...], b: Tuple[int, ...]) -> str:
@@ -138,61 +179,16 @@ def _check(expert: CompressedExpert, targets: Dict[str, Any], adapter: str, peft
         if init == "base":
             raise ValueError(f"{n!r} is stored as a residual of a base model, not as adapter weights; "
                              "this expert is a full fine-tune: use compeft_rs.apply_checkpoint")
-        shape = tuple(streams[n].shape) if n in streams else tuple(expert._entries[expert._keys[n]][1])
+        s = streams.get(n)
+        shape = tuple(s.shape) if s is not None else tuple(expert._entries[expert._keys[n]][1])
         if shape != tuple(t.shape):
             raise ValueError(f"{n!r} has shape {shape} in the expert but {tuple(t.shape)} in adapter {adapter!r}"
                              + _rank_hint(n, shape, tuple(t.shape)))
-        have, want = expert.dtype_of(n), _dtype_str(t)
+        # The parsed stream's dtype: dtype_of would parse the stream again.
+        have, want = (expert._orig_dtype(n, s) if s is not None else expert.dtype_of(n)), _dtype_str(t)
         if have != want and not (have in _FLOATS and want in _FLOATS):
             raise ValueError(f"{n!r} is {have} in the expert but {want} in adapter {adapter!r}; "
                              "only floating-point tensors are converted")
-
-
-_LAYER_SEGMENTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                             "ia3_l"})
-# Per model (weakly): adapter name -> (the slot's entries object, [(path, module name or None,
-# weak reference to the layer)]).
-_LAYERS: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
-
-
-def _slot_layers(model: Any, name: str) -> List[Tuple[Optional[str], Any]]:
-    """The tuner layers (modules holding ``scaling`` and ``merged_adapters``) of the adapter slot,
-    once each, with the LoRA module name of each (None for other layers). The list is kept with
-    the slot's parameter map and each layer rechecked on every call, as parameters are: still the
-    module the model holds at its path."""
-    entries = _SLOTS[model][name][1]
-    cached = _LAYERS.setdefault(model, {}).get(name)
-    if cached is not None and cached[0] is entries:
-        out = []
-        for path, module, ref in cached[1]:
-            layer = ref()
-            if layer is None or _held_module(model, path) is not layer:
-                break
-            out.append((module, layer))
-        else:
-            return out
-    found: Dict[Tuple[str, ...], Optional[str]] = {}
-    for sd_name, (path, _, _) in entries.items():
-        i = next((i for i, atom in enumerate(path) if atom in _LAYER_SEGMENTS), None)
-        if i is None:
-            continue
-        f = lora_factor(sd_name)
-        # A layer's LoRA module name from any of its factors (a DoRA magnitude may come first).
-        if found.get(path[:i]) is None:
-            found[path[:i]] = f[0] if f is not None else None
-    layers = [(path, module, _held_module(model, path)) for path, module in found.items()]
-    layers = [(path, module, layer) for path, module, layer in layers if layer is not None]
-    _LAYERS[model][name] = (entries, [(path, module, weakref.ref(layer)) for path, module, layer in layers])
-    return [(module, layer) for _, module, layer in layers]
-
-
-def _held_module(model: Any, path: Tuple[str, ...]) -> Any:
-    mod = model
-    for atom in path:
-        mod = mod._modules.get(atom)
-        if mod is None:
-            return None
-    return mod
 
 
 @functools.lru_cache(maxsize=64)
@@ -201,12 +197,11 @@ def _expert_scalings(config_key: str, modules: Tuple[str, ...]) -> Tuple[float, 
     return tuple(module_scaling(config, m) for m in modules)
 
 
-def _check_slot(model: Any, expert: CompressedExpert, name: str) -> None:
+def _check_slot(model: Any, expert: CompressedExpert, name: str, layers: List[Tuple[Optional[str], Any]]) -> None:
     """Refuses a slot whose adapter is merged into the base weights, and a LoRA expert whose
     scaling (lora_alpha, r, use_rslora, alpha_pattern, rank_pattern) differs from what the slot's
     layers apply: peft would apply the slot's, silently changing the expert's outputs. An expert
     without an adapter config cannot say its scaling: it takes the slot's."""
-    layers = _slot_layers(model, name)
     for _, layer in layers:
         if name in (getattr(layer, "merged_adapters", None) or ()):
             raise ValueError(f"adapter {name!r} is merged into the base weights: swapping it now would change "
@@ -282,13 +277,13 @@ def load_into(model: Any, expert: Union[CompressedExpert, PathLike], adapter_nam
     torch = _torch()
     exp = expert if isinstance(expert, CompressedExpert) else load_expert(expert)
     name = adapter_name or active_adapter(model)
-    targets = _adapter_tensors(model, name)
+    targets, layers = _adapter_slot(model, name)
     cfg = model.peft_config[name]
     peft_type = getattr(getattr(cfg, "peft_type", None), "value", None)
     compressed = exp.compressed_keys()
     streams = dict(zip(compressed, exp._parse(compressed)))
     _check(exp, targets, name, peft_type, streams)
-    _check_slot(model, exp, name)
+    _check_slot(model, exp, name, layers)
     exact = {n: exp.lossless(n) for n in exp.lossless_keys()}
 
     direct: List[str] = []

@@ -110,6 +110,13 @@ def test_repeated_swaps_follow_the_model_as_it_changes():
     compeft_rs.load_into(m, e2)
     assert loaded(e2)
     assert torch.equal(old.detach(), e1.apply()["base_model.model.q.lora_A.weight"])
+    # A module on the way replaced by a new one (its parameters new too).
+    lora_b = m.base_model.model.q.lora_B
+    old_b = lora_b["default"]
+    lora_b["default"] = torch.nn.Linear(old_b.in_features, old_b.out_features, bias=False)
+    compeft_rs.load_into(m, e1)
+    assert loaded(e1)
+    assert torch.equal(old_b.weight.detach(), e2.apply()["base_model.model.q.lora_B.weight"])
     # Module.to swaps every parameter's data in place.
     m.to(torch.float16)
     compeft_rs.load_into(m, e1)
