@@ -46,8 +46,8 @@ def _adapter_slot(model: Any, name: str) -> Tuple[Dict[str, Any], List[Tuple[Opt
 
     peft's ``get_peft_model_state_dict`` walks every module of the model (about 25 ms for a
     7B-shaped model, three times the decode itself), so the slot is kept per model and adapter
-    (:class:`_Slot`, rebuilt when the adapter's config is replaced or its targets change) and its
-    paths followed in the live model on every call."""
+    (:class:`_Slot`) and checked on every call: the adapter's config the same object with the same
+    fields and targets, every parameter still the one the module at its path holds."""
     if not isinstance(getattr(model, "peft_config", None), dict):
         raise TypeError(f"load_into takes a peft PeftModel (with the adapter slot to fill), not a {type(model).__name__}")
     if name not in model.peft_config:
@@ -57,7 +57,7 @@ def _adapter_slot(model: Any, name: str) -> Tuple[Dict[str, Any], List[Tuple[Opt
     key = _slot_key(model, name)
     slots = _SLOTS.setdefault(model, {})
     cached = slots.get(name)
-    if cached is not None and cached.key == key:
+    if cached is not None and cached.key[0] is key[0] and cached.key[1:] == key[1:]:
         found = cached.resolve(model)
         if found is not None:
             return found
@@ -72,15 +72,15 @@ def _adapter_slot(model: Any, name: str) -> Tuple[Dict[str, Any], List[Tuple[Opt
 class _Slot:
     """An adapter slot as paths in the model's module tree: every module on the way to its
     parameters and layers once (``edges``: parent's index and the name it holds the module under;
-    index 0 is the model, parents come first), each parameter as (module index, name, is a buffer), each
-    tuner layer as (module index, LoRA module name or None). Resolving it walks the live tree,
-    each module once (a 7B-shaped slot has some 700), so that a parameter or module replaced since
-    is found where it now is."""
+    index 0 is the model, parents come first), each parameter as (module index, name, is a buffer, weak
+    reference), each tuner layer as (module index, LoRA module name or None). Resolving it walks
+    the live tree, each module once (a 7B-shaped slot has some 700), not once per parameter, and
+    finds every parameter still the one recorded."""
 
     def __init__(self, key: Tuple[Any, ...]) -> None:
         self.key = key
         self.edges: List[Tuple[int, str]] = []
-        self.params: Dict[str, Tuple[int, str, bool]] = {}
+        self.params: Dict[str, Tuple[int, str, bool, Any]] = {}
         self.layers: List[Tuple[int, Optional[str]]] = []
         self._index: Dict[Tuple[str, ...], int] = {(): 0}
 
@@ -107,7 +107,7 @@ class _Slot:
                 raise RuntimeError(f"peft returned a copy of {n!r}, not the parameter itself; load_into cannot write "
                                    "it in place (use compeft_rs.load_peft or peft's set_peft_model_state_dict)")
             path = tuple(full.split("."))
-            slot.params[n] = (slot._node(path[:-1]), path[-1], is_buffer)
+            slot.params[n] = (slot._node(path[:-1]), path[-1], is_buffer, weakref.ref(p))
             i = next((i for i, atom in enumerate(path) if atom in _LAYER_SEGMENTS), None)
             if i is not None and layers.get(path[:i]) is None:
                 # A layer's LoRA module name from any of its factors (a DoRA magnitude may come first).
@@ -118,7 +118,8 @@ class _Slot:
         return slot
 
     def resolve(self, model: Any) -> Optional[Tuple[Dict[str, Any], List[Tuple[Optional[str], Any]]]]:
-        """The slot's tensors and layers as the model holds them now, or None if a path is gone."""
+        """The slot's tensors and layers, or None if a path is gone or holds another parameter
+        (replaced, or the adapter deleted and added again: look the slot up anew)."""
         mods = [model]
         for parent, atom in self.edges:
             m = mods[parent]._modules.get(atom)
@@ -126,10 +127,10 @@ class _Slot:
                 return None
             mods.append(m)
         tensors = {}
-        for n, (i, leaf, is_buffer) in self.params.items():
+        for n, (i, leaf, is_buffer, ref) in self.params.items():
             m = mods[i]
             p = (m._buffers if is_buffer else m._parameters).get(leaf)
-            if p is None:
+            if p is None or p is not ref():
                 return None
             tensors[n] = p.detach()
         return tensors, [(module, mods[i]) for i, module in self.layers]
@@ -140,12 +141,13 @@ _SLOTS: "weakref.WeakKeyDictionary[Any, Dict[str, _Slot]]" = weakref.WeakKeyDict
 
 
 def _slot_key(model: Any, name: str) -> Tuple[Any, ...]:
-    """What changes when peft adds, removes or re-targets an adapter (its config is replaced or its
-    target lists change); parameters and modules replaced in place are caught by the slot's check."""
+    """What changes when peft adds, removes, re-targets or reconfigures an adapter (its config is
+    replaced or changed); parameters replaced in place are caught by the slot's own check."""
     cfg = model.peft_config[name]
     targeted = getattr(getattr(model, "base_model", None), "targeted_module_names", None)
-    return (id(cfg), repr(getattr(cfg, "target_modules", None)), repr(getattr(cfg, "modules_to_save", None)),
-            len(targeted) if targeted is not None else None)
+    # The config object itself (held, so that its id cannot be reused by a new one) and its
+    # fields (a config changed in place: use_dora, lora_bias, targets).
+    return (cfg, repr(cfg), len(targeted) if targeted is not None else None)
 
 
 def _rank_hint(name: str, a: Tuple[int, ...], b: Tuple[int, ...]) -> str:

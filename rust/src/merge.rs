@@ -565,6 +565,22 @@ mod tests {
         }
     }
 
+    /// A cap on range length (TIES keeps two float32 arrays per range) holds even where the
+    /// sparsest stream's blocks span more: ranges increase, cover the output, and none is longer.
+    #[test]
+    fn range_bounds_keep_under_their_cap() {
+        let streams = range_streams(300_001);
+        let refs: Vec<&Compressed> = streams.iter().collect();
+        for cap in [1u64, 1000, 65_536, u64::MAX] {
+            let b = range_bounds(&refs, 300_001, cap);
+            assert_eq!((b[0], *b.last().unwrap()), (0, 300_001), "cap {cap}");
+            assert!(
+                b.windows(2).all(|w| w[0] < w[1] && w[1] - w[0] <= cap),
+                "cap {cap}"
+            );
+        }
+    }
+
     /// Streams of `n` entries whose kept entries sit on both sides of every task-arithmetic
     /// range boundary, with scales that make float32 and float64 sums differ.
     fn range_streams(n: u64) -> Vec<Compressed> {
@@ -693,9 +709,16 @@ mod tests {
     fn ties_reference(streams: &[Compressed], weights: &[f64], spec: &MergeSpec) -> Vec<f32> {
         use crate::TensorMut;
         let n = streams[0].numel() as usize;
-        let keep = spec
-            .density
-            .map(|d| keep_count(d, n as u64, spec.convention));
+        let mk = spec.convention == Convention::Mergekit;
+        // peft keeps floor(d n), mergekit at least 1 for d > 0.
+        let keep = spec.density.map(|d| {
+            let k = (d * n as f64).floor() as u64;
+            if mk && d > 0.0 {
+                k.max(1)
+            } else {
+                k
+            }
+        });
         let taus: Vec<Vec<f32>> = streams
             .iter()
             .map(|s| {
@@ -709,7 +732,6 @@ mod tests {
                 d
             })
             .collect();
-        let mk = spec.convention == Convention::Mergekit;
         let sign = |x: f32| (x > 0.0) as i32 as f32 - (x < 0.0) as i32 as f32;
         (0..n)
             .map(|j| {
@@ -730,7 +752,18 @@ mod tests {
                         den += if mk { w as f32 } else { 1.0 };
                     }
                 }
-                merged(num, den, spec.convention, spec.lam as f32)
+                // peft divides by the count (at least 1), mergekit by the weights (1 for 0).
+                let d = match (mk, den) {
+                    (true, 0.0) => 1.0,
+                    (true, _) => den,
+                    (false, _) => den.max(1.0),
+                };
+                let m = num / d;
+                (if spec.lam != 1.0 {
+                    m * spec.lam as f32
+                } else {
+                    m
+                }) + 0.0
             })
             .collect()
     }

@@ -128,6 +128,20 @@ def test_repeated_swaps_follow_the_model_as_it_changes():
     m.add_adapter("default", cfg)
     compeft_rs.load_into(m, e2, adapter_name="default")
     assert loaded(e2)
+    # The same config object changed and the adapter added again with it: DoRA magnitudes that
+    # the expert lacks are refused, not left at their initial values.
+    cfg = m.peft_config["default"]
+    m.set_adapter("other")
+    m.delete_adapter("default")
+    cfg.use_dora = True
+    m.add_adapter("default", cfg)
+    with pytest.raises(ValueError, match="not in the expert"):
+        compeft_rs.load_into(m, e2, adapter_name="default")
+    cfg.use_dora = False
+    m.delete_adapter("default")
+    m.add_adapter("default", cfg)
+    compeft_rs.load_into(m, e2, adapter_name="default")
+    assert loaded(e2)
     # Another adapter slot of the same model.
     compeft_rs.load_into(m, e1, adapter_name="other")
     assert loaded(e1, "other") and loaded(e2)
