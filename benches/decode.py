@@ -10,6 +10,10 @@ tensors, 84M), fp16, compressed at k=0.1 with the defaults. Side by side in one 
   safetensors' ``load_file`` of the dense fp16 file (in the page cache) and the same read.
   ``load_file`` returns views of the memory-mapped file (their data pointers sit at the file's
   offsets): it copies nothing, and the read is where the dense file's pages are touched;
+- load into existing tensors: ``load_expert(path).decode_into(dst)`` (the tensors of a model's
+  weights, or buffers reused from one expert to the next) against the same ``load_file`` + copy
+  into ``dst``: the same end state, without new tensors; and the floor of the row above for any
+  decode into new tensors: zero-filling them plus the same read;
 - compress: ``compress_expert(sd, 0.1)`` with its defaults (per-tensor, scale "pair") against the
   torch way per tensor (the authors' code: kthvalue threshold, mask, sign, std).
 
@@ -70,6 +74,13 @@ def main():
             dense_read = best_of(lambda: read_once(load_file(str(dense))), args.repeat)
             ours_read = best_of(lambda: read_once(compeft_rs.load_expert(path).decode()), args.repeat)
             row("load and read once", ours_read, dense_read, "load_file(dense fp16) + the same read")
+            # What no decode into new tensors can beat: writing them (zero-fill) and the same read.
+            floor = best_of(lambda: read_once({n: torch.empty(s, dtype=d).fill_(0)
+                                               for n, (s, d) in zip(sd, shapes)}), args.repeat)
+            row("  floor: zero-fill + the same read", floor, dense_read, "load_file(dense fp16) + the same read")
+            # Loading into existing tensors (a model's weights): the same end state, dst written.
+            ours_into = best_of(lambda: compeft_rs.load_expert(path).decode_into(dst), args.repeat)
+            row("load into existing tensors", ours_into, dense_read, "load_file(dense fp16) + copy into them")
             lf = best_of(lambda: load_file(str(dense)), args.repeat)
             print(f"{'':<11} (load_file alone, views of the mapped file: {lf * 1e3:.2f} ms; "
                   f"load_expert alone: {best_of(lambda: compeft_rs.load_expert(path), args.repeat) * 1e3:.2f} ms)")

@@ -136,6 +136,17 @@ def empty_output(kind: str, name: str, shape: Tuple[int, ...]) -> Tuple[Any, np.
     return out, flat.view(np.uint16) if name == "float16" else flat
 
 
+def tensor_view(t: Any) -> np.ndarray:
+    """A numpy array over a contiguous CPU tensor's own memory (uint16 for half types), for the
+    Rust decoder to write into in place."""
+    torch = _torch()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return t.numpy().view(np.uint16)
+    return t.numpy()
+
+
 def torch_device(device: Any) -> Optional[Any]:
     """None for the CPU (or no device), else a torch.device."""
     if device is None:

@@ -451,6 +451,78 @@ class CompressedExpert:
                 out[n] = self._lossless_on(n, device)
         return {n: out[n] for n in names}
 
+    def decode_into(self, out: Mapping[str, Any]) -> None:
+        """Decodes into existing tensors: ``out[name]`` (a torch tensor or numpy array of the
+        tensor's shape, any floating dtype) receives what ``decode()[name]`` holds, rounded to its
+        dtype, with no new tensor per name: how to load an expert into a model's own weights or
+        into buffers reused from one expert to the next.
+
+        Contiguous CPU tensors (and C-contiguous numpy arrays) are written by the Rust decoder
+        in place, all in one parallel call with the GIL released; other tensors (strided, on a
+        device) get the decoded tensor copied in. Tensors kept exactly are copied in. Every name,
+        shape and dtype is checked before anything is written; a ``KeyError`` names a tensor the
+        expert lacks, a ``ValueError`` a shape or dtype that does not fit.
+        """
+        torch = _torch()
+        comp, names, other = [], {}, []
+        for n, t in out.items():
+            if n not in self._keys:
+                raise KeyError(f"{n!r} is not in this expert")
+            if isinstance(t, np.ndarray):
+                if not t.flags.writeable:
+                    raise ValueError(f"out[{n!r}] is a read-only numpy array; give a writable one")
+            elif not isinstance(t, torch.Tensor):
+                raise TypeError(f"out[{n!r}] is a {type(t).__name__}; give a torch tensor or a numpy array")
+            try:
+                names[n] = _dtype_str(t) if isinstance(t, torch.Tensor) else _arrays.dtype_name(t.dtype)
+            except TypeError:
+                names[n] = None
+            if names[n] not in _OUT_DTYPES:
+                raise ValueError(f"out[{n!r}] is {t.dtype}; decode_into writes floating-point tensors "
+                                 f"({', '.join(_OUT_DTYPES)})")
+            if n in self._exact:
+                want = tuple(self._entries[self._keys[n]][1])
+                if tuple(t.shape) != want:
+                    raise ValueError(f"out[{n!r}] has shape {tuple(t.shape)}, the expert's tensor {want}")
+                other.append(n)
+            else:
+                comp.append(n)
+        streams = dict(zip(comp, self._parse(comp)))
+        direct, views = [], []
+        for n in comp:
+            t, shape = out[n], tuple(streams[n].shape)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"out[{n!r}] has shape {tuple(t.shape)}, the expert's tensor {shape}")
+            if isinstance(t, np.ndarray):
+                if not t.flags.c_contiguous:
+                    other.append(n)
+                    continue
+                views.append(t.view(np.uint16) if t.dtype.itemsize == 2 else t)
+            elif t.device.type == "cpu" and t.is_contiguous():
+                views.append(_arrays.tensor_view(t.detach() if t.requires_grad else t))
+            else:
+                other.append(n)
+                continue
+            direct.append(n)
+        if direct:
+            _decode_streams([streams[n] for n in direct], direct, views, [names[n] for n in direct])
+        for n in other:
+            t = out[n]
+            if isinstance(t, np.ndarray):
+                if n in self._exact:  # through float32 (float64 stays float64): numpy has no bfloat16
+                    v = self.lossless(n)
+                    arr = v.to(torch.float64 if v.dtype == torch.float64 else torch.float32).numpy()
+                else:  # strided: decoded in its dtype beside it
+                    name = _arrays.dtype_name(t.dtype)
+                    v = self.decode([n], dtype=name)[n]
+                    arr = v.view(torch.int16).numpy().view(t.dtype) if name == "bfloat16" else v.numpy()
+                np.copyto(t, arr, casting="unsafe")
+                continue
+            dev = None if t.device.type == "cpu" else t.device
+            v = self._lossless_on(n, dev) if n in self._exact else self.decode([n], dtype=t.dtype, device=dev)[n]
+            with torch.no_grad():
+                t.copy_(v)
+
     def _parse(self, names: List[str]) -> List[Any]:
         return self._file.streams([self._keys[n] for n in names]) if names else []
 

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from ._arrays import tensor_view
 from ._core import decode_streams as _decode_streams
 from ._expert import CompressedExpert, PathLike, _dtype_str, _torch, load_expert
 from ._lora import describe, lora_factor, module_scaling
@@ -22,16 +23,6 @@ __all__ = ["load_into"]
 DEVICE_CHUNK = 1 << 22
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
-
-
-def _numpy_view(t: Any) -> np.ndarray:
-    """A numpy array over a contiguous CPU tensor's own memory (uint16 for half types)."""
-    torch = _torch()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    if t.dtype == torch.float16:
-        return t.numpy().view(np.uint16)
-    return t.numpy()
 
 
 _LAYER_SEGMENTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -297,7 +288,7 @@ def load_into(model: Any, expert: Union[CompressedExpert, PathLike], adapter_nam
             elif exp.init_of(n) == "zero":
                 if t.device.type == "cpu":  # not contiguous: decode beside, then copy
                     tmp = torch.empty(t.shape, dtype=t.dtype)
-                    _decode_streams([streams[n]], [n], [_numpy_view(tmp)], [_dtype_str(t)])
+                    _decode_streams([streams[n]], [n], [tensor_view(tmp)], [_dtype_str(t)])
                     t.copy_(tmp)
                 else:
                     _expand_into(streams[n], t)
@@ -306,7 +297,7 @@ def load_into(model: Any, expert: Union[CompressedExpert, PathLike], adapter_nam
                 _decode_streams([streams[n]], [n], [tau.numpy()], ["float32"])
                 t.copy_((tau + 1.0).to(t.dtype))
         if direct:
-            _decode_streams([streams[n] for n in direct], direct, [_numpy_view(targets[n]) for n in direct],
+            _decode_streams([streams[n] for n in direct], direct, [tensor_view(targets[n]) for n in direct],
                             [_dtype_str(targets[n]) for n in direct])
         for n, v in exact.items():
             targets[n].copy_(v)
