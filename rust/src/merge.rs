@@ -196,13 +196,7 @@ const TIES_RANGE_MAX: u64 = 1 << 22;
 fn ties(parts: &[Part<'_>], conv: Convention, lam: f32, out: &mut [f32]) -> Result<()> {
     let streams: Vec<&Compressed> = parts.iter().map(|p| p.stream).collect();
     let bounds = range_bounds(&streams, out.len() as u64, TIES_RANGE_MAX);
-    let mut ranges = Vec::with_capacity(bounds.len());
-    let mut rest = out;
-    for w in bounds.windows(2) {
-        let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((w[1] - w[0]) as usize);
-        ranges.push((w[0], chunk));
-        rest = tail;
-    }
+    let ranges = cut(out, &bounds);
     // Scratch reused by each thread across its ranges: the allocator's fresh pages (and, for
     // large arrays, a map and unmap each time) cost more than the merge of a LoRA factor.
     ranges.into_par_iter().try_for_each_init(
@@ -293,6 +287,18 @@ fn range_bounds(streams: &[&Compressed], numel: u64, max_len: u64) -> Vec<u64> {
     bounds
 }
 
+/// `out` cut at `bounds` (increasing, from 0 to its length): each range with its first position.
+fn cut<'o>(out: &'o mut [f32], bounds: &[u64]) -> Vec<(u64, &'o mut [f32])> {
+    let mut ranges = Vec::with_capacity(bounds.len());
+    let mut rest = out;
+    for w in bounds.windows(2) {
+        let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((w[1] - w[0]) as usize);
+        ranges.push((w[0], chunk));
+        rest = tail;
+    }
+    ranges
+}
+
 /// Task arithmetic, trimmed or not: each output range sums, in float32 and stream order, the
 /// kept entries every stream has there (the first `keep` of each, when trimmed), decoded straight
 /// from the stream (only the blocks overlapping the range); no masks are built. Each stream is
@@ -320,13 +326,7 @@ fn task_arithmetic(
     let lam = lam as f32;
     let streams: Vec<&Compressed> = parts.iter().map(|p| p.0).collect();
     let bounds = range_bounds(&streams, out.len() as u64, u64::MAX);
-    let mut ranges = Vec::with_capacity(bounds.len());
-    let mut rest = out;
-    for w in bounds.windows(2) {
-        let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((w[1] - w[0]) as usize);
-        ranges.push((w[0], chunk));
-        rest = tail;
-    }
+    let ranges = cut(out, &bounds);
     ranges
         .into_par_iter()
         .try_for_each(|(lo, chunk)| -> Result<()> {
