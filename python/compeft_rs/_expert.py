@@ -287,6 +287,40 @@ def _check_info(
         raise bad(f"default_init is {default_init!r}, expected one of {_INITS}")
 
 
+def _unwritable(t: Any, name: str, torch: Any) -> Optional[str]:
+    """Why decode_into cannot write ``t`` (None when it can)."""
+    if isinstance(t, np.ndarray):
+        if not t.flags.writeable:
+            return "is a read-only numpy array; give a writable one"
+        if not t.dtype.isnative:
+            return f"has byte order {t.dtype.byteorder!r}, not this machine's; give a native one (astype('=f4'))"
+        if any(st == 0 and sz > 1 for st, sz in zip(t.strides, t.shape)):
+            return "repeats one element along a dimension (a broadcast view); give an array of its own"
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"out[{name!r}] is a {type(t).__name__}; give a torch tensor or a numpy array")
+    if t.device.type == "meta":
+        return "is on the meta device, which holds no values; materialise it first (e.g. Module.to_empty)"
+    if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+        return "repeats one element along a dimension (an expanded view); give a tensor of its own"
+    return None
+
+
+def _byte_span(t: Any) -> Tuple[int, int]:
+    """The bytes ``t`` may touch, [low, high), as a memory address range (device tensors: their
+    device's own addresses, kept apart from the host's by the device index in the high bits)."""
+    if isinstance(t, np.ndarray):
+        bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds  # numpy 2 moved it
+        low, high = bounds(t)
+        return (low, high)
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    extent = 1 + sum((sz - 1) * st for sz, st in zip(t.shape, t.stride()))
+    tag = 0 if t.device.type == "cpu" else (hash((t.device.type, t.device.index)) & 0xFFFF) + 1
+    low = (tag << 64) + t.data_ptr()
+    return (low, low + extent * t.element_size())
+
+
 class CompressedExpert:
     """A compressed expert: one compressed stream per delta tensor, exact copies of the rest.
 
@@ -453,40 +487,47 @@ class CompressedExpert:
 
     def decode_into(self, out: Mapping[str, Any]) -> None:
         """Decodes into existing tensors: ``out[name]`` (a torch tensor or numpy array of the
-        tensor's shape, any floating dtype) receives what ``decode()[name]`` holds, rounded to its
-        dtype, with no new tensor per name: how to load an expert into a model's own weights or
-        into buffers reused from one expert to the next.
+        tensor's shape) receives ``decode(dtype=<its dtype>)[name]``, with no new tensor per
+        name: how to load a LoRA expert into a model's own adapter weights, or an expert into
+        buffers reused from one expert to the next. Like ``decode()`` it writes the task vector:
+        for (IA)3 vectors and a full fine-tune's residuals that is tau, not the weight (``apply``
+        gives those). Compressed tensors take a floating dtype; tensors kept exactly any dtype
+        they convert to.
 
         Contiguous CPU tensors (and C-contiguous numpy arrays) are written by the Rust decoder
-        in place, all in one parallel call with the GIL released; other tensors (strided, on a
-        device) get the decoded tensor copied in. Tensors kept exactly are copied in. Every name,
-        shape and dtype is checked before anything is written; a ``KeyError`` names a tensor the
-        expert lacks, a ``ValueError`` a shape or dtype that does not fit.
+        in place, all in one parallel call with the GIL released; the others (strided, on a
+        device) are decoded beside and copied in, as are tensors kept exactly. Everything is
+        checked before anything is written: a ``KeyError`` names a tensor the expert lacks, a
+        ``ValueError`` an output that does not fit (shape, dtype, read-only, byte order, on the
+        meta device, elements sharing memory, or memory shared with another output).
         """
         torch = _torch()
-        comp, names, other = [], {}, []
+        comp, names, other, spans = [], {}, [], []
         for n, t in out.items():
             if n not in self._keys:
                 raise KeyError(f"{n!r} is not in this expert")
-            if isinstance(t, np.ndarray):
-                if not t.flags.writeable:
-                    raise ValueError(f"out[{n!r}] is a read-only numpy array; give a writable one")
-            elif not isinstance(t, torch.Tensor):
-                raise TypeError(f"out[{n!r}] is a {type(t).__name__}; give a torch tensor or a numpy array")
-            try:
-                names[n] = _dtype_str(t) if isinstance(t, torch.Tensor) else _arrays.dtype_name(t.dtype)
-            except TypeError:
-                names[n] = None
-            if names[n] not in _OUT_DTYPES:
-                raise ValueError(f"out[{n!r}] is {t.dtype}; decode_into writes floating-point tensors "
-                                 f"({', '.join(_OUT_DTYPES)})")
+            bad = _unwritable(t, n, torch)
+            if bad:
+                raise ValueError(f"out[{n!r}] {bad}")
+            spans.append((_byte_span(t), n))
             if n in self._exact:
                 want = tuple(self._entries[self._keys[n]][1])
                 if tuple(t.shape) != want:
                     raise ValueError(f"out[{n!r}] has shape {tuple(t.shape)}, the expert's tensor {want}")
                 other.append(n)
-            else:
-                comp.append(n)
+                continue
+            try:
+                names[n] = _dtype_str(t) if isinstance(t, torch.Tensor) else _arrays.dtype_name(t.dtype)
+            except TypeError:
+                names[n] = None
+            if names[n] not in _OUT_DTYPES:
+                raise ValueError(f"out[{n!r}] is {t.dtype}; a compressed tensor decodes into float16, bfloat16, "
+                                 "float32 or float64: give such a tensor, or leave the name out")
+            comp.append(n)
+        spans.sort()
+        for (s0, n0), (s1, n1) in zip(spans, spans[1:]):
+            if s1[0] < s0[1]:
+                raise ValueError(f"out[{n0!r}] and out[{n1!r}] share memory; give each name its own tensor")
         streams = dict(zip(comp, self._parse(comp)))
         direct, views = [], []
         for n in comp:
@@ -504,24 +545,31 @@ class CompressedExpert:
                 other.append(n)
                 continue
             direct.append(n)
+        # The rest decoded (or read) before anything is written: what is left can only copy.
+        values = {n: self._value_for(n, out[n], torch) for n in other}
         if direct:
             _decode_streams([streams[n] for n in direct], direct, views, [names[n] for n in direct])
-        for n in other:
+        for n, v in values.items():
             t = out[n]
             if isinstance(t, np.ndarray):
-                if n in self._exact:  # through float32 (float64 stays float64): numpy has no bfloat16
-                    v = self.lossless(n)
-                    arr = v.to(torch.float64 if v.dtype == torch.float64 else torch.float32).numpy()
-                else:  # strided: decoded in its dtype beside it
-                    name = _arrays.dtype_name(t.dtype)
-                    v = self.decode([n], dtype=name)[n]
-                    arr = v.view(torch.int16).numpy().view(t.dtype) if name == "bfloat16" else v.numpy()
-                np.copyto(t, arr, casting="unsafe")
-                continue
-            dev = None if t.device.type == "cpu" else t.device
-            v = self._lossless_on(n, dev) if n in self._exact else self.decode([n], dtype=t.dtype, device=dev)[n]
-            with torch.no_grad():
-                t.copy_(v)
+                np.copyto(t, v, casting="unsafe")
+            else:
+                with torch.no_grad():
+                    t.copy_(v)
+
+    def _value_for(self, n: str, t: Any, torch: Any) -> Any:
+        """What decode_into copies into ``t`` for tensor ``n``: a numpy array for numpy outputs
+        (through float32 for bfloat16, which numpy lacks), else a torch tensor on t's device."""
+        if isinstance(t, np.ndarray):
+            if n in self._exact:
+                v = self.lossless(n)
+            else:
+                v = self.decode([n], dtype=_arrays.dtype_name(t.dtype))[n]
+            if v.dtype == torch.bfloat16:
+                return v.view(torch.int16).numpy().view(t.dtype) if t.dtype.itemsize == 2 else v.float().numpy()
+            return v.numpy()
+        dev = None if t.device.type == "cpu" else t.device
+        return self._lossless_on(n, dev) if n in self._exact else self.decode([n], dtype=t.dtype, device=dev)[n]
 
     def _parse(self, names: List[str]) -> List[Any]:
         return self._file.streams([self._keys[n] for n in names]) if names else []

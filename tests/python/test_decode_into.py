@@ -36,15 +36,27 @@ def test_into_tensors_of_any_float_dtype_and_layout(dtype):
             assert torch.equal(out[n], want[n].to(dtype)), n  # kept exactly: converted
 
 
-def test_into_numpy_arrays():
+@pytest.mark.parametrize("np_dtype", [np.float16, np.float32, np.float64])
+def test_into_numpy_arrays(np_dtype):
     e = an_expert()
     want = e.decode(dtype=torch.float32)
-    out = {n: np.full(tuple(t.shape), 7.0, np.float32) for n, t in want.items()}
-    strided = {n: np.full(tuple(t.shape)[::-1], 7.0, np.float32).T for n, t in want.items()}
+    out = {n: np.full(tuple(t.shape), 7.0, np_dtype) for n, t in want.items()}
+    strided = {n: np.full(tuple(t.shape)[::-1], 7.0, np_dtype).T for n, t in want.items()}
     for o in (out, strided):
         e.decode_into(o)
         for n in want:
-            np.testing.assert_array_equal(o[n], want[n].numpy())
+            exact = e.init_of(n) is None
+            ref = want[n] if exact else e.decode([n], dtype=np.dtype(np_dtype).name)[n]
+            np.testing.assert_array_equal(o[n], ref.numpy().astype(np_dtype), err_msg=n)
+
+
+def test_some_names_into_parameters_that_require_grad():
+    # Parameters as a module holds them (requires_grad), only the names given are written.
+    e = an_expert()
+    want = e.decode()
+    lin = torch.nn.Linear(96, 8, bias=False).half()
+    e.decode_into({"m.lora_A.weight": lin.weight})
+    assert lin.weight.requires_grad and torch.equal(lin.weight.detach(), want["m.lora_A.weight"])
 
 
 def test_a_model_loaded_through_decode_into_gives_peft_outputs():
@@ -78,14 +90,31 @@ def test_bad_outputs_are_refused_before_anything_is_written():
     def untouched():
         return all(bool((t == 7.0).all()) for t in good.values())
 
+    aliased = torch.zeros(640 + 100)
+    np_aliased = np.zeros(740, np.float32)
     cases = [
         ({"nope": torch.zeros(3)}, KeyError, "not in this expert"),
         ({"m.lora_A.weight": torch.zeros(96, 8)}, ValueError, r"shape \(96, 8\)"),
-        ({"bias": torch.zeros(100, dtype=torch.int32)}, ValueError, "floating-point"),
+        ({"bias": torch.zeros(99)}, ValueError, r"shape \(99,\)"),
+        ({"m.lora_A.weight": torch.zeros(8, 96, dtype=torch.int32)}, ValueError, "float16, bfloat16"),
         ({"bias": np.broadcast_to(np.float32(0), (100,))}, ValueError, "read-only"),
+        ({"bias": torch.zeros(1).expand(100)}, ValueError, "expanded view"),
+        ({"bias": np.zeros(100, ">f4")}, ValueError, "byte order"),
+        ({"bias": torch.empty(100, device="meta")}, ValueError, "meta device"),
+        # Two names over overlapping memory (the decode writes both in parallel).
+        ({"m.lora_B.weight": aliased[:640].view(80, 8), "bias": aliased[600:700]}, ValueError, "share memory"),
+        ({"m.lora_B.weight": np_aliased[:640].reshape(80, 8), "bias": np_aliased[600:700]}, ValueError,
+         "share memory"),
         ({"bias": [0.0] * 100}, TypeError, "torch tensor or a numpy array"),
     ]
     for bad, err, msg in cases:
+        # The bad outputs last, after good ones that would be written first.
+        given = {**{n: t for n, t in good.items() if n not in bad}, **bad}
         with pytest.raises(err, match=msg):
-            e.decode_into({**good, **bad})
+            e.decode_into(given)
         assert untouched(), bad
+    # Side by side in one buffer, not overlapping: fine.
+    buf = torch.full((740,), 7.0)
+    e.decode_into({"m.lora_B.weight": buf[:640].view(80, 8), "bias": buf[640:]})
+    want = e.decode(dtype=torch.float32)
+    assert torch.equal(buf[:640].view(80, 8), want["m.lora_B.weight"]) and torch.equal(buf[640:], want["bias"])
