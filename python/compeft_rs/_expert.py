@@ -566,7 +566,11 @@ class CompressedExpert:
             else:
                 v = self.decode([n], dtype=_arrays.dtype_name(t.dtype))[n]
             if v.dtype == torch.bfloat16:
-                return v.view(torch.int16).numpy().view(t.dtype) if t.dtype.itemsize == 2 else v.float().numpy()
+                try:
+                    same = _arrays.dtype_name(t.dtype) == "bfloat16"
+                except TypeError:
+                    same = False
+                return v.view(torch.int16).numpy().view(t.dtype) if same else v.float().numpy()
             return v.numpy()
         dev = None if t.device.type == "cpu" else t.device
         return self._lossless_on(n, dev) if n in self._exact else self.decode([n], dtype=t.dtype, device=dev)[n]

@@ -50,6 +50,16 @@ def test_into_numpy_arrays(np_dtype):
             np.testing.assert_array_equal(o[n], ref.numpy().astype(np_dtype), err_msg=n)
 
 
+def test_a_bfloat16_tensor_kept_exactly_into_numpy_float16():
+    # numpy has no bfloat16 of its own: the values go through float32, not as raw bits.
+    sd = {"m.lora_A.weight": torch.randn(8, 96).bfloat16(), "bias": torch.randn(100).bfloat16()}
+    e = compeft_rs.compress_expert(sd, 0.2)
+    assert e.init_of("bias") is None  # kept exactly
+    out = {"bias": np.zeros(100, np.float16)}
+    e.decode_into(out)
+    np.testing.assert_array_equal(out["bias"], sd["bias"].float().numpy().astype(np.float16))
+
+
 def test_some_names_into_parameters_that_require_grad():
     # Parameters as a module holds them (requires_grad), only the names given are written.
     e = an_expert()
