@@ -117,12 +117,7 @@ def empty_output(kind: str, name: str, shape: Tuple[int, ...]) -> Tuple[Any, np.
                 raise ImportError("decoding to torch tensors needs torch (pip install torch); "
                                   "pass framework='np' for numpy arrays") from e
         out = torch.empty(shape, dtype=getattr(torch, name))
-        flat = out.reshape(-1)
-        if name in ("float16", "bfloat16"):
-            view = flat.view(torch.int16).numpy().view(np.uint16)
-        else:
-            view = flat.numpy()
-        return out, view
+        return out, tensor_view(out.reshape(-1))
     if name == "bfloat16":
         bf = _ml_bfloat16()
         if bf is None:

@@ -720,12 +720,7 @@ def _alloc_outputs(shapes: Sequence[Tuple[int, ...]], dtypes: Sequence[str]) -> 
     for shape, dt in zip(shapes, dtypes):
         t = torch.empty(shape, dtype=getattr(torch, dt))
         outs.append(t)
-        if dt == "float16":
-            views.append(t.numpy().view(np.uint16))
-        elif dt == "bfloat16":
-            views.append(t.view(torch.int16).numpy().view(np.uint16))
-        else:
-            views.append(t.numpy())
+        views.append(_arrays.tensor_view(t))
     return outs, views
 
 

@@ -75,6 +75,16 @@ struct Part<'a> {
     flip: bool,
 }
 
+/// Checks a stream to be merged (once per merge, not once per output range) and gives the
+/// position below which its kept entries take part: all of them, or the first `keep`.
+fn kept_end(s: &Compressed, keep: Option<u64>) -> Result<u64> {
+    s.check()?;
+    match keep {
+        Some(k) => s.kept_prefix_end(k),
+        None => Ok(s.numel()),
+    }
+}
+
 /// How many kept entries of a `numel`-entry stream a trim to `density` leaves at most:
 /// `floor(density * numel)`, as peft's `magnitude_based_pruning` keeps; mergekit's magnitude
 /// sparsification keeps at least 1 for any density > 0 (so a density under 1 / numel keeps one
@@ -167,14 +177,9 @@ pub fn merge_into(
             (Convention::Mergekit, Election::Total) => (value.abs(), w, w < 0.0),
             (Convention::Mergekit, Election::Frequency) => (1.0, w, w < 0.0),
         };
-        s.check()?;
-        let end = match keep {
-            Some(k) => s.kept_prefix_end(k)?,
-            None => s.numel(),
-        };
         parts.push(Part {
             stream: s,
-            end,
+            end: kept_end(s, keep)?,
             elect,
             value,
             den,
@@ -315,13 +320,7 @@ fn task_arithmetic(
         if s.scale() == 0.0 || s.nnz() == 0 {
             continue;
         }
-        s.check()?;
-        // Kept entries at positions below `end`: all of them, or the first `keep`.
-        let end = match keep {
-            Some(k) => s.kept_prefix_end(k)?,
-            None => s.numel(),
-        };
-        parts.push((*s, w as f32 * s.scale() as f32, end));
+        parts.push((*s, w as f32 * s.scale() as f32, kept_end(s, keep)?));
     }
     let lam = lam as f32;
     let streams: Vec<&Compressed> = parts.iter().map(|p| p.0).collect();
