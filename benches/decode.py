@@ -14,8 +14,8 @@ tensors, 84M), fp16, compressed at k=0.1 with the defaults. Side by side in one 
   weights, or buffers reused from one expert to the next) against the same ``load_file`` + copy
   into ``dst``: the same end state, without new tensors; and the floor of the row above for any
   decode into new tensors: zero-filling them plus the same read;
-- compress: ``compress_expert(sd, 0.1)`` with its defaults (per-tensor, scale "pair") against the
-  torch way per tensor (the authors' code: kthvalue threshold, mask, sign, std).
+- compress: ``compress_expert(sd, 0.1)`` with its defaults (per-tensor, pair_proj, balanced
+  gauge) against the torch way per tensor (the authors' code: kthvalue threshold, mask, sign, std).
 
     python benches/decode.py [--repeat 20] [--json bench-results/decode.json]
 """
@@ -87,7 +87,7 @@ def main():
             reps = max(1, args.repeat // 5)
             comp = best_of(lambda: compeft_rs.compress_expert(sd, args.k), reps)
             torch_way = best_of(lambda: torch_way_per_tensor(sd, args.k), reps)
-            row("compress (defaults, scale pair)", comp, torch_way, "the torch way per tensor")
+            row("compress (defaults)", comp, torch_way, "the torch way per tensor")
             del sd, e, loaded, dst
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2))

@@ -13,15 +13,18 @@ vaderSentiment 3.3.2 source release: Rotten Tomatoes movie-review snippets, Amaz
 snippets and tweets; label = rating > 0, rating 0 dropped; train/validation/test split with a fixed
 seed. (The release's fourth set is held-out evaluation data and is never read here.)
 
-For every task and kind, at k = 0.05, 0.1 and 0.2: the library's defaults, allocate="error" (a
-density per LoRA pair or tensor within the same bytes), for LoRA gauge="balanced" and both
-together, and the paper's Algorithm 1 (global scope, alpha * sigma, alpha picked on validation);
-at k = 0.1 also tune() with its defaults and, for LoRA, each data-free scale rule, per-tensor sigma
-with alpha picked on validation, and the paper's baselines: STC (top-k signs, mean magnitude of the
+For every task and kind, at k = 0.05, 0.1 and 0.2: the library's defaults, the previous run's
+defaults, each default undone on its own (for LoRA gauge="as_trained" and scale="pair"; for (IA)3
+per-tensor scope and scale="pair_proj"; for full fine-tunes global scope and scale="pair"),
+allocate="error" (a density per LoRA pair or tensor within the same bytes), and the paper's
+Algorithm 1 (global scope, alpha * sigma, alpha picked on validation); at k = 0.1 also tune() with
+its defaults and, for LoRA, each other data-free scale rule, per-tensor sigma with alpha picked on
+validation, and the paper's baselines: STC (top-k signs, mean magnitude of the
 kept entries), BitDelta without training (k=1, sign times mean |tau|) and magnitude pruning (top-k
 values kept in fp16, at k=0.1 and at about the bytes of ComPEFT). Each table also has the
-uncompressed expert and no expert (the base with the trained head). Choices are made on validation
-only; test accuracy and file bytes (against the expert's fp16 file: the adapter with its head, or
+uncompressed expert and no expert (the base with the trained head); every row also has the mean
+KL divergence of its outputs from the uncompressed expert's, on which the defaults are chosen.
+Choices are made on validation only; test accuracy and file bytes (against the expert's fp16 file: the adapter with its head, or
 the fine-tune's residual with its head) are reported, and a size-accuracy plot per task is written
 (``--plots``, default docs/).
 """
@@ -57,7 +60,21 @@ KS = (0.05, 0.1, 0.2)
 KINDS = ("lora", "ia3", "full")
 KIND_NAMES = {"lora": "LoRA", "ia3": "(IA)3", "full": "full fine-tune"}
 STD_ALPHAS = (1, 2, 4, 8, 16, 32)
-RULES = ("pair", "proj", "norm", "mean")
+# The other data-free rules, each on its own (LoRA factors as trained, per tensor), at k = 0.1.
+RULES = ("proj", "norm", "mean")
+# What the defaults were before this run chose them again, per kind (README, "How the defaults
+# were chosen"), and the options scored against today's defaults: each undoes one choice.
+PREVIOUS_DEFAULTS = {"lora": dict(scope="per_tensor", scale="pair", gauge="as_trained"),
+                     "ia3": dict(scope="per_tensor", scale="pair"),
+                     "full": dict(scope="global", scale="pair")}
+ALTERNATIVES = {
+    "lora": [("gauge=as_trained", dict(gauge="as_trained")), ("scale=pair", dict(scale="pair")),
+             ("allocate=error", dict(allocate="error"))],
+    "ia3": [("scope=per_tensor", dict(scope="per_tensor")), ("scale=pair_proj", dict(scale="pair_proj")),
+            ("allocate=error", dict(allocate="error"))],
+    "full": [("scope=global", dict(scope="global")), ("scale=pair", dict(scale="pair")),
+             ("allocate=error", dict(allocate="error"))],
+}
 # Training per kind: (epochs, learning rate); quick runs train LoRA only.
 TRAINING = {"lora": (1, 1e-3), "ia3": (2, 1e-2), "full": (3, 5e-5)}
 
@@ -142,6 +159,31 @@ class Study:
         log(f"trained {steps} steps in {time.time() - t0:.0f}s")
 
     @torch.no_grad()
+    def logits(self, which: str) -> torch.Tensor:
+        model = self.model
+        ids, mask, _ = self.data[which]
+        out = []
+        for s in range(0, len(ids), 64):
+            keep = int(mask[s:s + 64].sum(1).max())
+            out.append(model(input_ids=ids[s:s + 64, :keep], attention_mask=mask[s:s + 64, :keep]).logits.float())
+        return torch.cat(out)
+
+    def fidelity(self, which: str) -> dict:
+        """Accuracy, and how far the model's outputs are from the uncompressed expert's (``self.ref``,
+        its logits): mean KL(expert || model) over the split's sentences and the share of them
+        labelled as the expert labels them. KL needs no labels and moves little between splits:
+        the defaults are chosen on it (validation only)."""
+        lg = self.logits(which)
+        y = self.data[which][2]
+        row = {which: float((lg.argmax(-1) == y).double().mean())}
+        ref = getattr(self, "ref", {}).get(which)
+        if ref is not None:
+            p0, p1 = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
+            row[which + "_kl"] = float((p0.exp() * (p0 - p1)).sum(-1).mean())
+            row[which + "_agree"] = float((lg.argmax(-1) == ref.argmax(-1)).double().mean())
+        return row
+
+    @torch.no_grad()
     def correct(self, which: str, model=None) -> torch.Tensor:
         """1.0 for each sentence of the split the model labels right, 0.0 otherwise (what tune()
         needs to tell a better candidate from validation noise)."""
@@ -182,9 +224,12 @@ class Study:
             self.load(original)
 
     def scores(self, weights, which=("validation", "test")):
-        """Accuracies with `weights` swapped in."""
+        """Accuracies (and fidelity to the uncompressed expert) with `weights` swapped in."""
+        out = {}
         with self.swapped(weights):
-            return {w: self.accuracy(w) for w in which}
+            for w in which:
+                out.update(self.fidelity(w))
+        return out
 
     def compress(self, k, alpha=1.0, **kw):
         """The trained expert compressed (a fine-tune against its base checkpoint)."""
@@ -237,6 +282,7 @@ def _trained(task: str, quick: bool, train_cap: int, kind: str) -> Study:
     epochs, lr = (2, 2e-3) if quick and kind == "lora" else TRAINING[kind]
     study.train(epochs=epochs, lr=lr, log=notes.append)
     study.trained_note = notes[-1]
+    study.ref = {w: study.logits(w) for w in ("validation", "test")}
     return study
 
 
@@ -300,7 +346,8 @@ def run_task(task: str, quick: bool, log=print, kind: str = "lora", ks=KS):
     def alpha_on_validation(method, scope, scale, alphas, k, group=None):
         best = None
         for a in alphas:
-            e = study.compress(k, a, scope=scope, scale=scale)
+            # The paper's methods compress the factors as trained.
+            e = study.compress(k, a, scope=scope, scale=scale, gauge="as_trained")
             val = study.scores(study.weights(e), ("validation",))["validation"]
             if best is None or val > best[0]:
                 best = (val, a, e)
@@ -308,16 +355,11 @@ def run_task(task: str, quick: bool, log=print, kind: str = "lora", ks=KS):
         add_expert(method, e, k, group)
 
     std_alphas = (8, 16) if quick else STD_ALPHAS
-    options = [("defaults", {})]
+    # The defaults of the previous run (per-tensor scope and the pair rule, LoRA as trained; full
+    # fine-tunes in global scope), and each of today's choices undone one at a time.
+    options = [("defaults", {}), ("previous defaults", PREVIOUS_DEFAULTS[kind])]
     if not quick:
-        options.append(("allocate=error", dict(allocate="error")))
-        if kind == "lora":
-            options += [("gauge=balanced", dict(gauge="balanced")),
-                        ("gauge=balanced, allocate=error", dict(gauge="balanced", allocate="error"))]
-        else:
-            # One threshold over all tensors with the same data-free rule: Algorithm 1's scope
-            # (alpha * sigma with alpha tuned wins here), without its tuned alpha.
-            options.append(("scope=global", dict(scope="global")))
+        options += [(label, kw) for label, kw in ALTERNATIVES[kind]]
     for k in ks:
         tag = f" (k={k:g})"
         alpha_on_validation("Algorithm 1 (global, std, alpha tuned)" + tag, "global", "std", std_alphas, k,
@@ -352,10 +394,11 @@ def run_task(task: str, quick: bool, log=print, kind: str = "lora", ks=KS):
     log(f"  tune: {len(tuned.points)} points in {time.time() - t0:.0f}s, noise {tuned.noise}")
     if kind == "lora":
         alpha_on_validation(f"per-tensor std, alpha tuned (k={K:g})", "per_tensor", "std", STD_ALPHAS, K)
-        for rule in RULES[1:]:
+        for rule in RULES:
             label = "STC (per-tensor, scale=mean)" if rule == "mean" else f"per-tensor scale={rule}, no tuning"
-            add_expert(f"{label} (k={K:g})", study.compress(K, scope="per_tensor", scale=rule), K)
-        add_expert("BitDelta, no training (k=1, mean)", study.compress(1.0, scope="per_tensor", scale="mean"), 1.0)
+            add_expert(f"{label} (k={K:g})", study.compress(K, scope="per_tensor", scale=rule, gauge="as_trained"), K)
+        add_expert("BitDelta, no training (k=1, mean)",
+                   study.compress(1.0, scope="per_tensor", scale="mean", gauge="as_trained"), 1.0)
         for kp in (K, 0.025):
             w, nbytes = magnitude_pruned(state, kp)
             add(f"magnitude pruning (fp16 values, k={kp})", w, k=kp, nbytes=nbytes + (fp16 - lora_fp16(state)))
@@ -388,8 +431,8 @@ def row_of(result, group, k=K):
     return None
 
 
-SUMMARY = ("defaults, no tuning", "allocate=error", "gauge=balanced", "gauge=balanced, allocate=error", "scope=global",
-           "tune()", "Algorithm 1 (global, std, alpha tuned)")
+SUMMARY = ("defaults, no tuning", "previous defaults", "tune()", "Algorithm 1 (global, std, alpha tuned)")
+OPTIONS = ("previous defaults",) + tuple(dict.fromkeys(label for alts in ALTERNATIVES.values() for label, _ in alts))
 
 
 def markdown(results) -> str:
@@ -407,24 +450,61 @@ def markdown(results) -> str:
         d = row_of(r, "defaults, no tuning")
         lines.append(f"| {r['task']} | {KIND_NAMES[r['kind']]} | {full['validation']:.4f} / {full['test']:.4f} | "
                      + " | ".join(cells) + f" | {d['ratio_vs_fp16']:.1f}x |")
+    lines += ["", "**The choice of defaults, validation only.** Per kind of expert and option (each undoes one "
+              "of the defaults), on each task: the option's mean KL(expert || compressed) on validation, summed "
+              "over k = " + ", ".join(f"{k:g}" for k in KS) + ", as a multiple of the defaults' (above 1: the "
+              "defaults stay closer to the expert), then validation sentences labelled right against the "
+              "defaults, summed over the same k (test in brackets, not used):", ""]
+    lines += decisions(results)
     lines.append("")
     for r in results:
         s = r["sizes"]
         lines += [f"**{r['task']}, {KIND_NAMES[r['kind']]}** ({s['train']} train / {s['validation']} validation / "
                   f"{s['test']} test; fp16 file {r['fp16_file']:,} B)", "",
-                  "| method | alpha | validation | test | bytes | vs fp16 file |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| method | alpha | validation | test | KL to the expert (val / test) | bytes | vs fp16 file |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in r["rows"]:
             nb = f"{row['nbytes']:,}" if row["nbytes"] else "-"
             ratio = f"{row['ratio_vs_fp16']:.1f}x" if row["ratio_vs_fp16"] else "-"
+            kl = (f"{row['validation_kl']:.4f} / {row['test_kl']:.4f}" if row.get("validation_kl") is not None
+                  else "-")
             lines.append(f"| {row['method']} | {row['alpha'] if row['alpha'] is not None else '-'} | "
-                         f"{row['validation']:.4f} | {row['test']:.4f} | {nb} | {ratio} |")
+                         f"{row['validation']:.4f} | {row['test']:.4f} | {kl} | {nb} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 
 
-PLOTTED = {"defaults, no tuning": ("o-", "C0"), "allocate=error": ("s--", "C1"), "gauge=balanced": ("^-", "C2"),
-           "gauge=balanced, allocate=error": ("v--", "C4"), "scope=global": ("D-", "C6"),
+def decisions(results) -> list:
+    """Markdown rows: for each kind and option, per task, the option's validation KL summed over
+    k against the defaults', and sentences right against the defaults (validation, test)."""
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    out = ["| kind | option | " + " | ".join(tasks) + " |", "| --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+    for kind in KINDS:
+        rs = {r["task"]: r for r in results if r["kind"] == kind}
+        for g in OPTIONS:
+            cells = []
+            for t in tasks:
+                r = rs.get(t)
+                rows = {} if r is None else {row["k"]: row for row in r["rows"] if row["group"] == g}
+                base = {} if r is None else {row["k"]: row for row in r["rows"] if row["group"] == "defaults, no tuning"}
+                ks = sorted(set(rows) & set(base))
+                if not ks:
+                    cells.append("-")
+                    continue
+                n = r["sizes"]
+
+                def right(rs_, split):
+                    return sum(round(rs_[k][split] * n[split]) for k in ks)
+
+                kl = sum(rows[k]["validation_kl"] for k in ks) / sum(base[k]["validation_kl"] for k in ks)
+                cells.append(f"{kl:.2f}x, {right(rows, 'validation') - right(base, 'validation'):+d} "
+                             f"({right(rows, 'test') - right(base, 'test'):+d})")
+            if any(c != "-" for c in cells):
+                out.append(f"| {KIND_NAMES[kind]} | {g} | " + " | ".join(cells) + " |")
+    return out
+
+
+PLOTTED = {"defaults, no tuning": ("o-", "C0"), "previous defaults": ("s--", "C1"),
            "Algorithm 1 (global, std, alpha tuned)": ("x:", "C3")}
 
 
@@ -509,11 +589,10 @@ MARKDOWN_HEAD = """# Accuracy study: every table
 
 Written by `python examples/accuracy_study.py` (see README.md, "Accuracy on real experts", for the
 setup and what the numbers say). Accuracy on each task's validation (300 sentences) and test
-(600 sentences) splits; bytes are file to file against the expert's fp16 file (an adapter with its
-head; a fine-tune's residual with its head). Choices (alpha, tune) are made on validation only.
-"defaults, no tuning" is what the compress functions give with no options at the time of the run
-(the run below: per-tensor scope and the pair rule for every kind; full fine-tunes have since
-defaulted to global scope, whose rows are "scope=global").
+(600 sentences) splits, and the mean KL divergence of the compressed model's outputs from the
+uncompressed expert's; bytes are file to file against the expert's fp16 file (an adapter with its
+head; a fine-tune's residual with its head). Choices (alpha, tune, the defaults) are made on
+validation only. "defaults, no tuning" is what the compress functions give with no options.
 
 """
 

@@ -98,6 +98,22 @@ def flat_input(x: Any) -> Tuple[np.ndarray, str, Tuple[int, ...], str, Any]:
     return flat, name, shape, "numpy", a
 
 
+def float64_of(x: Any) -> np.ndarray:
+    """A tensor or array as a float64 numpy array on the CPU (half types included), converted
+    by numpy: a torch conversion runs on torch's thread pool, which on a busy machine costs
+    milliseconds per small tensor."""
+    if is_torch_tensor(x) and x.device.type != "cpu":
+        x = x.detach().cpu()
+    arr, name, shape, _, _ = flat_input(x)
+    if name == "float16":
+        out = arr.view(np.float16).astype(np.float64)
+    elif name == "bfloat16":
+        out = (arr.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    else:
+        out = arr.astype(np.float64)
+    return out.reshape(shape)
+
+
 def kind_of(framework: Any) -> str:
     """"torch" or "numpy" for a framework name ("pt" or "np", as in safetensors)."""
     kinds = {"pt": "torch", "torch": "torch", "np": "numpy", "numpy": "numpy"}

@@ -19,6 +19,7 @@ from ._expert import (
     CompressedExpert,
     PathLike,
     _check_scope,
+    default_scale,
     default_scope,
     _decode_parsed,
     _dtype_str,
@@ -88,7 +89,7 @@ def compress_checkpoint(
     *,
     base: Optional[PathLike] = None,
     scope: Optional[str] = None,
-    scale: str = "pair",
+    scale: Optional[str] = None,
     encoding: str = "golomb",
     progress: bool = False,
     allocate: str = "uniform",
@@ -99,11 +100,14 @@ def compress_checkpoint(
     either is), and the tensors it lacks are kept exactly; without it the tensors are taken as
     task vectors under the same rules as :func:`compeft_rs.compress_expert`; ``scope``,
     ``scale`` and ``allocate`` as there (``allocate="error"`` reads each residual again to
-    measure its error at each density tried).
+    measure its error at each density tried). LoRA factors in such a file are compressed as
+    given (no gauge rewrite, which would need each pair in memory): for adapters use
+    :func:`compeft_rs.compress_peft` or :func:`compeft_rs.compress_expert`.
     """
     k, alpha = check_k_alpha(k, alpha)
     _check_scope(scope)
-    check_scale(scale)
+    if scale is not None:
+        check_scale(scale)
     _check_encoding(encoding)
     check_allocate(allocate, scope or "per_tensor", encoding)
     ft = _Checkpoint(finetuned)
@@ -118,6 +122,7 @@ def compress_checkpoint(
         )
 
     scope = scope or default_scope(deltas, allocate)
+    scale = scale or default_scale(deltas)
 
     def source(n: str) -> Any:
         return delta_of(plans[n], ft.get(n), bs.get(n) if plans[n].init == "base" else None)  # type: ignore[union-attr]

@@ -112,6 +112,20 @@ def pair_norms(
     float64 in f64); ``signs`` from the kept signs, exactly. ValueError names the pair for sizes that
     do not fit (A's rows must equal B's columns)."""
 
+def pair_cross(
+    items: Sequence[
+        Tuple[
+            npt.NDArray[np.generic], str, Tuple[int, int],
+            npt.NDArray[np.generic], str, Tuple[int, int],
+            Stream, Stream,
+        ]
+    ],
+    names: Sequence[str],
+) -> List[float]:
+    """<S_B S_A, B A> of LoRA pairs (the kept signs' product against the factors' product, for the
+    ``pair_proj`` rule) through r x r cross-Grams over the kept entries, in f64, in one parallel
+    call. Items and errors as for :func:`pair_norms`."""
+
 class ExpertFile:
     @staticmethod
     def open(path: Union[str, PathLike[str]]) -> ExpertFile: ...

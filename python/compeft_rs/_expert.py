@@ -28,10 +28,10 @@ from ._core import kept_abs_sum as _kept_abs_sum
 from ._allocate import check_allocate, choose, density_grid
 from ._gauge import balance_pair, check_gauge
 from ._bounds import adaptive_bound_bits
-from ._scale import check_scale, lora_pairs, pair_rescale
+from ._scale import PAIR_BASE, check_scale, lora_pairs, pair_rescale
 from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._io import atomic_file
-from ._plan import FLOAT_NAMES, TensorPlan, is_adapter_tensor, plan_expert
+from ._plan import FLOAT_NAMES, TensorPlan, is_adapter_tensor, is_ia3_vector, plan_expert
 from ._tensor import CompressedTensor, _check_encoding, check_k_alpha
 
 __all__ = ["CompressedExpert", "compress_expert", "load_expert", "ExpertSummary", "load_tensors"]
@@ -745,14 +745,30 @@ def _check_scope(scope: Any) -> Optional[str]:
     return scope
 
 
+def _is_ia3(names: Iterable[str]) -> bool:
+    """Whether the tensors are an (IA)3 adapter's: (IA)3 vectors and no LoRA factor."""
+    names = list(names)
+    return any(is_ia3_vector(n) for n in names) and not lora_pairs(names)
+
+
 def default_scope(names: Iterable[str], allocate: str = "uniform") -> str:
-    """The scope of ``scope=None``, from the names of the tensors compressed: "global" for a full
-    fine-tune's residuals or plain task vectors, "per_tensor" for adapters (LoRA factors: global
-    top-k over raw factors keeps almost only lora_A entries; (IA)3 vectors: one threshold did
-    worse on one task's validation) and whenever ``allocate`` chooses densities per tensor.
-    Chosen by the accuracy study on validation (README, "Accuracy on real experts")."""
-    adapter = any(is_adapter_tensor(n) for n in names)
-    return "per_tensor" if allocate != "uniform" or adapter else "global"
+    """The scope of ``scope=None``, from the names of the tensors compressed: "global" for (IA)3
+    vectors, "per_tensor" for everything else (LoRA factors: global top-k over raw factors keeps
+    almost only lora_A entries; a full fine-tune's residuals and task vectors: per-tensor kept
+    the outputs closer with ``"pair_proj"``) and whenever ``allocate`` chooses densities per
+    tensor. Chosen by the accuracy study on validation (README, "Accuracy on real experts")."""
+    return "global" if allocate == "uniform" and _is_ia3(names) else "per_tensor"
+
+
+def default_scale(names: Iterable[str]) -> str:
+    """The scale rule of ``scale=None``: ``"pair"`` (the norm rule) for (IA)3 vectors, whose
+    dense, multiplicative changes the projection overshoots, ``"pair_proj"`` for everything else.
+    Chosen by the same study."""
+    return "pair" if _is_ia3(names) else "pair_proj"
+
+
+def _check_scale_or_none(scale: Any) -> Optional[str]:
+    return None if scale is None else check_scale(scale)
 
 
 def _meta_of(tensors: Mapping[str, Any]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
@@ -825,8 +841,9 @@ def encode_deltas(
             out[k] = {n: CompressedTensor(c._stream.with_scale(c.scale * alpha), c._kind) for n, c in st.items()
                       } if alpha != 1.0 else st
         return out
-    # "pair" starts from the norm scale of every tensor, then sets each LoRA pair's product.
-    base_rule = "norm" if scale == "pair" else scale
+    # "pair" ("pair_proj") starts from the norm (proj) scale of every tensor, then sets each LoRA
+    # pair's product.
+    base_rule = PAIR_BASE.get(scale, scale)
 
     def flat(n: str) -> Tuple[Any, str, Tuple[int, ...]]:
         arr, dt, shape, _, _ = _arrays.flat_input(source(n))
@@ -836,7 +853,7 @@ def encode_deltas(
         # Tensors are read and encoded in batches of about _BATCH_BYTES of input, so that a
         # full fine-tune's residuals (computed one tensor at a time by `source`) are never all
         # in memory; only LoRA factors, which the pair rule reads again, are kept (small).
-        paired = {n for p in lora_pairs(names) for n in p} if scale == "pair" else set()
+        paired = {n for p in lora_pairs(names) for n in p} if scale in PAIR_BASE else set()
         read: Dict[str, Tuple[Any, str, Tuple[int, ...]]] = {}
         batch: List[Tuple[str, Any, str, List[int]]] = []
         size = 0
@@ -858,9 +875,9 @@ def encode_deltas(
                 size = 0
         if batch:
             encode_batch()
-        if scale == "pair":
+        if scale in PAIR_BASE:
             for k in ks:
-                out[float(k)] = pair_rescale(out[float(k)], source, alpha, read.__getitem__)
+                out[float(k)] = pair_rescale(out[float(k)], source, alpha, read.__getitem__, scale)
         return out
 
     def feed(sel: Any, desc: str) -> None:
@@ -900,8 +917,8 @@ def encode_deltas(
             value = alpha * _scale_value(base_rule, kept_sum, nnz, sel.norm)
             streams = {n: s.with_scale(value) for n, s in streams.items()}
         out[float(k)] = {n: CompressedTensor(s, "torch") for n, s in streams.items()}
-        if scale == "pair":
-            out[float(k)] = pair_rescale(out[float(k)], source, alpha)
+        if scale in PAIR_BASE:
+            out[float(k)] = pair_rescale(out[float(k)], source, alpha, rule=scale)
     return out
 
 
@@ -977,18 +994,18 @@ def compress_expert_densities(
     *,
     base: Optional[Mapping[str, Any]] = None,
     scope: Optional[str] = None,
-    scale: str = "pair",
+    scale: Optional[str] = None,
     encoding: str = "golomb",
     lossless: Iterable[str] = (),
     peft_config: Optional[Dict[str, Any]] = None,
-    gauge: str = "as_trained",
+    gauge: str = "balanced",
     allocate: str = "uniform",
 ) -> Dict[float, CompressedExpert]:
     """compress_expert for several densities at once, one selection shared by all of them."""
     checked = [check_k_alpha(k, alpha)[0] for k in ks]
     alpha = check_k_alpha(checked[0] if checked else 1.0, alpha)[1]
     _check_scope(scope)
-    check_scale(scale)
+    _check_scale_or_none(scale)
     check_gauge(gauge)
     check_allocate(allocate, scope or "per_tensor", encoding)
     _check_encoding(encoding)
@@ -1002,15 +1019,19 @@ def compress_expert_densities(
         plans[n] = TensorPlan(None, "kept exactly on request")
     deltas = {n: delta_of(p, tensors[n], None if base is None else base.get(n)) for n, p in plans.items()
               if not p.exact}
+    # Only pairs that are compressed as deltas from 0 (LoRA factors): a factor kept exactly or
+    # taken against a base is not one the gauge may rewrite. An expert without such pairs is
+    # recorded as compressed as given.
+    pairs = [(na, nb) for na, nb in lora_pairs(list(deltas)) if plans[na].init == plans[nb].init == "zero"]
+    if not pairs:
+        gauge = "as_trained"
     if gauge == "balanced":
-        # Only pairs that are compressed as deltas from 0 (LoRA factors): a factor kept exactly
-        # or taken against a base is not one the gauge may rewrite.
-        for na, nb in lora_pairs(list(deltas)):
-            if plans[na].init == plans[nb].init == "zero":
-                deltas[na], deltas[nb] = balance_pair(deltas[na], deltas[nb])
+        for na, nb in pairs:
+            deltas[na], deltas[nb] = balance_pair(deltas[na], deltas[nb])
     exact = {n: tensors[n] for n, p in plans.items() if p.exact}
     dtypes = {n: _dtype_str(tensors[n]) for n in deltas}
     scope = scope or default_scope(deltas, allocate)
+    scale = scale or default_scale(deltas)
     per_k = encode_deltas(list(deltas), deltas.__getitem__, checked, alpha, scope, encoding, scale=scale,
                           allocate=allocate, peft_config=peft_config)
     return {
@@ -1027,11 +1048,11 @@ def compress_expert(
     *,
     base: Union[Mapping[str, Any], PathLike, None] = None,
     scope: Optional[str] = None,
-    scale: str = "pair",
+    scale: Optional[str] = None,
     encoding: str = "golomb",
     lossless: Iterable[str] = (),
     peft_config: Optional[Dict[str, Any]] = None,
-    gauge: str = "as_trained",
+    gauge: str = "balanced",
     allocate: str = "uniform",
 ) -> CompressedExpert:
     """Compresses a whole expert with ComPEFT.
@@ -1044,20 +1065,22 @@ def compress_expert(
             exactly.
         scope: "per_tensor" (each tensor keeps its own top k) or "global" (one threshold over
             all compressed tensors, in sorted name order); None (the default) picks by kind:
-            "global" for a full fine-tune's residuals and plain task vectors, "per_tensor" for
-            adapters (LoRA, (IA)3) and with ``allocate="error"``, as the study in README chose.
-            The file records the scope used.
+            "global" for (IA)3 vectors, "per_tensor" for everything else (LoRA factors, a full
+            fine-tune's residuals, task vectors) and with ``allocate="error"``, as the study in
+            README chose. The file records the scope used.
         scale: how each stream's one magnitude is chosen, times alpha (see ``compeft_rs._scale``):
-            "pair" (the default: each LoRA pair's product B.A keeps its L2 norm, other tensors
-            ||tau|| / sqrt(nnz)), "norm", "proj", "mean" or "std".
-            ``scope="global", scale="std"`` is the paper's Algorithm 1 (tune alpha with it). The
-            defaults were chosen by the study in README ("Fidelity").
+            "pair_proj" (each LoRA pair's product B.A is scaled so that its projection on the
+            trained B.A is B.A, other tensors so that theirs on themselves is), "pair" (the same
+            with L2 norms), "proj", "norm", "mean" or "std". None (the default) picks by kind:
+            "pair" for (IA)3 vectors, "pair_proj" for everything else. ``scope="global",
+            scale="std"`` is the paper's Algorithm 1 (tune alpha with it). The defaults were
+            chosen by the study in README ("Accuracy on real experts"); the file records the rule.
         lossless: names to keep exactly besides those the rules keep.
         peft_config: the adapter config, stored in the file and used by the rules.
         gauge: which factorisation of each LoRA pair is compressed (see ``compeft_rs._gauge``):
-            "as_trained" (the default: the factors as given) or "balanced" (each pair rewritten
-            as B' = U S^1/2, A' = S^1/2 V^T from the SVD of B A before compression: the same
-            adapter, other factors). It applies to the pairs ``lora_A``/``lora_B`` and
+            "balanced" (the default: each pair rewritten as B' = U S^1/2, A' = S^1/2 V^T from the
+            SVD of B A before compression: the same adapter, other factors) or "as_trained" (the
+            factors as given). It applies to the pairs ``lora_A``/``lora_B`` and
             ``lora_embedding_A``/``lora_embedding_B`` compressed from 0; factors of other shapes
             (conv LoRA, a rank mismatch) and pairs with B A = 0 are compressed as given, every
             other tensor is unchanged. Recorded in the file (:attr:`CompressedExpert.gauge`).

@@ -9,14 +9,17 @@ of the product, B A = U S V^T: B' = U S^1/2, A' = S^1/2 V^T, so that A' A'^T = B
 It is computed from r x r matrices, never the d_out x d_in product: QR of B = Q_B R_B and of
 A^T = Q_A R_A, the SVD of the small R_B R_A^T = U' S V'^T, then B' = Q_B U' S^1/2 and
 A' = S^1/2 V'^T Q_A^T; in float64 on the CPU, cast back to each factor's dtype and device.
+Where both factors are well-conditioned the same gauge comes from the eigen-decompositions of
+their r x r Grams instead (about 20 times cheaper than the QRs; see ``_balanced_from_grams``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ._arrays import float64_of
 from ._scale import lora_pairs
 
 __all__ = ["GAUGES", "check_gauge", "balance_pair", "balance"]
@@ -35,15 +38,6 @@ def check_gauge(gauge: Any) -> str:
     return str(gauge)
 
 
-def _float64(x: Any) -> np.ndarray:
-    """A factor as a float64 numpy array on the CPU (torch half types included)."""
-    if isinstance(x, np.ndarray):
-        return x.astype(np.float64)
-    import torch
-
-    return x.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
 def _like(x: np.ndarray, ref: Any) -> Any:
     """``x`` in the array type, dtype and device of ``ref``."""
     if isinstance(ref, np.ndarray):
@@ -51,11 +45,46 @@ def _like(x: np.ndarray, ref: Any) -> Any:
             return x.astype(ref.dtype)
     import torch
 
+    # float16/32/64 cast by numpy (off torch's thread pool, see float64_of); bfloat16 by torch.
+    like = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}.get(ref.dtype)
+    if like is not None:
+        with np.errstate(over="ignore"):
+            x = x.astype(like)
     return torch.from_numpy(np.ascontiguousarray(x)).to(device=ref.device, dtype=ref.dtype)
+
+
+# The Gram path is taken when each factor's Gram has its eigenvalues within this ratio (the
+# factor's singular values within 100x): it squares the conditioning, so B'A' stays within about
+# 1e-12 of BA; other pairs (rank-deficient ones included) take the QR path.
+_GRAM_RATIO = 1e-4
+
+
+def _balanced_from_grams(a: np.ndarray, b: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`_balanced64` from the r x r Grams, or None where they are too ill-conditioned.
+
+    B^T B = V_B L_B V_B^T gives B = Q_B R_B with R_B = L_B^1/2 V_B^T (likewise A^T = Q_A R_A),
+    so B' = Q_B U S^1/2 = B (V_B L_B^-1/2 U S^1/2) and A' = (S^1/2 W^T L_A^-1/2 V_A^T) A, where
+    R_B R_A^T = U S W^T: the factors only meet r x r matrices (a QR of a 4096 x 16 factor costs
+    about 20 times its Gram)."""
+    (m, r), n = b.shape, a.shape[1]
+    if m < r or n < r:
+        return None
+    lb, vb = np.linalg.eigh(b.T @ b)
+    la, va = np.linalg.eigh(a @ a.T)
+    if not (lb[0] > _GRAM_RATIO * lb[-1] and la[0] > _GRAM_RATIO * la[-1]):
+        return None
+    u, s, wt = np.linalg.svd((np.sqrt(lb)[:, None] * vb.T) @ (va * np.sqrt(la)), full_matrices=False)
+    root = np.sqrt(s)
+    tb = (vb / np.sqrt(lb)) @ (u * root)
+    ta = (root[:, None] * wt) @ (va / np.sqrt(la)).T
+    return ta @ a, b @ tb, s
 
 
 def _balanced64(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(A', B', S) of the balanced gauge in float64, A' and B' of the shapes of ``a``, ``b``."""
+    fast = _balanced_from_grams(a, b)
+    if fast is not None:
+        return fast
     r = a.shape[0]
     qb, rb = np.linalg.qr(b)        # m x p, p x r (p = min(m, r))
     qa, ra = np.linalg.qr(a.T)      # n x q, q x r (q = min(n, r))
@@ -82,7 +111,7 @@ def balance_pair(A: Any, B: Any) -> Tuple[Any, Any]:
     """
     if len(A.shape) != 2 or len(B.shape) != 2 or A.shape[0] != B.shape[1] or 0 in (*A.shape, *B.shape):
         return A, B
-    a, b = _float64(A), _float64(B)
+    a, b = float64_of(A), float64_of(B)
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return A, B
     a2, b2, s = _balanced64(a, b)

@@ -16,7 +16,8 @@ import numpy as np
 
 from ._core import merge_streams as _merge_streams
 from ._core import similarity as _similarity
-from ._expert import CompressedExpert, _torch, build_expert, encode_deltas, expert_info, load_expert
+from ._expert import (CompressedExpert, _torch, build_expert, default_scale, default_scope, encode_deltas, expert_info,
+                      load_expert)
 from ._lora import describe, expert_scalings, lora_factor, merged_lora_config
 from ._plan import TensorPlan
 from ._tensor import check_k_alpha
@@ -186,8 +187,9 @@ def merge(
             weighted entries divided by how many agree); "mergekit" follows mergekit's generalized
             task arithmetic (sign elected on the weighted tensors, divided by the sum of the
             agreeing weights, 1 where that is 0).
-        compress: a density k: the result compressed with the library's defaults (per-tensor,
-            scale "pair"), keeping the first expert's tensor kinds, dtypes and PEFT config.
+        compress: a density k: the result compressed with the library's default scope and scale
+            rule for its kind (LoRA factors as merged: no gauge rewrite), keeping the first
+            expert's tensor kinds, dtypes and PEFT config.
         rescale: for LoRA experts whose scalings (lora_alpha / r, rsLoRA, patterns) differ:
             fold each expert's scaling into its factors and give the result scaling 1
             (``lora_alpha = r``), as peft's ``add_weighted_adapter`` does. Without it such experts
@@ -287,10 +289,11 @@ def _recompress(like: CompressedExpert, merged: Dict[str, Any], k: float,
     torch = _torch()
     comp = like.compressed_keys()
     plans = {n: TensorPlan(like.init_of(n), "merged") for n in merged}
-    per_k = encode_deltas(comp, merged.__getitem__, [k], 1.0, "per_tensor", "golomb", scale="pair")
+    scope, scale = default_scope(comp), default_scale(comp)
+    per_k = encode_deltas(comp, merged.__getitem__, [k], 1.0, scope, "golomb", scale=scale)
     exact = {n: merged[n].to(getattr(torch, like.dtype_of(n))) for n in like.lossless_keys()}
     dtypes = {n: like.dtype_of(n) for n in comp}
-    info = expert_info(k, 1.0, "per_tensor", "golomb", plans, per_k[k], dtypes, "pair")
+    info = expert_info(k, 1.0, scope, "golomb", plans, per_k[k], dtypes, scale)
     return build_expert(per_k[k], exact, info, config)
 
 

@@ -61,10 +61,10 @@ def compress_peft(
     alpha: float = 1.0,
     *,
     scope: Optional[str] = None,
-    scale: str = "pair",
+    scale: Optional[str] = None,
     encoding: str = "golomb",
     adapter_name: Optional[str] = None,
-    gauge: str = "as_trained",
+    gauge: str = "balanced",
     allocate: str = "uniform",
 ) -> CompressedExpert:
     """Compresses a PEFT adapter: a folder (adapter_config.json + weights) or a PeftModel in memory.
@@ -73,8 +73,8 @@ def compress_peft(
     magnitudes, modules_to_save copies, heads and non-float tensors are kept exactly; other PEFT
     types and LoRA initialisations that change the base (PiSSA, OLoRA, CorDA, LoftQ) are refused.
     The adapter config travels in the file. For a PeftModel, ``adapter_name`` defaults to the
-    active adapter. ``scope``, ``scale``, ``gauge`` (``"balanced"`` compresses each
-    LoRA pair in the gauge of its product's SVD) and ``allocate`` (``"error"``: a density per
+    active adapter. ``scope``, ``scale``, ``gauge`` (``"balanced"``, the default, compresses each
+    LoRA pair in the gauge of its product's SVD; ``"as_trained"`` the factors as given) and ``allocate`` (``"error"``: a density per
     LoRA pair within the bytes of density k) as in :func:`compeft_rs.compress_expert`.
     """
     if isinstance(adapter, (str, os.PathLike)):

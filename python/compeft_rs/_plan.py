@@ -85,6 +85,11 @@ def _foreign(name: str) -> Optional[str]:
     return None
 
 
+def is_ia3_vector(name: str) -> bool:
+    """Whether a tensor name is an (IA)3 scaling vector."""
+    return bool(set(_segments(name)) & IA3_VECTORS)
+
+
 def is_adapter_tensor(name: str) -> bool:
     """Whether a tensor name is a LoRA factor, an (IA)3 vector or a DoRA magnitude."""
     segs = set(_segments(name))

@@ -1,6 +1,6 @@
 """Choosing k and alpha on a validation set, the way the paper says small models need.
 
-A grid of 36 points scored on a few hundred validation examples always has a best point, and
+A grid of 42 points scored on a few hundred validation examples always has a best point, and
 most of the time that point is best by noise alone. So tune keeps the library's defaults unless
 a candidate beats them by more than the validation noise: measured by a paired bootstrap when
 the callback returns per-example scores, declared by the caller otherwise (``noise=``).
@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._expert import CompressedExpert, _torch, compress_expert_densities, default_scope, reconstruct
+from ._expert import (CompressedExpert, _torch, compress_expert_densities, default_scale, default_scope,
+                      reconstruct)
 from ._allocate import check_allocate
 from ._gauge import check_gauge
 from ._scale import SCALES, check_scale
@@ -25,9 +26,9 @@ DATA_FREE_ALPHAS = (1.0, 0.7, 1.4)
 STD_ALPHAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 # The library's defaults (compress_expert, compress_peft, the CLI): the baseline tune must beat.
-# The scope depends on the expert's kind (``_expert.default_scope``).
+# The scope and scale rule depend on the expert's kind (``_expert.default_scope``,
+# ``_expert.default_scale``).
 DEFAULT_K = 0.1
-DEFAULT_SCALE = "pair"
 DEFAULT_ALPHA = 1.0
 
 # The bootstrap estimates a tail quantile at level q = (1 - confidence) / candidates; this many
@@ -55,7 +56,7 @@ class TunePoint:
     score: float
     nbytes: int
     scope: str = "per_tensor"
-    scale: str = "pair"
+    scale: str = "pair_proj"
     noise: Optional[float] = None
 
 
@@ -186,7 +187,7 @@ def tune(
     confidence: Optional[float] = 0.95,
     noise: Optional[float] = None,
     seed: int = 0,
-    gauge: str = "as_trained",
+    gauge: str = "balanced",
     allocate: str = "uniform",
 ) -> TuneResult:
     """Grid search of (scope, scale rule, k, alpha) scored by ``evaluate`` (higher is better).
@@ -204,9 +205,9 @@ def tune(
     in the same order at every call. The point's score is then their mean, and tune can measure
     how much of a difference between two points is noise.
 
-    The defaults, (the expert's default scope, pair, k, alpha 1: "global" for task vectors,
-    "per_tensor" for adapters, see :func:`compeft_rs.compress_expert`) with k = 0.1 if ``ks`` has it,
-    else the first of ``ks``, are always evaluated (added if the grid lacks them) and come first. They are kept
+    The defaults (the expert's default scope and scale rule, gauge, k, alpha 1; see
+    :func:`compeft_rs.compress_expert`) with k = 0.1 if ``ks`` has it, else the first of ``ks``,
+    are always evaluated (added if the grid lacks them) and come first. They are kept
     unless a candidate beats them by more than the noise:
 
     - Per-example scores, ``confidence`` set (0.95 by default): a paired bootstrap over the
@@ -214,7 +215,7 @@ def tune(
       defaults) are resampled with replacement (the same resamples for every candidate, from a
       numpy Generator seeded with ``seed``, so a run is reproducible); a candidate wins when the
       lower ``(1 - confidence) / m`` quantile of its resampled mean difference is above 0, where
-      m is the number of candidates. That is Bonferroni's correction: with 35 candidates, the
+      m is the number of candidates. That is Bonferroni's correction: with 41 candidates, the
       one-sided test of each at level 0.05 would let a candidate that is no better through far
       more than 5% of the time, and testing only the best-scoring one does not help, since it is
       the one most inflated by noise; dividing the level by m keeps the chance that any
@@ -277,7 +278,7 @@ def tune(
 
     # The grid as (scope, scale) -> k -> alphas, the defaults' combination first.
     default_k = DEFAULT_K if DEFAULT_K in {float(k) for k in ks} else float(ks[0])
-    default_key = (default_scope(sd, allocate), DEFAULT_SCALE)
+    default_key = (default_scope(sd, allocate), default_scale(sd))
     plan: Dict[Tuple[str, str], Dict[float, List[float]]] = {default_key: {}}
     for scope in scopes:
         for scale in scales:

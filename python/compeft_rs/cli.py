@@ -66,10 +66,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.base is not None:
             raise ValueError("--base is for full fine-tunes; a PEFT adapter is compressed on its own")
         expert = compress_peft(src, args.k, args.alpha, scope=args.scope, scale=args.scale, encoding=args.encoding,
-                               gauge=args.gauge, allocate=args.allocate)
+                               gauge=args.gauge or "balanced", allocate=args.allocate)
         kind = "PEFT adapter"
     else:
-        if args.gauge != "as_trained":
+        if args.gauge is not None:
             raise ValueError("--gauge rewrites LoRA factor pairs: it is for PEFT adapter folders")
         expert = compress_checkpoint(
             src, args.k, args.alpha, base=args.base, scope=args.scope, scale=args.scale, encoding=args.encoding,
@@ -186,20 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="density in (0, 1], e.g. 0.1 (with --allocate error, the density whose size is the budget)")
     c.add_argument("--alpha", type=float, default=1.0, metavar="A", help="scale multiplier (default 1.0)")
     c.add_argument("--scope", choices=["per_tensor", "global"], default=None,
-                   help="top k of each tensor or one threshold over all tensors (default: global for full "
-                        "fine-tunes and task vectors, per_tensor for adapters)")
-    c.add_argument("--scale", choices=list(SCALES), default="pair",
-                   help="how each tensor's one magnitude is chosen, times --alpha (default pair: each LoRA "
-                        "product B.A keeps its L2 norm; --scope global --scale std is the paper's "
-                        "Algorithm 1)")
+                   help="top k of each tensor or one threshold over all tensors (default: global for (IA)3 "
+                        "adapters, per_tensor for everything else)")
+    c.add_argument("--scale", choices=list(SCALES), default=None,
+                   help="how each tensor's one magnitude is chosen, times --alpha (default: pair_proj, each "
+                        "LoRA product's projection on B.A is B.A and other tensors' on themselves; pair, the "
+                        "L2 norm, for (IA)3; --scope global --scale std is the paper's Algorithm 1)")
     c.add_argument("--encoding", choices=["golomb", "bitmask"], default="golomb")
     c.add_argument("--allocate", choices=["uniform", "error"], default="uniform",
                    help="density k for every tensor (default), or per tensor / LoRA pair the density that "
                         "minimises the error of what the model applies, within the stream bytes of k everywhere "
                         "(k then sets the size; the overall density may differ)")
-    c.add_argument("--gauge", choices=["as_trained", "balanced"], default="as_trained",
-                   help="PEFT adapters: compress the LoRA factors as trained (default), or each pair in the "
-                        "gauge of its product's SVD (the same adapter, other factors)")
+    c.add_argument("--gauge", choices=["as_trained", "balanced"], default=None,
+                   help="PEFT adapters: compress each LoRA pair in the gauge of its product's SVD (balanced, "
+                        "the default: the same adapter, other factors), or the factors as trained")
     c.add_argument("--base", metavar="BASE", help="base checkpoint (file or folder) of a full fine-tune")
     common(c)
     c.set_defaults(func=cmd_compress)

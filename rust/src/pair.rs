@@ -485,6 +485,32 @@ fn chunk_gram<T: Elem, const FUSED: bool>(buf: &[T], r: usize, wp: usize, g: &mu
     }
 }
 
+/// The factors' sizes against their shapes, A's rows against B's columns, and each stream's
+/// size against its factor's.
+fn check_pair(p: &Pair<'_>) -> Result<()> {
+    check_factor(&p.a, "A (lora_A)")?;
+    check_factor(&p.b, "B (lora_B)")?;
+    if p.a.rows != p.b.cols {
+        return Err(Error::InvalidArgument(format!(
+            "A is {} x {} and B {} x {}: not a factor pair of one rank (A's rows must equal B's \
+             columns)",
+            p.a.rows, p.a.cols, p.b.rows, p.b.cols
+        )));
+    }
+    for (c, f) in [(p.signs_a, &p.a), (p.signs_b, &p.b)] {
+        if (f.rows as u64).checked_mul(f.cols as u64) != Some(c.numel()) {
+            return Err(Error::InvalidArgument(format!(
+                "a stream of {} entries is given as {} x {}; pass the shape of the tensor it \
+                 was compressed from",
+                c.numel(),
+                f.rows,
+                f.cols
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn line_of(m: &[u64], words: usize, i: usize) -> &[u64] {
     &m[i * words..(i + 1) * words]
 }
@@ -548,15 +574,7 @@ pub fn sign_gram(c: &Compressed, rows: usize, cols: usize, lines: Lines) -> Resu
 /// ||BA||^2 of one pair, from the factors and from the kept signs. The factors and the
 /// streams must have the same sizes, and A as many rows as B has columns (r).
 pub fn pair_norms(p: &Pair<'_>) -> Result<PairNorms> {
-    check_factor(&p.a, "A (lora_A)")?;
-    check_factor(&p.b, "B (lora_B)")?;
-    if p.a.rows != p.b.cols {
-        return Err(Error::InvalidArgument(format!(
-            "A is {} x {} and B {} x {}: not a factor pair of one rank (A's rows must equal B's \
-             columns)",
-            p.a.rows, p.a.cols, p.b.rows, p.b.cols
-        )));
-    }
+    check_pair(p)?;
     let ((ga, sa), (gb, sb)) = rayon::join(
         || {
             (
@@ -580,6 +598,95 @@ pub fn pair_norms(p: &Pair<'_>) -> Result<PairNorms> {
         .map(|(&x, &y)| x as i128 * y as i128)
         .sum::<i128>() as f64;
     Ok(PairNorms { dense, signs })
+}
+
+/// <S_B S_A, B A>: the product of the kept signs (S_A, S_B as matrices of -1, 0, 1) against
+/// the product of the factors, for the "pair_proj" rule. Through two r x r cross-Grams,
+/// tr((S_B^T B)(A S_A^T)), each summed over the kept entries only: a kept (i, p) of B adds
+/// its sign times row i of B to row p of S_B^T B, a kept (q, j) of A adds its sign times column
+/// j of A to column q of A S_A^T. In f64 from the factors' own values. Checks as [`pair_norms`].
+pub fn pair_cross(p: &Pair<'_>) -> Result<f64> {
+    check_pair(p)?;
+    let r = p.a.rows;
+    let mut cb = vec![0f64; r * r]; // S_B^T B, row p = sum of the signed rows of B kept in column p
+    let mut ca = vec![0f64; r * r]; // A S_A^T, column q = sum of the signed columns of A kept in row q
+    if r == 0 {
+        return Ok(0.0);
+    }
+    let (m, n) = (p.b.rows, p.a.cols);
+    let mut stray = false;
+    let by_r = DivBy::new(r as u64);
+    p.signs_b.for_each_kept_run(|ps, signs| {
+        for (k, &at) in ps.iter().enumerate() {
+            let (i, col) = by_r.divmod(at);
+            let (i, col) = (i as usize, col as usize);
+            if i >= m {
+                stray = true;
+                continue;
+            }
+            let sign = if signs >> k & 1 == 1 { -1.0 } else { 1.0 };
+            let row = &mut cb[col * r..(col + 1) * r];
+            add_scaled(p.b.data, i * r, 1, sign, row);
+        }
+    })?;
+    let by_n = DivBy::new(n as u64);
+    p.signs_a.for_each_kept_run(|ps, signs| {
+        for (k, &at) in ps.iter().enumerate() {
+            let (q, j) = by_n.divmod(at);
+            let (q, j) = (q as usize, j as usize);
+            if q >= r {
+                stray = true;
+                continue;
+            }
+            let sign = if signs >> k & 1 == 1 { -1.0 } else { 1.0 };
+            // Column j of A (stride n) into row q of (A S_A^T)^T, which is column q of A S_A^T.
+            let col = &mut ca[q * r..(q + 1) * r];
+            add_scaled(p.a.data, j, n, sign, col);
+        }
+    })?;
+    if stray {
+        return Err(Error::Malformed(
+            "a kept position lies beyond the stream's entries".into(),
+        ));
+    }
+    // tr(CB CA) with CA stored transposed: sum_pq CB[p][q] * CA[q][p] = sum_pq cb[p][q] * ca_t[p][q].
+    Ok(cb.iter().zip(&ca).map(|(x, y)| x * y).sum())
+}
+
+/// out[t] += sign * x[start + t * stride] for t < out.len(), the entries read as f64.
+#[inline]
+fn add_scaled(x: Tensor<'_>, start: usize, stride: usize, sign: f64, out: &mut [f64]) {
+    match x {
+        Tensor::F16(s) => {
+            for (t, o) in out.iter_mut().enumerate() {
+                *o += sign * half::f16::from_bits(s[start + t * stride]).to_f64();
+            }
+        }
+        Tensor::BF16(s) => {
+            for (t, o) in out.iter_mut().enumerate() {
+                *o += sign * f32::from_bits((s[start + t * stride] as u32) << 16) as f64;
+            }
+        }
+        Tensor::F32(s) => {
+            for (t, o) in out.iter_mut().enumerate() {
+                *o += sign * s[start + t * stride] as f64;
+            }
+        }
+        Tensor::F64(s) => {
+            for (t, o) in out.iter_mut().enumerate() {
+                *o += sign * s[start + t * stride];
+            }
+        }
+    }
+}
+
+/// [`pair_cross`] of many pairs, in parallel. On an error the index of the pair comes with it.
+pub fn pair_cross_many(pairs: &[Pair<'_>]) -> std::result::Result<Vec<f64>, (usize, Error)> {
+    pairs
+        .par_iter()
+        .enumerate()
+        .map(|(i, p)| pair_cross(p).map_err(|e| (i, e)))
+        .collect()
 }
 
 /// [`pair_norms`] of many pairs, in parallel. On an error the index of the pair comes with it.

@@ -536,15 +536,13 @@ type PairItem<'py> = (
     Bound<'py, PyStream>,
 );
 
-/// ||BA||^2 of LoRA pairs (A: r x n, B: m x r), from the dense factors and from the kept signs
-/// of their streams, as (dense, signs) per pair: through r x r Gram matrices, in one parallel
-/// pass with the GIL released. `names` label errors (one per pair).
-#[pyfunction]
-fn pair_norms(
+/// The pairs of `items` as [`crate::pair::Pair`]s, views of the arrays and streams they hold;
+/// `names` label errors (one per pair).
+fn pairs_of<'a>(
     py: Python<'_>,
-    items: Vec<PairItem<'_>>,
-    names: Vec<String>,
-) -> PyResult<Vec<(f64, f64)>> {
+    items: &'a [PairItem<'_>],
+    names: &[String],
+) -> PyResult<Vec<crate::pair::Pair<'a>>> {
     use crate::pair::{Factor, Pair};
     if names.len() != items.len() {
         return Err(PyValueError::new_err(format!(
@@ -554,7 +552,7 @@ fn pair_norms(
         )));
     }
     let mut pairs = Vec::with_capacity(items.len());
-    for (it, n) in items.iter().zip(&names) {
+    for (it, n) in items.iter().zip(names) {
         let label = |which: &'static str| {
             move |e: PyErr| PyValueError::new_err(format!("pair '{n}', {which}: {}", e.value(py)))
         };
@@ -575,13 +573,39 @@ fn pair_norms(
             signs_b: &it.7.get().inner,
         });
     }
+    Ok(pairs)
+}
+
+/// A per-pair error from the parallel pass, labelled with the pair's name.
+fn pair_error(names: &[String], (i, e): (usize, Error)) -> PyErr {
+    let n = names.get(i).map_or("?", String::as_str);
+    py_error(&e, format!("pair '{n}': {e}"))
+}
+
+/// ||BA||^2 of LoRA pairs (A: r x n, B: m x r), from the dense factors and from the kept signs
+/// of their streams, as (dense, signs) per pair: through r x r Gram matrices, in one parallel
+/// pass with the GIL released. `names` label errors (one per pair).
+#[pyfunction]
+fn pair_norms(
+    py: Python<'_>,
+    items: Vec<PairItem<'_>>,
+    names: Vec<String>,
+) -> PyResult<Vec<(f64, f64)>> {
+    let pairs = pairs_of(py, &items, &names)?;
     let out = py
         .detach(|| crate::pair::pair_norms_many(&pairs))
-        .map_err(|(i, e)| {
-            let n = names.get(i).map_or("?", String::as_str);
-            py_error(&e, format!("pair '{n}': {e}"))
-        })?;
+        .map_err(|e| pair_error(&names, e))?;
     Ok(out.into_iter().map(|p| (p.dense, p.signs)).collect())
+}
+
+/// <S_B S_A, B A> of LoRA pairs (the kept signs' product against the factors' product, for the
+/// pair_proj rule), through r x r cross-Grams over the kept entries, in one parallel pass with
+/// the GIL released. Items and names as for [`pair_norms`].
+#[pyfunction]
+fn pair_cross(py: Python<'_>, items: Vec<PairItem<'_>>, names: Vec<String>) -> PyResult<Vec<f64>> {
+    let pairs = pairs_of(py, &items, &names)?;
+    py.detach(|| crate::pair::pair_cross_many(&pairs))
+        .map_err(|e| pair_error(&names, e))
 }
 
 /// An expert file, read into memory: its safetensors header parsed and checked once.
@@ -863,6 +887,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kept_abs_sum, m)?)?;
     m.add_function(wrap_pyfunction!(decode_streams, m)?)?;
     m.add_function(wrap_pyfunction!(pair_norms, m)?)?;
+    m.add_function(wrap_pyfunction!(pair_cross, m)?)?;
     m.add_class::<PyExpertFile>()?;
     m.add_function(wrap_pyfunction!(dot, m)?)?;
     m.add_function(wrap_pyfunction!(cosine, m)?)?;

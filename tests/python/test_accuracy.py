@@ -1,6 +1,8 @@
 """The shortened fidelity study (examples/accuracy_study.py --quick): on each of the three tasks a
 real LoRA expert compressed with the library's defaults (no tuning) keeps a clear margin over no
-adapter and stays within a bounded gap of the uncompressed adapter."""
+adapter, stays within a bounded gap of the uncompressed adapter, and keeps the model's outputs
+closer to the expert's than the previous defaults did; the same for an (IA)3 adapter and a full
+fine-tune on one task."""
 
 import sys
 from pathlib import Path
@@ -37,10 +39,16 @@ def test_quick_study():
         full = rows["uncompressed"]["test"]
         none = rows["no expert (base, trained head)"]["test"]
         default = rows["defaults, no tuning"]
+        # Fidelity to the expert: the mean KL of the outputs, on both splits, below what the
+        # previous defaults (per-tensor norm-based rules, LoRA as trained) gave. Measured when
+        # set, tweets: 8.4x / 1.2x / 1.6x lower on validation for LoRA / (IA)3 / full.
+        previous = rows["previous defaults"]
+        for split in ("validation", "test"):
+            assert default[split + "_kl"] < previous[split + "_kl"], (split, r)
         algorithm_1 = rows["Algorithm 1 (global, std, alpha tuned)"]["test"]
         assert ahead(full, none) > points(8), r
         if r["kind"] == "lora":
-            assert (default["scope"], default["scale"], default["k"]) == ("per_tensor", "pair", 0.1)
+            assert (default["scope"], default["scale"], default["k"]) == ("per_tensor", "pair_proj", 0.1)
             # Sizes against the fp16 adapter file, head included: at least 20x when the head is
             # kept in fp16 as that file has it; 19x with the trained fp32 head kept exactly.
             assert default["ratio_vs_fp16"] > 18.5, r
@@ -54,17 +62,17 @@ def test_quick_study():
             assert ahead(default["test"], full) > -points(6), r
             assert ahead(default["test"], algorithm_1) >= -points(2), r
         else:
-            # A full fine-tune: one global threshold by default (the study's choice); (IA)3 per
-            # tensor.
-            scope = "global" if r["kind"] == "full" else "per_tensor"
-            assert (default["scope"], default["scale"], default["k"]) == (scope, "pair", 0.1)
+            # The study's choices: (IA)3 under one global threshold with the norm-based rule, a full
+            # fine-tune per tensor with the projection.
+            want = ("global", "pair") if r["kind"] == "ia3" else ("per_tensor", "pair_proj")
+            assert (default["scope"], default["scale"], default["k"]) == (*want, 0.1)
             assert ahead(default["test"], none) > points(8), r
-            assert ahead(default["test"], full) > -points(6), r
+            assert ahead(default["test"], full) > -points(4), r
             assert ahead(default["test"], algorithm_1) >= -points(MARGIN_TO_ALGORITHM_1[r["kind"]]), r
 
 
-# Quick (IA)3 (40 steps) and full fine-tune (60 steps) on tweets, measured when these were set:
-# defaults 13.7 / 40.0 points over no expert, 2.7 / 1.3 below the uncompressed expert, 4.0 / 1.3
-# below Algorithm 1 with alpha tuned. (IA)3 misses the "never worse than Algorithm 1" target (the
-# full study: 1.2-3.2 points below it); its bound keeps that gap from growing unnoticed.
-MARGIN_TO_ALGORITHM_1 = {"ia3": 6, "full": 2}
+# Quick (IA)3 (40 steps) and full fine-tune (60 steps) on tweets, measured when these were set
+# (today's defaults): 15.3 / 41.0 points over no expert, 1.0 / 0.3 below the uncompressed expert,
+# 2.3 / 0.3 below Algorithm 1 with alpha tuned. (IA)3 misses the "never worse than Algorithm 1"
+# target; its bound keeps that gap from growing unnoticed.
+MARGIN_TO_ALGORITHM_1 = {"ia3": 4, "full": 2}

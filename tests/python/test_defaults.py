@@ -1,7 +1,8 @@
-"""The defaults per kind of expert (scope=None): one global threshold for a full fine-tune's
-residuals and task vectors, per-tensor top-k for adapters (LoRA, (IA)3), as the accuracy study
-chose; what scope=None gives equals the
-explicit scope, for every path (dict, PEFT folder, checkpoint, tune, CLI)."""
+"""The defaults per kind of expert (scope=None, scale=None), as the accuracy study chose: LoRA
+per tensor with the pair_proj rule in the balanced gauge, a full fine-tune's residuals and task
+vectors per tensor with pair_proj (= proj), (IA)3 vectors under one global threshold with the
+pair (= norm) rule; what the defaults give equals the explicit choice, for every path (dict, PEFT
+folder, checkpoint, tune, CLI)."""
 
 import json
 
@@ -33,22 +34,31 @@ def same(a, b):
     return all(a.stream(n) == b.stream(n) for n in a.compressed_keys()) and a.compressed_keys() == b.compressed_keys()
 
 
-def test_scope_by_kind():
+def test_scope_and_scale_by_kind():
     e = compeft_rs.compress_expert(lora(), 0.1)
-    assert e.scope == "per_tensor" and same(e, compeft_rs.compress_expert(lora(), 0.1, scope="per_tensor"))
+    assert (e.scope, e.scale, e.gauge) == ("per_tensor", "pair_proj", "balanced")
+    assert same(e, compeft_rs.compress_expert(lora(), 0.1, scope="per_tensor", scale="pair_proj", gauge="balanced"))
+    assert not same(e, compeft_rs.compress_expert(lora(), 0.1, gauge="as_trained"))
     ft, base = full()
     f = compeft_rs.compress_expert(ft, 0.1, base=base)
-    assert f.scope == "global" and same(f, compeft_rs.compress_expert(ft, 0.1, base=base, scope="global"))
-    assert not same(f, compeft_rs.compress_expert(ft, 0.1, base=base, scope="per_tensor"))
-    # One threshold: the small residual keeps nothing, the large one all 48 (10% of 480) entries.
-    assert (f.stream("b.weight").nnz, f.stream("a.weight").nnz) == (0, 48)
-    # Plain task vectors: global too; (IA)3 vectors per tensor; an explicit scope always wins.
-    ia3 = {"base_model.model.l.ia3_l": torch.linspace(-1, 1, 40) * 0.1 + 1.0}
-    assert compeft_rs.compress_expert(ia3, 0.1).scope == "per_tensor"
-    assert compeft_rs.compress_expert({"w": torch.randn(50)}, 0.1).scope == "global"
-    assert compeft_rs.compress_expert({"w": torch.randn(50)}, 0.1, scope="per_tensor").scope == "per_tensor"
+    assert (f.scope, f.scale) == ("per_tensor", "pair_proj")
+    assert same(f, compeft_rs.compress_expert(ft, 0.1, base=base, scope="per_tensor", scale="proj"))
+    assert not same(f, compeft_rs.compress_expert(ft, 0.1, base=base, scope="global"))
+    # Per tensor: each residual keeps its own 10%, the small one too.
+    assert (f.stream("b.weight").nnz, f.stream("a.weight").nnz) == (16, 32)
+    # (IA)3 vectors: one threshold and the norm rule; plain task vectors per tensor; an explicit
+    # choice always wins.
+    ia3 = {"base_model.model.l.ia3_l": torch.linspace(-1, 1, 40) * 0.1 + 1.0,
+           "base_model.model.m.ia3_l": torch.linspace(-1, 1, 60) * 0.01 + 1.0}
+    i = compeft_rs.compress_expert(ia3, 0.1)
+    assert (i.scope, i.scale) == ("global", "pair")
+    assert same(i, compeft_rs.compress_expert(ia3, 0.1, scope="global", scale="norm"))
+    assert (i.stream("base_model.model.l.ia3_l").nnz, i.stream("base_model.model.m.ia3_l").nnz) == (10, 0)
+    assert compeft_rs.compress_expert({"w": torch.randn(50)}, 0.1).scope == "per_tensor"
+    assert compeft_rs.compress_expert({"w": torch.randn(50)}, 0.1, scope="global").scope == "global"
+    assert compeft_rs.compress_expert(ia3, 0.1, scale="proj").scale == "proj"
     # allocate="error" chooses densities per tensor: per-tensor scope whatever the kind.
-    assert compeft_rs.compress_expert(ft, 0.1, base=base, allocate="error").scope == "per_tensor"
+    assert compeft_rs.compress_expert(ia3, 0.1, allocate="error").scope == "per_tensor"
 
 
 def test_checkpoint_peft_and_cli_follow_the_same_rule(tmp_path):
@@ -60,17 +70,21 @@ def test_checkpoint_peft_and_cli_follow_the_same_rule(tmp_path):
     save_file(ft, str(tmp_path / "ft.safetensors"))
     save_file(base, str(tmp_path / "base.safetensors"))
     ck = compeft_rs.compress_checkpoint(tmp_path / "ft.safetensors", 0.1, base=tmp_path / "base.safetensors")
-    assert ck.scope == "global" and same(ck, compeft_rs.compress_expert(ft, 0.1, base=base))
+    assert (ck.scope, ck.scale) == ("per_tensor", "pair_proj") and same(ck, compeft_rs.compress_expert(ft, 0.1, base=base))
     out = tmp_path / "r.cpft.safetensors"
     assert cli.main(["compress", str(tmp_path / "ft.safetensors"), "--base", str(tmp_path / "base.safetensors"),
                      "-o", str(out), "-k", "0.1", "-q"]) == 0
-    assert compeft_rs.load_expert(out).scope == "global"
+    assert (compeft_rs.load_expert(out).scope, compeft_rs.load_expert(out).scale) == ("per_tensor", "pair_proj")
     folder = tmp_path / "adapter"
     folder.mkdir()
     save_file(lora(), str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q", "v"], "base_model_name_or_path": "x"}))
-    assert compeft_rs.compress_peft(folder, 0.1).scope == "per_tensor"
+    p = compeft_rs.compress_peft(folder, 0.1)
+    assert (p.scope, p.scale, p.gauge) == ("per_tensor", "pair_proj", "balanced")
+    out = tmp_path / "a.cpft.safetensors"
+    assert cli.main(["compress", str(folder), "-o", str(out), "-k", "0.1", "-q"]) == 0
+    assert same(compeft_rs.load_expert(out), p)
 
 
 def test_tune_starts_from_the_kinds_defaults():
@@ -82,6 +96,11 @@ def test_tune_starts_from_the_kinds_defaults():
         return -sum(float(((w[n].double().numpy() - target[n]) ** 2).sum()) for n in target)
 
     res = compeft_rs.tune(taus, score, confidence=None, progress=False)
-    assert (res.default.scope, res.default.scale, res.default.alpha) == ("global", "pair", 1.0)
+    assert (res.default.scope, res.default.scale, res.default.alpha) == ("per_tensor", "pair_proj", 1.0)
     res = compeft_rs.tune(lora(), lambda w: 0.0, confidence=None, progress=False)
-    assert res.default.scope == "per_tensor"
+    assert (res.default.scope, res.default.scale) == ("per_tensor", "pair_proj")
+    assert (res.points[0].scope, res.points[0].scale, res.points[0].nbytes) == (
+        "per_tensor", "pair_proj", compeft_rs.compress_expert(lora(), 0.1).nbytes)
+    ia3 = {"base_model.model.l.ia3_l": torch.linspace(-1, 1, 40) * 0.1 + 1.0}
+    res = compeft_rs.tune(ia3, lambda w: 0.0, confidence=None, progress=False)
+    assert (res.default.scope, res.default.scale) == ("global", "pair")

@@ -153,18 +153,19 @@ def lora_sd(seed=0, dtype=torch.float32):
     return sd
 
 
-@pytest.mark.parametrize("scale,scope", [("pair", "per_tensor"), ("std", "global"), ("norm", "per_tensor")])
+@pytest.mark.parametrize("scale,scope", [("pair", "per_tensor"), ("std", "global"), ("norm", "per_tensor"),
+                                         ("pair_proj", "per_tensor")])
 def test_balanced_compression_is_the_compression_of_the_balanced_factors(scale, scope):
     sd = lora_sd()
     e = compeft_rs.compress_expert(sd, 0.1, scale=scale, scope=scope, gauge="balanced")
-    ref = compeft_rs.compress_expert(balance(sd), 0.1, scale=scale, scope=scope)
+    ref = compeft_rs.compress_expert(balance(sd), 0.1, scale=scale, scope=scope, gauge="as_trained")
     assert e.gauge == "balanced" and ref.gauge == "as_trained"
     got, want = e.decode(), ref.decode()
     assert set(got) == set(sd)
     for n in sd:
         assert torch.equal(got[n], want[n]), n
     # ... and it is not the as-trained compression.
-    plain = compeft_rs.compress_expert(sd, 0.1, scale=scale, scope=scope).decode()
+    plain = compeft_rs.compress_expert(sd, 0.1, scale=scale, scope=scope, gauge="as_trained").decode()
     assert not torch.equal(plain["m.q.lora_A.weight"], got["m.q.lora_A.weight"])
 
 
@@ -177,10 +178,12 @@ def canonical(data):
     return header, data[8 + n:]
 
 
-def test_as_trained_is_bit_identical_to_the_default_and_records_nothing(tmp_path):
+def test_balanced_is_the_default_and_as_trained_records_nothing(tmp_path):
     sd = lora_sd(dtype=torch.float16)
     e = compeft_rs.compress_expert(sd, 0.1, gauge="as_trained")
-    assert canonical(e.to_bytes()) == canonical(compeft_rs.compress_expert(sd, 0.1).to_bytes())
+    assert canonical(compeft_rs.compress_expert(sd, 0.1, gauge="balanced").to_bytes()) == canonical(
+        compeft_rs.compress_expert(sd, 0.1).to_bytes())
+    assert canonical(e.to_bytes()) != canonical(compeft_rs.compress_expert(sd, 0.1).to_bytes())
     e.save(tmp_path / "a.cpft")
     from safetensors import safe_open
 
@@ -204,7 +207,7 @@ def test_balanced_gauge_leaves_other_tensors_and_unpaired_factors_alone():
     sd["m.lone.lora_A.weight"] = torch.randn(8, 40)
     sd["m.fresh.lora_A.weight"], sd["m.fresh.lora_B.weight"] = torch.randn(8, 40), torch.zeros(40, 8)
     e = compeft_rs.compress_expert(sd, 0.1, gauge="balanced")
-    ref = compeft_rs.compress_expert(sd, 0.1)
+    ref = compeft_rs.compress_expert(sd, 0.1, gauge="as_trained")
     assert torch.equal(e.lossless("m.head.weight"), ref.lossless("m.head.weight"))
     for n in ("m.lone.lora_A.weight", "m.fresh.lora_A.weight", "m.fresh.lora_B.weight"):
         assert torch.equal(e[n], ref[n]), n
@@ -220,11 +223,12 @@ def test_a_bad_gauge_names_the_choices(bad):
 
 def test_tune_compresses_every_point_in_the_gauge_asked_for():
     sd = lora_sd()
-    res = compeft_rs.tune(sd, lambda w: 0.0, scopes=("per_tensor",), scales=("pair",), alphas=(1.0,),
-                          gauge="balanced", progress=False)
-    assert res.expert.gauge == "balanced"
-    want = compeft_rs.compress_expert(sd, 0.1, gauge="balanced")
-    assert canonical(res.expert.to_bytes()) == canonical(want.to_bytes())
+    for gauge in ("balanced", "as_trained"):
+        res = compeft_rs.tune(sd, lambda w: 0.0, scopes=("per_tensor",), scales=("pair_proj",), alphas=(1.0,),
+                              gauge=gauge, progress=False)
+        assert res.expert.gauge == gauge
+        want = compeft_rs.compress_expert(sd, 0.1, gauge=gauge)
+        assert canonical(res.expert.to_bytes()) == canonical(want.to_bytes())
 
 
 # -- the adapter a user sees ---------------------------------------------------------------
@@ -254,9 +258,10 @@ def test_compress_peft_takes_the_gauge():
     model = trained(kind, kw, seed=1)
     e = compeft_rs.compress_peft(model, 0.1, gauge="balanced")
     sd = {n: t.detach().cpu() for n, t in peft.get_peft_model_state_dict(model).items()}
-    ref = compeft_rs.compress_expert(balance(sd), 0.1)
-    assert e.gauge == "balanced"
+    ref = compeft_rs.compress_expert(balance(sd), 0.1, gauge="as_trained")
+    assert e.gauge == "balanced" and compeft_rs.compress_peft(model, 0.1).gauge == "balanced"
     assert all(torch.equal(e[n], ref[n]) for n in e.compressed_keys())
+    assert compeft_rs.compress_peft(model, 0.1, gauge="as_trained").gauge == "as_trained"
     with pytest.raises(ValueError, match="gauge must be one of"):
         compeft_rs.compress_peft(model, 0.1, gauge="nope")
 

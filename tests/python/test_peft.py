@@ -74,10 +74,11 @@ def test_cli_and_api_round_trip(adapter, tmp_path):
     out_file = tmp_path / "adapter.cpft.safetensors"
     cli = [sys.executable, "-m", "compeft_rs.cli"]
     r = subprocess.run(cli + ["compress", str(path), "-o", str(out_file), "-k", str(K), "-q", "--scope", "global",
-                              "--scale", "std"],
+                              "--scale", "std", "--gauge", "as_trained"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    api = compeft_rs.compress_peft(path, K, scope="global", scale="std")
+    # The paper's Algorithm 1 on the factors as trained.
+    api = compeft_rs.compress_peft(path, K, scope="global", scale="std", gauge="as_trained")
     for name, want in ref.items():
         got = api.apply()[name].numpy()
         assert np.allclose(got, want, rtol=1e-6, atol=0), name

@@ -37,7 +37,7 @@ def _pair(draw_seed, r, d_in, d_out, b_scale):
 def test_per_tensor_rules_match_numpy(seed, r, d_in, d_out, k, alpha, rule):
     a, b = _pair(seed, r, d_in, d_out, 0.01)
     sd = {"m.lora_A.weight": torch.from_numpy(a), "m.lora_B.weight": torch.from_numpy(b)}
-    e = compeft_rs.compress_expert(sd, k, alpha, scale=rule)
+    e = compeft_rs.compress_expert(sd, k, alpha, scale=rule, gauge="as_trained")
     for name, tau in (("m.lora_A.weight", a), ("m.lora_B.weight", b)):
         signs = reference_signs(tau, k).reshape(tau.shape)
         s = e.stream(name)
@@ -51,7 +51,7 @@ def test_per_tensor_rules_match_numpy(seed, r, d_in, d_out, k, alpha, rule):
 def test_pair_rule_keeps_the_products_norm(seed, r, d_in, d_out, k, alpha):
     a, b = _pair(seed, r, d_in, d_out, 0.01)
     sd = {"x.lora_A.weight": torch.from_numpy(a), "x.lora_B.weight": torch.from_numpy(b)}
-    e = compeft_rs.compress_expert(sd, k, alpha)  # the defaults: per_tensor, pair
+    e = compeft_rs.compress_expert(sd, k, alpha, scale="pair", gauge="as_trained")
     assert (e.scope, e.scale) == ("per_tensor", "pair")
     sa_, sb_ = (reference_signs(t, k).reshape(t.shape) for t in (a, b))
     # A keeps its norm scale; B's makes ||s_A s_B Bt At|| = alpha^2 ||BA||.
@@ -74,7 +74,8 @@ def test_pair_rule_on_half_factors(seed, r, d_in, d_out, k, alpha, dtype):
     a, b = _pair(seed, r, d_in, d_out, 0.01)
     ta, tb = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (a, b))
     a, b = ta.double().numpy(), tb.double().numpy()  # the factors' exact values
-    e = compeft_rs.compress_expert({"x.lora_A.weight": ta, "x.lora_B.weight": tb}, k, alpha)
+    e = compeft_rs.compress_expert({"x.lora_A.weight": ta, "x.lora_B.weight": tb}, k, alpha, scale="pair",
+                                   gauge="as_trained")
     sa_, sb_ = (reference_signs(t, k).reshape(t.shape) for t in (a, b))
     s_a = alpha * _rule("norm", a, sa_)
     assert e.stream("x.lora_A.weight").scale == pytest.approx(s_a, rel=1e-9)
@@ -91,6 +92,59 @@ def test_pair_rule_on_half_factors(seed, r, d_in, d_out, k, alpha, dtype):
     bound = (np.abs(b) @ np.abs(a)) ** 2
     rel = 1.05 * 2.0**-19 * bound.sum() / want**2 + 1e-9
     assert s_a * s_b * np.linalg.norm(q) == pytest.approx(alpha**2 * want, rel=rel)
+
+
+@given(seed=st.integers(0, 2**32 - 1), r=st.integers(1, 6), d_in=st.integers(2, 40), d_out=st.integers(2, 40),
+       k=st.sampled_from([0.05, 0.1, 0.3, 1.0]), alpha=st.sampled_from([0.5, 1.0, 3.0]))
+def test_pair_proj_rule_projects_the_product_on_itself(seed, r, d_in, d_out, k, alpha):
+    a, b = _pair(seed, r, d_in, d_out, 0.01)
+    sd = {"x.lora_A.weight": torch.from_numpy(a), "x.lora_B.weight": torch.from_numpy(b)}
+    e = compeft_rs.compress_expert(sd, k, alpha, scale="pair_proj", gauge="as_trained")
+    sa_, sb_ = (reference_signs(t, k).reshape(t.shape) for t in (a, b))
+    # A keeps its proj scale; B's makes <s_A s_B Bt At, BA> = alpha^2 ||BA||^2.
+    s_a = alpha * _rule("proj", a, sa_)
+    assert e.stream("x.lora_A.weight").scale == pytest.approx(s_a, rel=1e-9)
+    ba = b @ a
+    q = sb_.astype(np.float64) @ sa_.astype(np.float64)
+    cross = float((q * ba).sum())
+    s_b = e.stream("x.lora_B.weight").scale
+    if cross > 1e-6 * np.linalg.norm(q) * np.linalg.norm(ba):
+        assert s_a * s_b * cross == pytest.approx(alpha**2 * (ba**2).sum(), rel=1e-9)
+    elif cross <= 0 and np.any(q):
+        # The kept signs' product opposes B A (or cancels to rounding): pair's norm instead.
+        assert s_a * s_b * np.linalg.norm(q) == pytest.approx(alpha**2 * np.linalg.norm(ba), rel=1e-9)
+    elif not np.any(q):  # the kept signs cancel in the product: B keeps its own proj scale
+        assert s_b == pytest.approx(alpha * _rule("proj", b, sb_), rel=1e-9, abs=1e-300)
+    np.testing.assert_array_equal(np.sign(e.decode()["x.lora_B.weight"].numpy()), sb_)
+
+
+@given(seed=st.integers(0, 2**32 - 1), r=st.integers(1, 6), d_in=st.integers(2, 300), d_out=st.integers(2, 300),
+       k=st.sampled_from([0.05, 0.1, 0.3]), dtype=st.sampled_from(["float16", "bfloat16", "float32"]))
+def test_default_lora_compression_projects_the_adapter_on_itself(seed, r, d_in, d_out, k, dtype):
+    """What the model applies, measured on the dense products: the defaults (balanced gauge,
+    pair_proj) decode to factors whose product's projection on the trained B A is B A."""
+    a, b = _pair(seed, r, d_in, d_out, 0.01)
+    ta, tb = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (a, b))
+    a, b = ta.double().numpy(), tb.double().numpy()  # the factors' exact values
+    e = compeft_rs.compress_expert({"x.lora_A.weight": ta, "x.lora_B.weight": tb}, k)
+    assert (e.scale, e.gauge) == ("pair_proj", "balanced")
+    dec = e.decode(dtype=torch.float64)
+    got = dec["x.lora_B.weight"].numpy() @ dec["x.lora_A.weight"].numpy()
+    ba = b @ a
+    cross = float((got * ba).sum())
+    if not np.any(got):
+        return
+    if cross <= 1e-6 * np.linalg.norm(got) * np.linalg.norm(ba):
+        # The kept signs' product opposes B A (tiny factors, one kept entry each): the norm.
+        assert np.linalg.norm(got) == pytest.approx(np.linalg.norm(ba), rel=1e-2)
+        return
+    # ||BA||^2 comes from Grams summed in f32 (see test_pair_rule_on_half_factors); the balanced
+    # factors are cast back to the dtype, and the scales stored in f32: a few 2^-24 more.
+    bound = ((np.abs(b) @ np.abs(a)) ** 2).sum() / (ba**2).sum()
+    rel = 1.05 * 2 * 2.0**-19 * bound + 1e-6
+    if dtype != "float32":  # the balanced factors rounded to 8 or 11 bits
+        rel += 2.0 ** (-7 if dtype == "bfloat16" else -10)
+    assert cross == pytest.approx((ba**2).sum(), rel=rel)
 
 
 def test_pair_norms_refuses_factors_that_do_not_fit():
@@ -114,21 +168,22 @@ def test_pair_norms_refuses_factors_that_do_not_fit():
         _core.pair_norms([(a.reshape(-1), "float32") + ok[2:]], ["p"])
 
 
-def test_pair_rule_is_matched_by_segment_and_spares_lonely_factors():
+@pytest.mark.parametrize("rule,alone", [("pair", "norm"), ("pair_proj", "proj")])
+def test_pair_rule_is_matched_by_segment_and_spares_lonely_factors(rule, alone):
     g = np.random.default_rng(0)
     sd = {
         "m.0.lora_A.weight": torch.from_numpy(g.standard_normal((4, 30))),
         "m.0.lora_B.weight": torch.from_numpy(g.standard_normal((20, 4)) * 0.01),
-        # No partner (its B is missing): keeps the per-tensor norm scale.
+        # No partner (its B is missing): keeps the per-tensor scale.
         "m.1.lora_A.weight": torch.from_numpy(g.standard_normal((4, 30))),
         # Embedding factors pair with each other.
         "e.lora_embedding_A.default": torch.from_numpy(g.standard_normal((4, 50))),
         "e.lora_embedding_B.default": torch.from_numpy(g.standard_normal((16, 4)) * 0.01),
     }
-    pair = compeft_rs.compress_expert(sd, 0.2)
-    norm = compeft_rs.compress_expert(sd, 0.2, scale="norm")
+    pair = compeft_rs.compress_expert(sd, 0.2, scale=rule, gauge="as_trained")
+    single = compeft_rs.compress_expert(sd, 0.2, scale=alone, gauge="as_trained")
     for n in sd:
-        changed = pair.stream(n).scale != norm.stream(n).scale
+        changed = pair.stream(n).scale != single.stream(n).scale
         assert changed == (n in ("m.0.lora_B.weight", "e.lora_embedding_B.default")), n
 
 
@@ -179,6 +234,7 @@ def test_encode_one_tensor_with_a_data_free_scale(values, dtype, k, rule):
     np.testing.assert_array_equal(np.sign(c.decode(dtype="float64").numpy()), signs)
 
 
-def test_encode_refuses_the_pair_rule_for_one_tensor():
+@pytest.mark.parametrize("rule", ["pair", "pair_proj"])
+def test_encode_refuses_the_pair_rule_for_one_tensor(rule):
     with pytest.raises(ValueError, match="for one tensor"):
-        compeft_rs.encode(torch.ones(4), 0.5, scale="pair")
+        compeft_rs.encode(torch.ones(4), 0.5, scale=rule)

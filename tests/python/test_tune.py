@@ -20,9 +20,9 @@ def test_tune_dict_finds_the_best_alpha():
 
     r = compeft_rs.tune(target, evaluate, ks=(0.1, 0.5), alphas=(0.25, 1, 2, 4), scopes=("global",), scales=("std",),
                         progress=False)
-    # The grid's 8 points and the defaults (per_tensor, pair, k=0.1, alpha 1), always evaluated first.
+    # The grid's 8 points and the defaults (per_tensor, pair_proj, k=0.1, alpha 1), always evaluated first.
     assert len(r.points) == 9 == len(calls)
-    assert (r.points[0].scope, r.points[0].scale, r.points[0].alpha) == ("per_tensor", "pair", 1.0) == \
+    assert (r.points[0].scope, r.points[0].scale, r.points[0].alpha) == ("per_tensor", "pair_proj", 1.0) == \
         (r.default.scope, r.default.scale, r.default.alpha)
     assert r.best == max(r.points, key=lambda p: p.score) and r.noise is None
     # The chosen expert is the compressed expert at the best point.
@@ -144,7 +144,7 @@ class BernoulliValidation:
 
     def __init__(self, expert, better=None, p_better=0.8, n=N_VAL, p_default=0.8, p_other=0.8):
         self.n, self.p_better, self.p_default, self.p_other, self.calls = n, p_better, p_default, p_other, 0
-        self.default = compeft_rs.compress_expert(expert, 0.1, 1.0, scope="per_tensor", scale="pair").apply()
+        self.default = compeft_rs.compress_expert(expert, 0.1, 1.0, scope="per_tensor", scale="pair_proj").apply()
         self.better = None
         if better is not None:
             scope, scale, alpha = better
@@ -163,16 +163,16 @@ class BernoulliValidation:
 
 def test_noise_only_candidates_keep_the_defaults():
     expert = _tiny_expert()
-    # Plain argmax over 36 equal-mean points picks a candidate: that is the overfitting.
+    # Plain argmax over 42 equal-mean points picks a candidate: that is the overfitting.
     argmax = compeft_rs.tune(expert, BernoulliValidation(expert), confidence=None, progress=False)
-    assert len(argmax.points) == 36 and argmax.noise is None
+    assert len(argmax.points) == 42 and argmax.noise is None
     assert argmax.best != argmax.default and argmax.best.score > argmax.default.score
     r = compeft_rs.tune(expert, BernoulliValidation(expert), progress=False)
     d = r.default
-    assert (d.scope, d.scale, d.k, d.alpha) == ("per_tensor", "pair", 0.1, 1.0)
+    assert (d.scope, d.scale, d.k, d.alpha) == ("per_tensor", "pair_proj", 0.1, 1.0)
     assert r.points[0] == d and d.noise is None
     assert r.best == d
-    assert (r.expert.scope, r.expert.scale, r.expert.k, r.expert.alpha) == ("per_tensor", "pair", 0.1, 1.0)
+    assert (r.expert.scope, r.expert.scale, r.expert.k, r.expert.alpha) == ("per_tensor", "pair_proj", 0.1, 1.0)
     # Same scores as the argmax run (same draws), so the best candidate is the same one.
     assert [p.score for p in r.points] == [p.score for p in argmax.points]
     top = max(r.points[1:], key=lambda p: (p.score, -p.nbytes))
@@ -183,9 +183,9 @@ def test_noise_only_candidates_keep_the_defaults():
     assert top.score - d.score <= r.noise
     assert 2 * se < r.noise < 4.5 * se
     assert all(p.noise is not None for p in r.points[1:])
-    assert "bootstrap" in r.rule and "Bonferroni over 35" in r.rule
+    assert "bootstrap" in r.rule and "Bonferroni over 41" in r.rule
     t = r.table()
-    assert "noise: " in t and "defaults: per_tensor/pair k=0.1 alpha=1" in t and "(kept)" in t
+    assert "noise: " in t and "defaults: per_tensor/pair_proj k=0.1 alpha=1" in t and "(kept)" in t
 
 
 def test_a_clearly_better_candidate_wins():
@@ -195,7 +195,7 @@ def test_a_clearly_better_candidate_wins():
     assert (r.best.scope, r.best.scale, r.best.alpha) == better
     assert r.best.score - r.default.score > r.noise == r.best.noise > 0
     assert (r.expert.scope, r.expert.scale, r.expert.alpha) == better
-    # A 0.05 gain on 300 examples is within the noise of a 35-candidate search: the defaults stay.
+    # A 0.05 gain on 300 examples is within the noise of a 41-candidate search: the defaults stay.
     r = compeft_rs.tune(expert, BernoulliValidation(expert, better, p_better=0.85), progress=False)
     assert r.best == r.default
 
@@ -278,14 +278,14 @@ def test_defaults_are_evaluated_even_outside_the_grid():
     r = compeft_rs.tune(expert, evaluate, ks=(0.2, 0.5), alphas=(2.0,), scopes=("global",), scales=("std",),
                         progress=False)
     assert len(r.points) == 3 == len(seen)
-    assert (r.default.scope, r.default.scale, r.default.k, r.default.alpha) == ("per_tensor", "pair", 0.2, 1.0)
+    assert (r.default.scope, r.default.scale, r.default.k, r.default.alpha) == ("per_tensor", "pair_proj", 0.2, 1.0)
     assert r.best == r.default == r.points[0]
     assert r.noise == 0.0  # identical scores: no difference, no spread
     # The library's k = 0.1 is the defaults' k whenever the grid has it, wherever it is listed.
-    r = compeft_rs.tune(expert, evaluate, ks=(0.05, 0.1), alphas=(1.0, 2.0), scopes=("per_tensor",), scales=("pair",),
-                        progress=False)
+    r = compeft_rs.tune(expert, evaluate, ks=(0.05, 0.1), alphas=(1.0, 2.0), scopes=("per_tensor",),
+                        scales=("pair_proj",), progress=False)
     assert len(r.points) == 4
-    assert (r.default.scope, r.default.scale, r.default.k, r.default.alpha) == ("per_tensor", "pair", 0.1, 1.0)
+    assert (r.default.scope, r.default.scale, r.default.k, r.default.alpha) == ("per_tensor", "pair_proj", 0.1, 1.0)
     assert r.best == r.default == r.points[0]
 
 

@@ -3,7 +3,7 @@
 //! every dtype, rank 1 to 6, lines not a multiple of 64 long and some longer than one 256-entry
 //! chunk, sign patterns of any density with whole lines left empty, both encodings.
 
-use compeft::pair::{gram, gram_portable, pair_norms, sign_gram, Factor, Lines, Pair};
+use compeft::pair::{gram, gram_portable, pair_cross, pair_norms, sign_gram, Factor, Lines, Pair};
 use compeft::{compress, Compressed, DType, Encoding, Error, Tensor};
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -292,6 +292,42 @@ proptest! {
         let tol = match dtype { DType::F64 => 1e-12 * scale, _ => 2.1 * 2f64.powi(-19) * scale };
         prop_assert!((got.dense - want).abs() <= tol + 1e-300, "{} vs {} (tolerance {tol})", got.dense, want);
     }
+
+    #[test]
+    fn pair_cross_is_the_signs_product_against_the_factors_product(
+        r in 1usize..=5, n in 1usize..=90, m in 1usize..=90, dtype in dtype_strategy(),
+        density in prop_oneof![Just(0.05), Just(0.3), Just(1.0)], enc in enc_strategy(),
+        seed in any::<u64>(),
+    ) {
+        let a = Values::new(&values(r, n, -3, Lines::Rows, None, seed), dtype);
+        let b = Values::new(&values(m, r, -6, Lines::Cols, None, seed ^ 1), dtype);
+        let (sa, ca) = signs(r, n, density, Lines::Rows, None, enc, seed ^ 2);
+        let (sb, cb) = signs(m, r, density, Lines::Cols, None, enc, seed ^ 3);
+        let p = Pair {
+            a: Factor { data: a.tensor(), rows: r, cols: n },
+            b: Factor { data: b.tensor(), rows: m, cols: r },
+            signs_a: &ca,
+            signs_b: &cb,
+        };
+        let got = pair_cross(&p).unwrap();
+        // <S_B S_A, B A> from the two m x n products, and sum_ij |.|_ij |.|_ij for the bound.
+        let (mut want, mut scale) = (0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut x, mut ax, mut q, mut aq) = (0f64, 0f64, 0f64, 0f64);
+                for t in 0..r {
+                    x += b.exact[i * r + t] * a.exact[t * n + j];
+                    ax += (b.exact[i * r + t] * a.exact[t * n + j]).abs();
+                    q += (sb[i * r + t] * sa[t * n + j]) as f64;
+                    aq += (sb[i * r + t] * sa[t * n + j]).abs() as f64;
+                }
+                want += x * q;
+                scale += ax * aq;
+            }
+        }
+        // Both sides in f64 from the factors' exact values: only the order of the additions differs.
+        prop_assert!((got - want).abs() <= 1e-12 * scale + 1e-300, "{got} vs {want}");
+    }
 }
 
 #[test]
@@ -344,6 +380,10 @@ fn sizes_that_do_not_fit_are_argument_errors() {
         match pair_norms(p) {
             Err(Error::InvalidArgument(msg)) => assert!(!msg.is_empty()),
             other => panic!("expected an argument error, got {other:?}"),
+        }
+        match pair_cross(p) {
+            Err(Error::InvalidArgument(msg)) => assert!(!msg.is_empty()),
+            other => panic!("expected an argument error from pair_cross, got {other:?}"),
         }
     }
 }
