@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ._arrays import float64_of
+from ._arrays import flat_input, float64_of
 from ._scale import lora_pairs
 
 __all__ = ["GAUGES", "check_gauge", "balance_pair", "balance"]
@@ -128,12 +128,22 @@ def balance_pair(A: Any, B: Any) -> Tuple[Any, Any]:
 
 def _all_finite(x: Any) -> bool:
     """Whether every value of a factor (numpy array or torch tensor, as :func:`_like` returns
-    it) is finite."""
+    it) is finite; CPU tensors are checked by numpy (see ``_arrays.float64_of``), half types by
+    their exponent bits."""
     if isinstance(x, np.ndarray):
         return bool(np.isfinite(x).all())
     import torch
 
-    return bool(torch.isfinite(x).all())
+    if x.device.type != "cpu":
+        return bool(torch.isfinite(x).all())
+    arr, name, _, _, _ = flat_input(x)
+    if name in _HALF_EXPONENT:
+        return not bool(((arr & _HALF_EXPONENT[name]) == _HALF_EXPONENT[name]).any())
+    return bool(np.isfinite(arr).all())
+
+
+# The exponent bits of float16 and bfloat16: all set is inf or NaN.
+_HALF_EXPONENT = {"float16": np.uint16(0x7C00), "bfloat16": np.uint16(0x7F80)}
 
 
 def balance(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
