@@ -94,14 +94,13 @@ def decode_streams(
     streams: Sequence[Stream], names: Sequence[str], outs: Sequence[npt.NDArray[np.generic]], dtypes: Sequence[str]
 ) -> None: ...
 
+# (A flat, A dtype, (r, n), B flat, B dtype, (m, r), A's stream, B's stream)
+_PairItem = Tuple[
+    npt.NDArray[np.generic], str, Tuple[int, int], npt.NDArray[np.generic], str, Tuple[int, int], Stream, Stream
+]
+
 def pair_norms(
-    items: Sequence[
-        Tuple[
-            npt.NDArray[np.generic], str, Tuple[int, int],
-            npt.NDArray[np.generic], str, Tuple[int, int],
-            Stream, Stream,
-        ]
-    ],
+    items: Sequence[_PairItem],
     names: Sequence[str],
 ) -> List[Tuple[float, float]]:
     """||BA||^2 of LoRA pairs, (dense, signs) each, through r x r Gram matrices in one parallel call.
@@ -113,13 +112,7 @@ def pair_norms(
     do not fit (A's rows must equal B's columns)."""
 
 def pair_cross(
-    items: Sequence[
-        Tuple[
-            npt.NDArray[np.generic], str, Tuple[int, int],
-            npt.NDArray[np.generic], str, Tuple[int, int],
-            Stream, Stream,
-        ]
-    ],
+    items: Sequence[_PairItem],
     names: Sequence[str],
 ) -> List[float]:
     """<S_B S_A, B A> of LoRA pairs (the kept signs' product against the factors' product, for the

@@ -614,34 +614,40 @@ pub fn pair_cross(p: &Pair<'_>) -> Result<f64> {
         return Ok(0.0);
     }
     let (m, n) = (p.b.rows, p.a.cols);
-    let mut stray = false;
-    let by_r = DivBy::new(r as u64);
-    p.signs_b.for_each_kept_run(|ps, signs| {
-        for (k, &at) in ps.iter().enumerate() {
-            let (i, col) = by_r.divmod(at);
-            let (i, col) = (i as usize, col as usize);
-            if i >= m {
-                stray = true;
-                continue;
-            }
-            let sign = if signs >> k & 1 == 1 { -1.0 } else { 1.0 };
-            let row = &mut cb[col * r..(col + 1) * r];
-            add_scaled(p.b.data, i * r, 1, sign, row);
-        }
+    // A kept (i, p) of B adds its sign times row i of B to row p of cb.
+    for_each_kept_signed(p.signs_b, m, r, |i, col, sign| {
+        add_scaled(p.b.data, i * r, 1, sign, &mut cb[col * r..(col + 1) * r])
     })?;
-    let by_n = DivBy::new(n as u64);
-    p.signs_a.for_each_kept_run(|ps, signs| {
+    // A kept (q, j) of A adds column j of A (stride n) to row q of ca = (A S_A^T)^T.
+    for_each_kept_signed(p.signs_a, r, n, |q, j, sign| {
+        add_scaled(p.a.data, j, n, sign, &mut ca[q * r..(q + 1) * r])
+    })?;
+    // tr(CB CA) with CA stored transposed: sum_pq CB[p][q] * CA[q][p] = sum_pq cb[p][q] * ca_t[p][q].
+    Ok(cb.iter().zip(&ca).map(|(x, y)| x * y).sum())
+}
+
+/// Calls `f(row, col, sign)` (sign -1.0 or 1.0) for each kept entry of `c` taken as a row-major
+/// rows x cols matrix; a position past its last row is an error, not an index.
+fn for_each_kept_signed(
+    c: &Compressed,
+    rows: usize,
+    cols: usize,
+    mut f: impl FnMut(usize, usize, f64),
+) -> Result<()> {
+    let by_cols = DivBy::new(cols as u64);
+    let mut stray = false;
+    c.for_each_kept_run(|ps, signs| {
         for (k, &at) in ps.iter().enumerate() {
-            let (q, j) = by_n.divmod(at);
-            let (q, j) = (q as usize, j as usize);
-            if q >= r {
+            let (row, col) = by_cols.divmod(at);
+            if row >= rows as u64 {
                 stray = true;
                 continue;
             }
-            let sign = if signs >> k & 1 == 1 { -1.0 } else { 1.0 };
-            // Column j of A (stride n) into row q of (A S_A^T)^T, which is column q of A S_A^T.
-            let col = &mut ca[q * r..(q + 1) * r];
-            add_scaled(p.a.data, j, n, sign, col);
+            f(
+                row as usize,
+                col as usize,
+                if signs >> k & 1 == 1 { -1.0 } else { 1.0 },
+            );
         }
     })?;
     if stray {
@@ -649,8 +655,7 @@ pub fn pair_cross(p: &Pair<'_>) -> Result<f64> {
             "a kept position lies beyond the stream's entries".into(),
         ));
     }
-    // tr(CB CA) with CA stored transposed: sum_pq CB[p][q] * CA[q][p] = sum_pq cb[p][q] * ca_t[p][q].
-    Ok(cb.iter().zip(&ca).map(|(x, y)| x * y).sum())
+    Ok(())
 }
 
 /// out[t] += sign * x[start + t * stride] for t < out.len(), the entries read as f64.
@@ -682,18 +687,22 @@ fn add_scaled(x: Tensor<'_>, start: usize, stride: usize, sign: f64, out: &mut [
 
 /// [`pair_cross`] of many pairs, in parallel. On an error the index of the pair comes with it.
 pub fn pair_cross_many(pairs: &[Pair<'_>]) -> std::result::Result<Vec<f64>, (usize, Error)> {
-    pairs
-        .par_iter()
-        .enumerate()
-        .map(|(i, p)| pair_cross(p).map_err(|e| (i, e)))
-        .collect()
+    per_pair(pairs, pair_cross)
 }
 
 /// [`pair_norms`] of many pairs, in parallel. On an error the index of the pair comes with it.
 pub fn pair_norms_many(pairs: &[Pair<'_>]) -> std::result::Result<Vec<PairNorms>, (usize, Error)> {
+    per_pair(pairs, pair_norms)
+}
+
+/// `f` of every pair, in parallel; on an error the index of the pair comes with it.
+fn per_pair<T: Send>(
+    pairs: &[Pair<'_>],
+    f: impl Fn(&Pair<'_>) -> Result<T> + Sync,
+) -> std::result::Result<Vec<T>, (usize, Error)> {
     pairs
         .par_iter()
         .enumerate()
-        .map(|(i, p)| pair_norms(p).map_err(|e| (i, e)))
+        .map(|(i, p)| f(p).map_err(|e| (i, e)))
         .collect()
 }

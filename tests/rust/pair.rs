@@ -95,6 +95,61 @@ fn values(
 
 /// A sign pattern (-1, 0, 1) of density about `density`, line `zero_line` empty, and a stream
 /// that keeps exactly it (k = 1 keeps every nonzero entry).
+/// A random LoRA pair A (r x n), B (m x r) in `dtype`, and random kept signs of each, compressed.
+struct Case {
+    a: Values,
+    b: Values,
+    sa: Vec<i64>,
+    sb: Vec<i64>,
+    ca: Compressed,
+    cb: Compressed,
+    dims: (usize, usize, usize),
+}
+
+impl Case {
+    fn new(
+        r: usize,
+        n: usize,
+        m: usize,
+        dtype: DType,
+        density: f64,
+        enc: Encoding,
+        seed: u64,
+    ) -> Case {
+        let a = Values::new(&values(r, n, -3, Lines::Rows, None, seed), dtype);
+        let b = Values::new(&values(m, r, -6, Lines::Cols, None, seed ^ 1), dtype);
+        let (sa, ca) = signs(r, n, density, Lines::Rows, None, enc, seed ^ 2);
+        let (sb, cb) = signs(m, r, density, Lines::Cols, None, enc, seed ^ 3);
+        Case {
+            a,
+            b,
+            sa,
+            sb,
+            ca,
+            cb,
+            dims: (r, n, m),
+        }
+    }
+
+    fn pair(&self) -> Pair<'_> {
+        let (r, n, m) = self.dims;
+        Pair {
+            a: Factor {
+                data: self.a.tensor(),
+                rows: r,
+                cols: n,
+            },
+            b: Factor {
+                data: self.b.tensor(),
+                rows: m,
+                cols: r,
+            },
+            signs_a: &self.ca,
+            signs_b: &self.cb,
+        }
+    }
+}
+
 fn signs(
     rows: usize,
     cols: usize,
@@ -260,16 +315,8 @@ proptest! {
         density in prop_oneof![Just(0.05), Just(0.3), Just(1.0)], enc in enc_strategy(),
         seed in any::<u64>(),
     ) {
-        let a = Values::new(&values(r, n, -3, Lines::Rows, None, seed), dtype);
-        let b = Values::new(&values(m, r, -6, Lines::Cols, None, seed ^ 1), dtype);
-        let (sa, ca) = signs(r, n, density, Lines::Rows, None, enc, seed ^ 2);
-        let (sb, cb) = signs(m, r, density, Lines::Cols, None, enc, seed ^ 3);
-        let p = Pair {
-            a: Factor { data: a.tensor(), rows: r, cols: n },
-            b: Factor { data: b.tensor(), rows: m, cols: r },
-            signs_a: &ca,
-            signs_b: &cb,
-        };
+        let case = Case::new(r, n, m, dtype, density, enc, seed);
+        let (a, b, sa, sb, p) = (&case.a, &case.b, &case.sa, &case.sb, case.pair());
         let got = pair_norms(&p).unwrap();
         // ||BA||^2 from the m x n product, and its scale sum_ij (|B||A|)_ij^2 for the bound.
         let (mut want, mut scale, mut want_signs) = (0f64, 0f64, 0i64);
@@ -299,16 +346,8 @@ proptest! {
         density in prop_oneof![Just(0.05), Just(0.3), Just(1.0)], enc in enc_strategy(),
         seed in any::<u64>(),
     ) {
-        let a = Values::new(&values(r, n, -3, Lines::Rows, None, seed), dtype);
-        let b = Values::new(&values(m, r, -6, Lines::Cols, None, seed ^ 1), dtype);
-        let (sa, ca) = signs(r, n, density, Lines::Rows, None, enc, seed ^ 2);
-        let (sb, cb) = signs(m, r, density, Lines::Cols, None, enc, seed ^ 3);
-        let p = Pair {
-            a: Factor { data: a.tensor(), rows: r, cols: n },
-            b: Factor { data: b.tensor(), rows: m, cols: r },
-            signs_a: &ca,
-            signs_b: &cb,
-        };
+        let case = Case::new(r, n, m, dtype, density, enc, seed);
+        let (a, b, sa, sb, p) = (&case.a, &case.b, &case.sa, &case.sb, case.pair());
         let got = pair_cross(&p).unwrap();
         // <S_B S_A, B A> from the two m x n products, and sum_ij |.|_ij |.|_ij for the bound.
         let (mut want, mut scale) = (0f64, 0f64);
