@@ -18,6 +18,7 @@ from ._core import CompeftError
 from ._expert import (
     CompressedExpert,
     PathLike,
+    _check_scale,
     _check_scope,
     default_scale,
     default_scope,
@@ -35,7 +36,6 @@ from ._expert import (
 from ._allocate import check_allocate
 from ._io import atomic_dir, atomic_file
 from ._plan import plan_expert
-from ._scale import check_scale
 from ._tensor import _check_encoding, check_k_alpha
 
 __all__ = ["compress_checkpoint", "apply_checkpoint"]
@@ -106,8 +106,7 @@ def compress_checkpoint(
     """
     k, alpha = check_k_alpha(k, alpha)
     _check_scope(scope)
-    if scale is not None:
-        check_scale(scale)
+    _check_scale(scale)
     _check_encoding(encoding)
     check_allocate(allocate, scope or "per_tensor", encoding)
     ft = _Checkpoint(finetuned)

@@ -31,7 +31,7 @@ from ._bounds import adaptive_bound_bits
 from ._scale import PAIR_BASE, check_scale, lora_pairs, pair_rescale
 from ._core import entropy_bound_bits as _entropy_bound_bits
 from ._io import atomic_file
-from ._plan import FLOAT_NAMES, TensorPlan, is_adapter_tensor, is_ia3_vector, plan_expert
+from ._plan import FLOAT_NAMES, TensorPlan, is_ia3_vector, plan_expert
 from ._tensor import CompressedTensor, _check_encoding, check_k_alpha
 
 __all__ = ["CompressedExpert", "compress_expert", "load_expert", "ExpertSummary", "load_tensors"]
@@ -767,7 +767,8 @@ def default_scale(names: Iterable[str]) -> str:
     return "pair" if _is_ia3(names) else "pair_proj"
 
 
-def _check_scale_or_none(scale: Any) -> Optional[str]:
+def _check_scale(scale: Any) -> Optional[str]:
+    """``scale`` checked; None (the default for the expert's kind) passes."""
     return None if scale is None else check_scale(scale)
 
 
@@ -1005,7 +1006,7 @@ def compress_expert_densities(
     checked = [check_k_alpha(k, alpha)[0] for k in ks]
     alpha = check_k_alpha(checked[0] if checked else 1.0, alpha)[1]
     _check_scope(scope)
-    _check_scale_or_none(scale)
+    _check_scale(scale)
     check_gauge(gauge)
     check_allocate(allocate, scope or "per_tensor", encoding)
     _check_encoding(encoding)

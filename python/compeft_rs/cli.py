@@ -65,8 +65,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if src.is_dir() and is_peft_folder(src):
         if args.base is not None:
             raise ValueError("--base is for full fine-tunes; a PEFT adapter is compressed on its own")
+        gauge = {} if args.gauge is None else {"gauge": args.gauge}  # None: compress_peft's default
         expert = compress_peft(src, args.k, args.alpha, scope=args.scope, scale=args.scale, encoding=args.encoding,
-                               gauge=args.gauge or "balanced", allocate=args.allocate)
+                               allocate=args.allocate, **gauge)
         kind = "PEFT adapter"
     else:
         if args.gauge is not None:
