@@ -119,6 +119,25 @@ def pair_cross(
     ``pair_proj`` rule) through r x r cross-Grams over the kept entries, in f64, in one parallel
     call. Items and errors as for :func:`pair_norms`."""
 
+_FactorItem = Tuple[npt.NDArray[np.generic], str, Tuple[int, int], npt.NDArray[np.generic], str, Tuple[int, int]]
+
+def gauge_grams(items: Sequence[_FactorItem], names: Sequence[str]) -> npt.NDArray[np.float64]:
+    """The r x r Grams (A A^T, B^T B) of LoRA pairs for the balanced gauge, in one parallel call:
+    one flat float64 array, each pair's A A^T then its B^T B (row-major), pair after pair. Each item
+    is (A flat, A dtype, (r, n), B flat, B dtype, (m, r)); ValueError naming the pair for sizes
+    that do not fit."""
+
+def gauge_apply(
+    items: Sequence[_FactorItem],
+    transforms: npt.NDArray[np.float64],
+    outs: Sequence[Tuple[npt.NDArray[np.generic], npt.NDArray[np.generic]]],
+    names: Sequence[str],
+) -> List[bool]:
+    """Writes A' = T_A A and B' = B T_B of each pair into ``outs`` (flat arrays of the factors' sizes
+    and dtypes), in one parallel call; ``transforms`` holds each pair's T_A then T_B (r x r,
+    row-major), pair after pair. Returns, per pair, whether every output entry is finite (where not,
+    keep the pair as it was)."""
+
 class ExpertFile:
     @staticmethod
     def open(path: Union[str, PathLike[str]]) -> ExpertFile: ...

@@ -26,7 +26,7 @@ from ._core import encode_many as _encode_many
 from ._core import encode_with_threshold as _encode_with_threshold
 from ._core import kept_abs_sum as _kept_abs_sum
 from ._allocate import check_allocate, choose, density_grid
-from ._gauge import balance_pair, check_gauge
+from ._gauge import balance_pairs, check_gauge
 from ._bounds import adaptive_bound_bits
 from ._scale import PAIR_BASE, check_scale, lora_pairs, pair_rescale
 from ._core import entropy_bound_bits as _entropy_bound_bits
@@ -1027,8 +1027,8 @@ def compress_expert_densities(
     if not pairs:
         gauge = "as_trained"
     if gauge == "balanced":
-        for na, nb in pairs:
-            deltas[na], deltas[nb] = balance_pair(deltas[na], deltas[nb])
+        for (na, nb), ab in zip(pairs, balance_pairs([(deltas[na], deltas[nb]) for na, nb in pairs])):
+            deltas[na], deltas[nb] = ab
     exact = {n: tensors[n] for n, p in plans.items() if p.exact}
     dtypes = {n: _dtype_str(tensors[n]) for n in deltas}
     scope = scope or default_scope(deltas, allocate)

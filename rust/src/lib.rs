@@ -23,6 +23,7 @@ mod encode;
 pub mod error;
 pub mod expert;
 pub mod format;
+pub mod gauge;
 pub mod golomb;
 pub mod merge;
 pub mod pack;

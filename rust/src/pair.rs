@@ -144,7 +144,7 @@ pub struct PairNorms {
     pub signs: f64,
 }
 
-fn check_factor(f: &Factor<'_>, what: &str) -> Result<()> {
+pub(crate) fn check_factor(f: &Factor<'_>, what: &str) -> Result<()> {
     match f.rows.checked_mul(f.cols) {
         Some(n) if n == f.data.len() => Ok(()),
         _ => Err(Error::InvalidArgument(format!(
@@ -189,7 +189,7 @@ fn gram_on(f: Factor<'_>, lines: Lines, fast: bool) -> Result<Vec<f64>> {
 }
 
 /// The element types the dense Grams accumulate in.
-trait Elem: Copy + Send + Sync + 'static {
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
     const ZERO: Self;
     /// a * b + c, fused when `FUSED` (only where the CPU has FMA).
     fn madd<const FUSED: bool>(a: Self, b: Self, c: Self) -> Self;
@@ -251,7 +251,7 @@ impl Elem for f32 {
 /// values; inlined here, this is about 3x faster).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
-fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
+pub(crate) fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
     use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
     let mut s8 = src.chunks_exact(8);
     let mut d8 = dst.chunks_exact_mut(8);
@@ -604,23 +604,42 @@ pub fn pair_norms(p: &Pair<'_>) -> Result<PairNorms> {
 /// the product of the factors, for the "pair_proj" rule. Through two r x r cross-Grams,
 /// tr((S_B^T B)(A S_A^T)), each summed over the kept entries only: a kept (i, p) of B adds
 /// its sign times row i of B to row p of S_B^T B, a kept (q, j) of A adds its sign times column
-/// j of A to column q of A S_A^T. In f64 from the factors' own values. Checks as [`pair_norms`].
+/// j of A to column q of A S_A^T. In f64 from the factors' own values (each factor widened to
+/// f64 once, A transposed, so that every kept entry adds one contiguous line of r values).
+/// Checks as [`pair_norms`].
 pub fn pair_cross(p: &Pair<'_>) -> Result<f64> {
     check_pair(p)?;
     let r = p.a.rows;
-    let mut cb = vec![0f64; r * r]; // S_B^T B, row p = sum of the signed rows of B kept in column p
-    let mut ca = vec![0f64; r * r]; // A S_A^T, column q = sum of the signed columns of A kept in row q
     if r == 0 {
         return Ok(0.0);
     }
     let (m, n) = (p.b.rows, p.a.cols);
+    let mut cb = vec![0f64; r * r]; // S_B^T B, row p = sum of the signed rows of B kept in column p
+    let mut ca = vec![0f64; r * r]; // A S_A^T, column q = sum of the signed columns of A kept in row q
+    let mut lines = vec![0f64; m.max(n) * r];
     // A kept (i, p) of B adds its sign times row i of B to row p of cb.
+    widen(p.b.data, 0, &mut lines[..m * r]);
     for_each_kept_signed(p.signs_b, m, r, |i, col, sign| {
-        add_scaled(p.b.data, i * r, 1, sign, &mut cb[col * r..(col + 1) * r])
+        add_signed(
+            &lines[i * r..(i + 1) * r],
+            sign,
+            &mut cb[col * r..(col + 1) * r],
+        )
     })?;
-    // A kept (q, j) of A adds column j of A (stride n) to row q of ca = (A S_A^T)^T.
+    // A kept (q, j) of A adds column j of A (line j of A^T) to row q of ca = (A S_A^T)^T.
+    let mut row = vec![0f64; n];
+    for q in 0..r {
+        widen(p.a.data, q * n, &mut row);
+        for (j, &v) in row.iter().enumerate() {
+            lines[j * r + q] = v;
+        }
+    }
     for_each_kept_signed(p.signs_a, r, n, |q, j, sign| {
-        add_scaled(p.a.data, j, n, sign, &mut ca[q * r..(q + 1) * r])
+        add_signed(
+            &lines[j * r..(j + 1) * r],
+            sign,
+            &mut ca[q * r..(q + 1) * r],
+        )
     })?;
     // tr(CB CA) with CA stored transposed: sum_pq CB[p][q] * CA[q][p] = sum_pq cb[p][q] * ca_t[p][q].
     Ok(cb.iter().zip(&ca).map(|(x, y)| x * y).sum())
@@ -658,28 +677,39 @@ fn for_each_kept_signed(
     Ok(())
 }
 
-/// out[t] += sign * x[start + t * stride] for t < out.len(), the entries read as f64.
-#[inline]
-fn add_scaled(x: Tensor<'_>, start: usize, stride: usize, sign: f64, out: &mut [f64]) {
+/// out += sign * line (sign is -1.0 or 1.0).
+#[inline(always)]
+fn add_signed(line: &[f64], sign: f64, out: &mut [f64]) {
+    for (o, &v) in out.iter_mut().zip(line) {
+        *o += sign * v;
+    }
+}
+
+/// `x[start..start + dst.len()]` as f64 (exact for every dtype): half types through f32 with
+/// F16C where the CPU has it.
+fn widen(x: Tensor<'_>, start: usize, dst: &mut [f64]) {
+    let end = start + dst.len();
     match x {
-        Tensor::F16(s) => {
-            for (t, o) in out.iter_mut().enumerate() {
-                *o += sign * half::f16::from_bits(s[start + t * stride]).to_f64();
-            }
-        }
-        Tensor::BF16(s) => {
-            for (t, o) in out.iter_mut().enumerate() {
-                *o += sign * f32::from_bits((s[start + t * stride] as u32) << 16) as f64;
-            }
-        }
-        Tensor::F32(s) => {
-            for (t, o) in out.iter_mut().enumerate() {
-                *o += sign * s[start + t * stride] as f64;
-            }
-        }
-        Tensor::F64(s) => {
-            for (t, o) in out.iter_mut().enumerate() {
-                *o += sign * s[start + t * stride];
+        Tensor::F64(s) => dst.copy_from_slice(&s[start..end]),
+        Tensor::F16(_) | Tensor::BF16(_) | Tensor::F32(_) => {
+            #[cfg(target_arch = "x86_64")]
+            let fast =
+                std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("f16c");
+            let mut buf = [0f32; CHUNK];
+            for (k, d) in dst.chunks_mut(CHUNK).enumerate() {
+                let b = &mut buf[..d.len()];
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // FAST is sound here: the CPU has AVX and F16C (checked above).
+                    <f32 as Elem>::fill::<true>(x, start + k * CHUNK, b);
+                } else {
+                    <f32 as Elem>::fill::<false>(x, start + k * CHUNK, b);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                <f32 as Elem>::fill::<false>(x, start + k * CHUNK, b);
+                for (o, &v) in d.iter_mut().zip(b.iter()) {
+                    *o = v as f64;
+                }
             }
         }
     }

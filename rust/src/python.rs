@@ -536,6 +536,61 @@ type PairItem<'py> = (
     Bound<'py, PyStream>,
 );
 
+/// One LoRA pair's factors: A's data, dtype and (rows, cols), then B's the same.
+type FactorItem<'py> = (
+    InArray<'py>,
+    String,
+    (usize, usize),
+    InArray<'py>,
+    String,
+    (usize, usize),
+);
+
+/// Checks that there is one name per pair.
+fn one_name_each(pairs: usize, names: &[String]) -> PyResult<()> {
+    if names.len() != pairs {
+        return Err(PyValueError::new_err(format!(
+            "{pairs} pairs but {} names; pass one name per pair",
+            names.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The factors (A, B) of one pair as views of its arrays; `n` labels errors.
+#[allow(clippy::type_complexity)]
+fn factors_of<'a>(
+    py: Python<'_>,
+    (xa, da, sa, xb, db, sb): (
+        &'a InArray<'_>,
+        &str,
+        (usize, usize),
+        &'a InArray<'_>,
+        &str,
+        (usize, usize),
+    ),
+    n: &str,
+) -> PyResult<(crate::pair::Factor<'a>, crate::pair::Factor<'a>)> {
+    use crate::pair::Factor;
+    let label = |which: &'static str| {
+        move |e: PyErr| PyValueError::new_err(format!("pair '{n}', {which}: {}", e.value(py)))
+    };
+    let a = tensor_of(xa, parse_dtype(da).map_err(label("A"))?).map_err(label("A"))?;
+    let b = tensor_of(xb, parse_dtype(db).map_err(label("B"))?).map_err(label("B"))?;
+    Ok((
+        Factor {
+            data: a,
+            rows: sa.0,
+            cols: sa.1,
+        },
+        Factor {
+            data: b,
+            rows: sb.0,
+            cols: sb.1,
+        },
+    ))
+}
+
 /// The pairs of `items` as [`crate::pair::Pair`]s, views of the arrays and streams they hold;
 /// `names` label errors (one per pair).
 fn pairs_of<'a>(
@@ -543,32 +598,13 @@ fn pairs_of<'a>(
     items: &'a [PairItem<'_>],
     names: &[String],
 ) -> PyResult<Vec<crate::pair::Pair<'a>>> {
-    use crate::pair::{Factor, Pair};
-    if names.len() != items.len() {
-        return Err(PyValueError::new_err(format!(
-            "{} pairs but {} names; pass one name per pair",
-            items.len(),
-            names.len()
-        )));
-    }
+    one_name_each(items.len(), names)?;
     let mut pairs = Vec::with_capacity(items.len());
     for (it, n) in items.iter().zip(names) {
-        let label = |which: &'static str| {
-            move |e: PyErr| PyValueError::new_err(format!("pair '{n}', {which}: {}", e.value(py)))
-        };
-        let a = tensor_of(&it.0, parse_dtype(&it.1).map_err(label("A"))?).map_err(label("A"))?;
-        let b = tensor_of(&it.3, parse_dtype(&it.4).map_err(label("B"))?).map_err(label("B"))?;
-        pairs.push(Pair {
-            a: Factor {
-                data: a,
-                rows: it.2 .0,
-                cols: it.2 .1,
-            },
-            b: Factor {
-                data: b,
-                rows: it.5 .0,
-                cols: it.5 .1,
-            },
+        let (a, b) = factors_of(py, (&it.0, &it.1, it.2, &it.3, &it.4, it.5), n)?;
+        pairs.push(crate::pair::Pair {
+            a,
+            b,
             signs_a: &it.6.get().inner,
             signs_b: &it.7.get().inner,
         });
@@ -605,6 +641,94 @@ fn pair_norms(
 fn pair_cross(py: Python<'_>, items: Vec<PairItem<'_>>, names: Vec<String>) -> PyResult<Vec<f64>> {
     let pairs = pairs_of(py, &items, &names)?;
     py.detach(|| crate::pair::pair_cross_many(&pairs))
+        .map_err(|e| pair_error(&names, e))
+}
+
+/// The r x r Grams (A A^T, B^T B) of LoRA pairs, for the balanced gauge, in one parallel pass
+/// with the GIL released: one flat float64 array, each pair's A A^T then its B^T B (r x r,
+/// row-major), pair after pair. `names` label errors (one per pair).
+#[pyfunction]
+fn gauge_grams<'py>(
+    py: Python<'py>,
+    items: Vec<FactorItem<'_>>,
+    names: Vec<String>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    one_name_each(items.len(), &names)?;
+    let mut pairs = Vec::with_capacity(items.len());
+    for (it, n) in items.iter().zip(&names) {
+        pairs.push(factors_of(py, (&it.0, &it.1, it.2, &it.3, &it.4, it.5), n)?);
+    }
+    let grams = py
+        .detach(|| crate::gauge::grams_many(&pairs))
+        .map_err(|e| pair_error(&names, e))?;
+    let flat: Vec<f64> = grams
+        .into_iter()
+        .flat_map(|(ga, gb)| ga.into_iter().chain(gb))
+        .collect();
+    Ok(flat.into_pyarray(py))
+}
+
+/// Rewrites LoRA pairs into a gauge: A' = T_A A and B' = B T_B into `outs` (one (A', B') per
+/// pair, of the factors' sizes and dtypes), in one parallel pass with the GIL released.
+/// `transforms` holds each pair's T_A then T_B (r x r, row-major), pair after pair. Returns,
+/// per pair, whether every output entry is finite (if not, keep the pair as it was).
+#[pyfunction]
+fn gauge_apply(
+    py: Python<'_>,
+    items: Vec<FactorItem<'_>>,
+    transforms: PyReadonlyArray1<'_, f64>,
+    outs: Vec<(OutArray<'_>, OutArray<'_>)>,
+    names: Vec<String>,
+) -> PyResult<Vec<bool>> {
+    one_name_each(items.len(), &names)?;
+    if outs.len() != items.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} pairs but {} outputs; pass one (A', B') per pair",
+            items.len(),
+            outs.len()
+        )));
+    }
+    let t = transforms.as_slice().map_err(not_contiguous)?;
+    let mut borrows = Vec::with_capacity(outs.len());
+    for ((oa, ob), n) in outs.iter().zip(&names) {
+        borrows.push((
+            borrow_out(oa, &format!("the output for A of pair '{n}'"))?,
+            borrow_out(ob, &format!("the output for B of pair '{n}'"))?,
+        ));
+    }
+    let mut jobs = Vec::with_capacity(items.len());
+    let mut at = 0usize;
+    for ((it, (oa, ob)), n) in items.iter().zip(borrows.iter_mut()).zip(&names) {
+        let (a, b) = factors_of(py, (&it.0, &it.1, it.2, &it.3, &it.4, it.5), n)?;
+        let rr = a.rows.saturating_mul(a.rows);
+        let end = at
+            .checked_add(rr.saturating_mul(2))
+            .filter(|&e| e <= t.len())
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "transforms end before pair '{n}'; pass T_A and T_B (r x r each) for every pair"
+                ))
+            })?;
+        let (ta, tb) = t[at..end].split_at(rr);
+        at = end;
+        let label = |e: PyErr| PyValueError::new_err(format!("pair '{n}': {}", e.value(py)));
+        jobs.push(crate::gauge::Job {
+            a,
+            b,
+            ta,
+            tb,
+            out_a: tensor_mut(oa, a.data.dtype()).map_err(label)?,
+            out_b: tensor_mut(ob, b.data.dtype()).map_err(label)?,
+        });
+    }
+    if at != t.len() {
+        return Err(PyValueError::new_err(format!(
+            "transforms hold {} entries but the pairs take {at}; pass T_A and T_B (r x r each) \
+             for every pair",
+            t.len()
+        )));
+    }
+    py.detach(|| crate::gauge::apply_many(jobs))
         .map_err(|e| pair_error(&names, e))
 }
 
@@ -888,6 +1012,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_streams, m)?)?;
     m.add_function(wrap_pyfunction!(pair_norms, m)?)?;
     m.add_function(wrap_pyfunction!(pair_cross, m)?)?;
+    m.add_function(wrap_pyfunction!(gauge_grams, m)?)?;
+    m.add_function(wrap_pyfunction!(gauge_apply, m)?)?;
     m.add_class::<PyExpertFile>()?;
     m.add_function(wrap_pyfunction!(dot, m)?)?;
     m.add_function(wrap_pyfunction!(cosine, m)?)?;

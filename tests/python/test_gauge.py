@@ -276,3 +276,56 @@ def test_a_pair_whose_balanced_factors_overflow_their_dtype_is_left_as_given(as_
         a, b = torch.from_numpy(a), torch.from_numpy(b)
     a2, b2 = balance_pair(a, b)
     assert a2 is a and b2 is b
+
+
+def test_many_pairs_at_once_are_each_pair_balanced():
+    """balance_pairs batches the well-conditioned CPU pairs (Rust Grams and products, numpy's
+    r x r decompositions, grouped by rank) and takes the others one by one: ranks 3, 4 and 16,
+    every dtype, torch and numpy, a rank-deficient pair, a zero one, one with fewer rows than
+    its rank and a conv pair in one call, each against the SVD of its own dense product."""
+    g = np.random.default_rng(5)
+    want = []
+    for i, (r, m, n, dtype) in enumerate([(4, 40, 30, torch.float16), (3, 50, 20, torch.float32),
+                                          (16, 300, 260, torch.bfloat16), (4, 40, 30, torch.float64),
+                                          (16, 300, 260, torch.float16), (3, 8, 9, np.float32),
+                                          (4, 2, 30, torch.float32), (4, 40, 30, np.float64)]):
+        a64, b64 = g.standard_normal((r, n)) * 0.02, g.standard_normal((m, r)) * 0.01
+        if i == 3:
+            b64[:, 1] = 0.0  # rank-deficient: the QR path
+        if i == 7:
+            b64[:] = 0.0     # B A = 0: left as it is
+        if isinstance(dtype, torch.dtype):
+            want.append((torch.from_numpy(a64).to(dtype), torch.from_numpy(b64).to(dtype)))
+        else:
+            want.append((a64.astype(dtype), b64.astype(dtype)))
+    conv = (torch.randn(4, 3, 3, 3), torch.randn(8, 4, 1, 1))
+    got = _gauge.balance_pairs(want + [conv])
+    assert got[-1] == conv and got[-2][0] is want[-1][0] and got[-2][1] is want[-1][1]
+    for (A, B), (A2, B2) in zip(want[:-1], got[:-2]):
+        assert type(A2) is type(A) and A2.dtype == A.dtype and A2.shape == A.shape and B2.shape == B.shape
+        a, b = np.asarray(torch.as_tensor(A).double()), np.asarray(torch.as_tensor(B).double())
+        a2, b2 = np.asarray(torch.as_tensor(A2).double()), np.asarray(torch.as_tensor(B2).double())
+        finfo = torch.finfo(A.dtype) if isinstance(A, torch.Tensor) else np.finfo(A.dtype)
+        # One rounding to the dtype; float64 goes through QR, SVD and products instead.
+        unit = 2.0**-40 if finfo.bits == 64 else finfo.eps / 2
+        bound = 4 * unit * (np.abs(b2) @ np.abs(a2)) + 1e-300
+        assert np.all(np.abs(b2 @ a2 - b @ a) <= bound)
+        # Balanced: both Grams the diagonal of the product's singular values, to the factors'
+        # rounding (and a pair with fewer rows than its rank: zero beyond them).
+        s = reference_singular_values(a, b)
+        tol = 8 * max(unit, 2.0**-22) * s[0] * max(a.shape[0], 4)
+        np.testing.assert_allclose(a2 @ a2.T, np.diag(s), atol=tol)
+        np.testing.assert_allclose(b2.T @ b2, np.diag(s), atol=tol)
+
+
+def test_batched_and_single_pair_paths_agree_on_a_trained_shaped_adapter():
+    """The Gram path (Rust + numpy, batched) against the float64 QR path of the same pairs:
+    the same balanced factors up to the half type's rounding and the f32 sums of the Grams."""
+    sd = lora_sd(dtype=torch.float16)
+    pairs = [(sd[f"m.{mod}.lora_A.weight"], sd[f"m.{mod}.lora_B.weight"]) for mod in ("q", "v")]
+    for (A, B), (A2, B2) in zip(pairs, _gauge.balance_pairs(pairs)):
+        a2, b2, _ = _gauge._balanced64(A.double().numpy(), B.double().numpy())
+        # Each SVD pair (u_i, v_i) is fixed up to a common sign: align before comparing.
+        sign = np.sign(np.sum(a2 * A2.double().numpy(), axis=1))
+        np.testing.assert_allclose(A2.double().numpy(), a2 * sign[:, None], rtol=0, atol=2e-3 * np.abs(a2).max())
+        np.testing.assert_allclose(B2.double().numpy(), b2 * sign[None, :], rtol=0, atol=2e-3 * np.abs(b2).max())

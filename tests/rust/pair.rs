@@ -5,66 +5,11 @@
 
 use compeft::pair::{gram, gram_portable, pair_cross, pair_norms, sign_gram, Factor, Lines, Pair};
 use compeft::{compress, Compressed, DType, Encoding, Error, Tensor};
-use half::{bf16, f16};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
-/// A factor's values in one dtype: the stored bits and their exact values in f64.
-struct Values {
-    bits16: Vec<u16>,
-    f32s: Vec<f32>,
-    f64s: Vec<f64>,
-    exact: Vec<f64>,
-    dtype: DType,
-}
-
-impl Values {
-    fn new(v: &[f64], dtype: DType) -> Values {
-        let mut out = Values {
-            bits16: Vec::new(),
-            f32s: Vec::new(),
-            f64s: Vec::new(),
-            exact: Vec::new(),
-            dtype,
-        };
-        match dtype {
-            DType::F16 => {
-                out.bits16 = v.iter().map(|&x| f16::from_f64(x).to_bits()).collect();
-                out.exact = out
-                    .bits16
-                    .iter()
-                    .map(|&b| f16::from_bits(b).to_f64())
-                    .collect();
-            }
-            DType::BF16 => {
-                out.bits16 = v.iter().map(|&x| bf16::from_f64(x).to_bits()).collect();
-                out.exact = out
-                    .bits16
-                    .iter()
-                    .map(|&b| bf16::from_bits(b).to_f64())
-                    .collect();
-            }
-            DType::F32 => {
-                out.f32s = v.iter().map(|&x| x as f32).collect();
-                out.exact = out.f32s.iter().map(|&x| x as f64).collect();
-            }
-            DType::F64 => {
-                out.f64s = v.to_vec();
-                out.exact = v.to_vec();
-            }
-        }
-        out
-    }
-
-    fn tensor(&self) -> Tensor<'_> {
-        match self.dtype {
-            DType::F16 => Tensor::F16(&self.bits16),
-            DType::BF16 => Tensor::BF16(&self.bits16),
-            DType::F32 => Tensor::F32(&self.f32s),
-            DType::F64 => Tensor::F64(&self.f64s),
-        }
-    }
-}
+mod common;
+use common::Values;
 
 /// Random values `rows` x `cols`, of magnitude around 2^scale, some entries zero, the lines
 /// listed in `zero_lines` (rows for `Lines::Rows`, columns for `Lines::Cols`) all zero.
