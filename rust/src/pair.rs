@@ -605,9 +605,15 @@ pub fn pair_norms(p: &Pair<'_>) -> Result<PairNorms> {
 /// tr((S_B^T B)(A S_A^T)), each summed over the kept entries only: a kept (i, p) of B adds
 /// its sign times row i of B to row p of S_B^T B, a kept (q, j) of A adds its sign times column
 /// j of A to column q of A S_A^T. In f64 from the factors' own values (each factor widened to
-/// f64 once, A transposed, so that every kept entry adds one contiguous line of r values).
+/// f64 once, not entry by entry).
 /// Checks as [`pair_norms`].
 pub fn pair_cross(p: &Pair<'_>) -> Result<f64> {
+    pair_cross_in(p, &mut Vec::new())
+}
+
+/// [`pair_cross`] with `lines` as scratch space (reused from pair to pair: a fresh buffer of a
+/// factor's size costs page faults on every pair).
+fn pair_cross_in(p: &Pair<'_>, lines: &mut Vec<f64>) -> Result<f64> {
     check_pair(p)?;
     let r = p.a.rows;
     if r == 0 {
@@ -616,7 +622,7 @@ pub fn pair_cross(p: &Pair<'_>) -> Result<f64> {
     let (m, n) = (p.b.rows, p.a.cols);
     let mut cb = vec![0f64; r * r]; // S_B^T B, row p = sum of the signed rows of B kept in column p
     let mut ca = vec![0f64; r * r]; // A S_A^T, column q = sum of the signed columns of A kept in row q
-    let mut lines = vec![0f64; m.max(n) * r];
+    lines.resize(m.max(n) * r, 0.0);
     // A kept (i, p) of B adds its sign times row i of B to row p of cb.
     widen(p.b.data, 0, &mut lines[..m * r]);
     for_each_kept_signed(p.signs_b, m, r, |i, col, sign| {
@@ -626,20 +632,17 @@ pub fn pair_cross(p: &Pair<'_>) -> Result<f64> {
             &mut cb[col * r..(col + 1) * r],
         )
     })?;
-    // A kept (q, j) of A adds column j of A (line j of A^T) to row q of ca = (A S_A^T)^T.
-    let mut row = vec![0f64; n];
-    for q in 0..r {
-        widen(p.a.data, q * n, &mut row);
-        for (j, &v) in row.iter().enumerate() {
-            lines[j * r + q] = v;
-        }
-    }
+    // A kept (q, j) of A adds column j of A (stride n) to row q of ca = (A S_A^T)^T: r loads
+    // from A widened as it lies (a transposed copy cost more than these loads; L2-resident).
+    let aw = &mut lines[..r * n];
+    widen(p.a.data, 0, aw);
     for_each_kept_signed(p.signs_a, r, n, |q, j, sign| {
-        add_signed(
-            &lines[j * r..(j + 1) * r],
-            sign,
-            &mut ca[q * r..(q + 1) * r],
-        )
+        for (o, &v) in ca[q * r..(q + 1) * r]
+            .iter_mut()
+            .zip(aw[j..].iter().step_by(n))
+        {
+            *o += sign * v;
+        }
     })?;
     // tr(CB CA) with CA stored transposed: sum_pq CB[p][q] * CA[q][p] = sum_pq cb[p][q] * ca_t[p][q].
     Ok(cb.iter().zip(&ca).map(|(x, y)| x * y).sum())
@@ -717,7 +720,13 @@ fn widen(x: Tensor<'_>, start: usize, dst: &mut [f64]) {
 
 /// [`pair_cross`] of many pairs, in parallel. On an error the index of the pair comes with it.
 pub fn pair_cross_many(pairs: &[Pair<'_>]) -> std::result::Result<Vec<f64>, (usize, Error)> {
-    per_pair(pairs, pair_cross)
+    pairs
+        .par_iter()
+        .enumerate()
+        .map_init(Vec::new, |lines, (i, p)| {
+            pair_cross_in(p, lines).map_err(|e| (i, e))
+        })
+        .collect()
 }
 
 /// [`pair_norms`] of many pairs, in parallel. On an error the index of the pair comes with it.
