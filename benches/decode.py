@@ -15,7 +15,9 @@ tensors, 84M), fp16, compressed at k=0.1 with the defaults. Side by side in one 
   into ``dst``: the same end state, without new tensors; and the floor of the row above for any
   decode into new tensors: zero-filling them plus the same read;
 - compress: ``compress_expert(sd, 0.1)`` with its defaults (per-tensor, pair_proj, balanced
-  gauge) against the torch way per tensor (the authors' code: kthvalue threshold, mask, sign, std).
+  gauge) against the torch way per tensor (the authors' code: kthvalue threshold, mask, sign, std),
+  and the same with the factors as trained and the ``pair`` rule (the defaults before the
+  fidelity study), to show what the balanced gauge and ``pair_proj`` cost.
 
     python benches/decode.py [--repeat 20] [--json bench-results/decode.json]
 """
@@ -88,6 +90,9 @@ def main():
             comp = best_of(lambda: compeft_rs.compress_expert(sd, args.k), reps)
             torch_way = best_of(lambda: torch_way_per_tensor(sd, args.k), reps)
             row("compress (defaults)", comp, torch_way, "the torch way per tensor")
+            # The defaults before the fidelity study (factors as trained, norm-matched pairs).
+            plain = best_of(lambda: compeft_rs.compress_expert(sd, args.k, gauge="as_trained", scale="pair"), reps)
+            row("  compress (as_trained, pair)", plain, torch_way, "the torch way per tensor")
             del sd, e, loaded, dst
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2))

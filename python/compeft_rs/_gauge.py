@@ -11,10 +11,14 @@ well-conditioned (every LoRA pair of a trained adapter we have seen), from their
 Rust computes B^T B and A A^T of all pairs in one parallel pass (``_core.gauge_grams``), numpy
 their eigen-decompositions and one r x r SVD per pair, batched (``_transforms``), and Rust
 applies the two r x r transforms, B' = B T_B and A' = T_A A, writing each factor's dtype
-(``_core.gauge_apply``). Other pairs (rank-deficient or ill-conditioned ones, factors on a GPU,
-fewer rows than the rank) take the float64 path on the CPU: QR of B = Q_B R_B and of
-A^T = Q_A R_A, the SVD of the small R_B R_A^T = U' S V'^T, then B' = Q_B U' S^1/2 and
-A' = S^1/2 V'^T Q_A^T, cast back to each factor's dtype and device.
+(``_core.gauge_apply``). The Grams of float16, bfloat16 and float32 factors are summed in f32
+(see rust/src/pair.rs), so the factors come out balanced to about 1e-6 rather than to float64
+rounding; the product B'A' does not depend on it (T_B T_A = I whatever the Grams' rounding).
+Other pairs (rank-deficient or ill-conditioned ones, factors on a GPU, fewer rows than the rank)
+go one by one in float64 on the CPU (``_balanced64``): the same Gram form where the float64
+Grams are well-conditioned, else QR of B = Q_B R_B and of A^T = Q_A R_A, the SVD of the small
+R_B R_A^T = U' S V'^T, then B' = Q_B U' S^1/2 and A' = S^1/2 V'^T Q_A^T; cast back to each
+factor's dtype and device.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def _like(x: np.ndarray, ref: Any) -> Any:
 
 # The Gram path is taken when each factor's Gram has its eigenvalues within this ratio (the
 # factor's singular values within 100x): it squares the conditioning, so B'A' stays within about
-# 1e-12 of BA; other pairs (rank-deficient ones included) take the QR path.
+# 1e-12 of BA (before the cast to the factors' dtype); other pairs (rank-deficient ones
+# included) take the QR path.
 _GRAM_RATIO = 1e-4
 
 
@@ -106,8 +111,8 @@ def _balanced64(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, n
 
 
 def balance_pair(A: Any, B: Any) -> Tuple[Any, Any]:
-    """One LoRA pair in the balanced gauge: ``(A', B')`` with B' A' = B A (to float64 rounding,
-    then the factors' own dtype) and A' A'^T = B'^T B' = diag(S), S the singular values of B A.
+    """One LoRA pair in the balanced gauge: ``(A', B')`` with B' A' = B A (to the rounding of the
+    factors' own dtype) and A' A'^T = B'^T B' = diag(S), S the singular values of B A.
 
     ``A`` is r x d_in and ``B`` d_out x r, torch tensors or numpy arrays; the result has their
     shapes, types, dtypes and devices. Returned unchanged: factors that are not a 2-D pair of
@@ -137,7 +142,7 @@ def balance_pairs(pairs: Sequence[Tuple[Any, Any]]) -> List[Tuple[Any, Any]]:
     if fast:
         flats = [(flat_input(pairs[i][0]), flat_input(pairs[i][1])) for i in fast]
         items = [(fa[0], fa[1], (fa[2][0], fa[2][1]), fb[0], fb[1], (fb[2][0], fb[2][1])) for fa, fb in flats]
-        names = [f"pair {i}" for i in fast]
+        names = [str(i) for i in fast]  # errors read "pair '3': ..."
         grams = _gauge_grams(items, names)
         ranks = [pairs[i][0].shape[0] for i in fast]
         starts = np.concatenate([[0], np.cumsum([2 * r * r for r in ranks])])

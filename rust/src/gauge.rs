@@ -5,14 +5,14 @@
 //! whatever rounding the Grams carry: their error only makes the result slightly less than
 //! balanced, never a different adapter.
 //!
-//! Products are accumulated in f32 for float16 and bfloat16 factors (each output is then
-//! rounded once to its half type, 2^-11 or 2^-8, far coarser than the f32 sums) and in f64 for
-//! float32 and float64 factors.
+//! Products are accumulated in f32 for pairs of float16 and bfloat16 factors (each output is
+//! then rounded once to its half type, 2^-11 or 2^-8, far coarser than the f32 sums) and in f64
+//! for float32 and float64 factors and for pairs that mix a half type with another.
 
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::pair::{check_factor, gram, Elem, Factor, Lines};
+use crate::pair::{check_factor, check_rank, gram, Elem, Factor, Lines};
 use crate::TensorMut;
 
 /// Entries of a factor converted per step: a block of B's rows or of A's columns and its
@@ -40,6 +40,7 @@ fn check_pair(a: &Factor<'_>, b: &Factor<'_>) -> Result<usize> {
             a.rows, b.cols
         )));
     }
+    check_rank(a.rows)?;
     Ok(a.rows)
 }
 
@@ -88,7 +89,7 @@ pub fn apply_many(jobs: Vec<Job<'_>>) -> std::result::Result<Vec<bool>, (usize, 
 fn apply_on(job: Job<'_>, fast: bool) -> Result<bool> {
     let r = check_pair(&job.a, &job.b)?;
     for (t, what) in [(job.ta, "T_A"), (job.tb, "T_B")] {
-        if t.len() != r * r {
+        if r.checked_mul(r) != Some(t.len()) {
             return Err(Error::InvalidArgument(format!(
                 "{what} holds {} entries for a pair of rank {r}; pass it r x r, row-major",
                 t.len()

@@ -27,6 +27,22 @@ use crate::error::{Error, Result};
 /// the same sums, so half factors get the same Grams on every CPU.
 pub const CHUNK: usize = 256;
 
+/// The largest rank (lines of a Gram matrix) taken: an r x r matrix is allocated for it, and a
+/// LoRA rank is a factor's small side (16 to a few hundred), so a larger one is a mistake in
+/// the arguments, refused before anything is allocated.
+pub const MAX_RANK: usize = 1 << 14;
+
+/// Refuses a rank above [`MAX_RANK`].
+pub(crate) fn check_rank(r: usize) -> Result<()> {
+    if r > MAX_RANK {
+        return Err(Error::InvalidArgument(format!(
+            "a rank of {r} is beyond the {MAX_RANK} taken: pass the factors of a LoRA pair \
+             (A: r x n, B: m x r) with their shapes"
+        )));
+    }
+    Ok(())
+}
+
 /// Independent accumulators per dot product: lanes LLVM vectorises without reassociating.
 const LANES: usize = 16;
 
@@ -172,6 +188,7 @@ pub fn gram_portable(f: Factor<'_>, lines: Lines) -> Result<Vec<f64>> {
 fn gram_on(f: Factor<'_>, lines: Lines, fast: bool) -> Result<Vec<f64>> {
     check_factor(&f, "the factor")?;
     let (r, len) = lines.dims(f.rows, f.cols);
+    check_rank(r)?;
     let mut g = vec![0f64; r * r];
     if r == 0 || len == 0 {
         return Ok(g);
@@ -490,6 +507,7 @@ fn chunk_gram<T: Elem, const FUSED: bool>(buf: &[T], r: usize, wp: usize, g: &mu
 fn check_pair(p: &Pair<'_>) -> Result<()> {
     check_factor(&p.a, "A (lora_A)")?;
     check_factor(&p.b, "B (lora_B)")?;
+    check_rank(p.a.rows)?;
     if p.a.rows != p.b.cols {
         return Err(Error::InvalidArgument(format!(
             "A is {} x {} and B {} x {}: not a factor pair of one rank (A's rows must equal B's \
@@ -604,16 +622,53 @@ pub fn pair_norms(p: &Pair<'_>) -> Result<PairNorms> {
 /// the product of the factors, for the "pair_proj" rule. Through two r x r cross-Grams,
 /// tr((S_B^T B)(A S_A^T)), each summed over the kept entries only: a kept (i, p) of B adds
 /// its sign times row i of B to row p of S_B^T B, a kept (q, j) of A adds its sign times column
-/// j of A to column q of A S_A^T. In f64 from the factors' own values (each factor widened to
-/// f64 once, not entry by entry).
-/// Checks as [`pair_norms`].
+/// j of A to column q of A S_A^T. In f64 from the factors' own values (half factors widened to
+/// f32 once, exactly, rather than entry by entry). Checks as [`pair_norms`].
 pub fn pair_cross(p: &Pair<'_>) -> Result<f64> {
     pair_cross_in(p, &mut Vec::new())
 }
 
-/// [`pair_cross`] with `lines` as scratch space (reused from pair to pair: a fresh buffer of a
-/// factor's size costs page faults on every pair).
-fn pair_cross_in(p: &Pair<'_>, lines: &mut Vec<f64>) -> Result<f64> {
+/// Half factors up to this many entries are widened into scratch space (4 bytes an entry, per
+/// worker); larger ones (an embedding's lora_embedding_A) are read entry by entry.
+const WIDEN_MAX: usize = 1 << 22;
+
+/// A factor's values as f64, through the cheapest view at hand.
+enum Values<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+    Half(Tensor<'a>),
+}
+
+impl<'a> Values<'a> {
+    /// `x` as it lies (float32, float64), or widened into `scratch` (half types, up to
+    /// [`WIDEN_MAX`] entries; reused from pair to pair: a fresh buffer costs page faults).
+    fn of(x: Tensor<'a>, scratch: &'a mut Vec<f32>) -> Values<'a> {
+        match x {
+            Tensor::F32(s) => Values::F32(s),
+            Tensor::F64(s) => Values::F64(s),
+            _ if x.len() > WIDEN_MAX => Values::Half(x),
+            _ => {
+                scratch.resize(x.len(), 0.0);
+                widen(x, scratch);
+                Values::F32(scratch)
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn get(&self, i: usize) -> f64 {
+        match self {
+            Values::F32(s) => s[i] as f64,
+            Values::F64(s) => s[i],
+            Values::Half(Tensor::F16(s)) => half::f16::from_bits(s[i]).to_f64(),
+            Values::Half(Tensor::BF16(s)) => f32::from_bits((s[i] as u32) << 16) as f64,
+            Values::Half(x) => unreachable!("{:?} is not a half type", x.dtype()),
+        }
+    }
+}
+
+/// [`pair_cross`] with `scratch` for widened factors.
+fn pair_cross_in(p: &Pair<'_>, scratch: &mut Vec<f32>) -> Result<f64> {
     check_pair(p)?;
     let r = p.a.rows;
     if r == 0 {
@@ -622,26 +677,19 @@ fn pair_cross_in(p: &Pair<'_>, lines: &mut Vec<f64>) -> Result<f64> {
     let (m, n) = (p.b.rows, p.a.cols);
     let mut cb = vec![0f64; r * r]; // S_B^T B, row p = sum of the signed rows of B kept in column p
     let mut ca = vec![0f64; r * r]; // A S_A^T, column q = sum of the signed columns of A kept in row q
-    lines.resize(m.max(n) * r, 0.0);
-    // A kept (i, p) of B adds its sign times row i of B to row p of cb.
-    widen(p.b.data, 0, &mut lines[..m * r]);
+                                    // A kept (i, p) of B adds its sign times row i of B to row p of cb.
+    let b = Values::of(p.b.data, scratch);
     for_each_kept_signed(p.signs_b, m, r, |i, col, sign| {
-        add_signed(
-            &lines[i * r..(i + 1) * r],
-            sign,
-            &mut cb[col * r..(col + 1) * r],
-        )
+        for (t, o) in cb[col * r..(col + 1) * r].iter_mut().enumerate() {
+            *o += sign * b.get(i * r + t);
+        }
     })?;
-    // A kept (q, j) of A adds column j of A (stride n) to row q of ca = (A S_A^T)^T: r loads
-    // from A widened as it lies (a transposed copy cost more than these loads; L2-resident).
-    let aw = &mut lines[..r * n];
-    widen(p.a.data, 0, aw);
+    // A kept (q, j) of A adds column j of A (stride n) to row q of ca = (A S_A^T)^T (reading
+    // A by columns cost less than a transposed copy of it).
+    let a = Values::of(p.a.data, scratch);
     for_each_kept_signed(p.signs_a, r, n, |q, j, sign| {
-        for (o, &v) in ca[q * r..(q + 1) * r]
-            .iter_mut()
-            .zip(aw[j..].iter().step_by(n))
-        {
-            *o += sign * v;
+        for (t, o) in ca[q * r..(q + 1) * r].iter_mut().enumerate() {
+            *o += sign * a.get(t * n + j);
         }
     })?;
     // tr(CB CA) with CA stored transposed: sum_pq CB[p][q] * CA[q][p] = sum_pq cb[p][q] * ca_t[p][q].
@@ -680,42 +728,15 @@ fn for_each_kept_signed(
     Ok(())
 }
 
-/// out += sign * line (sign is -1.0 or 1.0).
-#[inline(always)]
-fn add_signed(line: &[f64], sign: f64, out: &mut [f64]) {
-    for (o, &v) in out.iter_mut().zip(line) {
-        *o += sign * v;
+/// A half-type factor as f32 (exact), with F16C where the CPU has it.
+fn widen(x: Tensor<'_>, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("f16c") {
+        // FAST is sound here: the CPU has AVX and F16C (checked just above).
+        <f32 as Elem>::fill::<true>(x, 0, dst);
+        return;
     }
-}
-
-/// `x[start..start + dst.len()]` as f64 (exact for every dtype): half types through f32 with
-/// F16C where the CPU has it.
-fn widen(x: Tensor<'_>, start: usize, dst: &mut [f64]) {
-    let end = start + dst.len();
-    match x {
-        Tensor::F64(s) => dst.copy_from_slice(&s[start..end]),
-        Tensor::F16(_) | Tensor::BF16(_) | Tensor::F32(_) => {
-            #[cfg(target_arch = "x86_64")]
-            let fast =
-                std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("f16c");
-            let mut buf = [0f32; CHUNK];
-            for (k, d) in dst.chunks_mut(CHUNK).enumerate() {
-                let b = &mut buf[..d.len()];
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // FAST is sound here: the CPU has AVX and F16C (checked above).
-                    <f32 as Elem>::fill::<true>(x, start + k * CHUNK, b);
-                } else {
-                    <f32 as Elem>::fill::<false>(x, start + k * CHUNK, b);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                <f32 as Elem>::fill::<false>(x, start + k * CHUNK, b);
-                for (o, &v) in d.iter_mut().zip(b.iter()) {
-                    *o = v as f64;
-                }
-            }
-        }
-    }
+    <f32 as Elem>::fill::<false>(x, 0, dst);
 }
 
 /// [`pair_cross`] of many pairs, in parallel. On an error the index of the pair comes with it.
@@ -723,8 +744,8 @@ pub fn pair_cross_many(pairs: &[Pair<'_>]) -> std::result::Result<Vec<f64>, (usi
     pairs
         .par_iter()
         .enumerate()
-        .map_init(Vec::new, |lines, (i, p)| {
-            pair_cross_in(p, lines).map_err(|e| (i, e))
+        .map_init(Vec::new, |scratch, (i, p)| {
+            pair_cross_in(p, scratch).map_err(|e| (i, e))
         })
         .collect()
 }

@@ -278,48 +278,84 @@ def test_a_pair_whose_balanced_factors_overflow_their_dtype_is_left_as_given(as_
     assert a2 is a and b2 is b
 
 
-def test_many_pairs_at_once_are_each_pair_balanced():
+def test_many_pairs_at_once_are_each_pair_balanced(monkeypatch):
     """balance_pairs batches the well-conditioned CPU pairs (Rust Grams and products, numpy's
     r x r decompositions, grouped by rank) and takes the others one by one: ranks 3, 4 and 16,
-    every dtype, torch and numpy, a rank-deficient pair, a zero one, one with fewer rows than
-    its rank and a conv pair in one call, each against the SVD of its own dense product."""
+    every dtype, a pair mixing two, torch and numpy, a rank-deficient pair, a zero one, one with
+    fewer rows than its rank, one whose balanced factors overflow float16 and a conv pair in one
+    call, each against the SVD of its own dense product; only the pairs that need it go one by
+    one."""
     g = np.random.default_rng(5)
     want = []
-    for i, (r, m, n, dtype) in enumerate([(4, 40, 30, torch.float16), (3, 50, 20, torch.float32),
-                                          (16, 300, 260, torch.bfloat16), (4, 40, 30, torch.float64),
-                                          (16, 300, 260, torch.float16), (3, 8, 9, np.float32),
-                                          (4, 2, 30, torch.float32), (4, 40, 30, np.float64)]):
+    specs = [(4, 40, 30, torch.float16), (3, 50, 20, torch.float32), (16, 300, 260, torch.bfloat16),
+             (4, 40, 30, torch.float64), (16, 300, 260, torch.float16), (3, 8, 9, np.float32),
+             (4, 2, 30, torch.float32), (4, 40, 30, (torch.float32, torch.float16)), (4, 40, 30, np.float64)]
+    for i, (r, m, n, dtype) in enumerate(specs):
         a64, b64 = g.standard_normal((r, n)) * 0.02, g.standard_normal((m, r)) * 0.01
         if i == 3:
-            b64[:, 1] = 0.0  # rank-deficient: the QR path
-        if i == 7:
+            b64[:, 1] = 0.0  # rank-deficient: one by one, in float64
+        if i == 8:
             b64[:] = 0.0     # B A = 0: left as it is
-        if isinstance(dtype, torch.dtype):
+        if isinstance(dtype, tuple):
+            want.append((torch.from_numpy(a64).to(dtype[0]), torch.from_numpy(b64).to(dtype[1])))
+        elif isinstance(dtype, torch.dtype):
             want.append((torch.from_numpy(a64).to(dtype), torch.from_numpy(b64).to(dtype)))
         else:
             want.append((a64.astype(dtype), b64.astype(dtype)))
+    # As in test_a_pair_whose_balanced_factors_overflow...: B' = 71,352 > 65,504.
+    overflow = (torch.full((1, 2), 60000.0, dtype=torch.float16), torch.full((1, 1), 60000.0, dtype=torch.float16))
     conv = (torch.randn(4, 3, 3, 3), torch.randn(8, 4, 1, 1))
-    got = _gauge.balance_pairs(want + [conv])
-    assert got[-1] == conv and got[-2][0] is want[-1][0] and got[-2][1] is want[-1][1]
-    for (A, B), (A2, B2) in zip(want[:-1], got[:-2]):
-        assert type(A2) is type(A) and A2.dtype == A.dtype and A2.shape == A.shape and B2.shape == B.shape
+    one_by_one = []
+    single = _gauge._balance_pair64
+    monkeypatch.setattr(_gauge, "_balance_pair64", lambda A, B: one_by_one.append((A, B)) or single(A, B))
+    got = _gauge.balance_pairs(want + [overflow, conv])
+    # Rank-deficient, fewer rows than the rank, zero and conv; the overflowing pair is batched.
+    assert sorted(id(p[0]) for p in one_by_one) == sorted([id(want[i][0]) for i in (6, 3, 8)] + [id(conv[0])])
+    assert got[-1] == conv and got[-2][0] is overflow[0] and got[-2][1] is overflow[1]
+    assert got[-3][0] is want[-1][0] and got[-3][1] is want[-1][1]
+    for (A, B), (A2, B2) in zip(want[:-1], got[:-3]):
+        assert type(A2) is type(A) and (A2.dtype, B2.dtype) == (A.dtype, B.dtype)
+        assert A2.shape == A.shape and B2.shape == B.shape
         a, b = np.asarray(torch.as_tensor(A).double()), np.asarray(torch.as_tensor(B).double())
         a2, b2 = np.asarray(torch.as_tensor(A2).double()), np.asarray(torch.as_tensor(B2).double())
-        finfo = torch.finfo(A.dtype) if isinstance(A, torch.Tensor) else np.finfo(A.dtype)
-        # One rounding to the dtype; float64 goes through QR, SVD and products instead.
-        unit = 2.0**-40 if finfo.bits == 64 else finfo.eps / 2
+        units = []
+        for X in (A, B):
+            finfo = torch.finfo(X.dtype) if isinstance(X, torch.Tensor) else np.finfo(X.dtype)
+            # One rounding to the dtype; float64 goes through QR, SVD and products instead.
+            units.append(2.0**-40 if finfo.bits == 64 else finfo.eps / 2)
+        unit = max(units)
         bound = 4 * unit * (np.abs(b2) @ np.abs(a2)) + 1e-300
         assert np.all(np.abs(b2 @ a2 - b @ a) <= bound)
         # Balanced: both Grams the diagonal of the product's singular values, to the factors'
-        # rounding (and a pair with fewer rows than its rank: zero beyond them).
+        # rounding and the f32 sums of their Grams (and a pair with fewer rows than its rank:
+        # zero beyond them).
         s = reference_singular_values(a, b)
         tol = 8 * max(unit, 2.0**-22) * s[0] * max(a.shape[0], 4)
         np.testing.assert_allclose(a2 @ a2.T, np.diag(s), atol=tol)
         np.testing.assert_allclose(b2.T @ b2, np.diag(s), atol=tol)
 
 
+def test_batched_transforms_are_the_single_pair_gram_path():
+    """_transforms (batched over pairs) against _balanced_from_grams (one pair) on the same
+    float64 factors: T_B and T_A agree, up to the common sign of each singular pair."""
+    g = np.random.default_rng(2)
+    facs = [(g.standard_normal((r, 40)) * 0.03, g.standard_normal((50, r)) * 0.01) for r in (4, 4, 4)]
+    ga = np.stack([a @ a.T for a, _ in facs])
+    gb = np.stack([b.T @ b for _, b in facs])
+    for (a, b), t in zip(facs, _gauge._transforms(ga, gb)):
+        a2, b2, _ = _gauge._balanced_from_grams(a, b)
+        ta, tb = t
+        sign = np.sign(np.sum((ta @ a) * a2, axis=1))
+        np.testing.assert_allclose(ta @ a, a2 * sign[:, None], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(b @ tb, b2 * sign[None, :], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(tb @ ta, np.eye(4), atol=1e-9)
+    # Not finite, or too ill-conditioned: None, for the one-by-one path.
+    bad = _gauge._transforms(np.stack([np.full((2, 2), np.nan), np.diag([1.0, 1e-9])]), np.stack([np.eye(2)] * 2))
+    assert bad == [None, None]
+
+
 def test_batched_and_single_pair_paths_agree_on_a_trained_shaped_adapter():
-    """The Gram path (Rust + numpy, batched) against the float64 QR path of the same pairs:
+    """The batched path (Rust + numpy) against the one-pair float64 path of the same pairs:
     the same balanced factors up to the half type's rounding and the f32 sums of the Grams."""
     sd = lora_sd(dtype=torch.float16)
     pairs = [(sd[f"m.{mod}.lora_A.weight"], sd[f"m.{mod}.lora_B.weight"]) for mod in ("q", "v")]

@@ -292,25 +292,46 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let case = Case::new(r, n, m, dtype, density, enc, seed);
-        let (a, b, sa, sb, p) = (&case.a, &case.b, &case.sa, &case.sb, case.pair());
-        let got = pair_cross(&p).unwrap();
-        // <S_B S_A, B A> from the two m x n products, and sum_ij |.|_ij |.|_ij for the bound.
-        let (mut want, mut scale) = (0f64, 0f64);
-        for i in 0..m {
-            for j in 0..n {
-                let (mut x, mut ax, mut q, mut aq) = (0f64, 0f64, 0f64, 0f64);
-                for t in 0..r {
-                    x += b.exact[i * r + t] * a.exact[t * n + j];
-                    ax += (b.exact[i * r + t] * a.exact[t * n + j]).abs();
-                    q += (sb[i * r + t] * sa[t * n + j]) as f64;
-                    aq += (sb[i * r + t] * sa[t * n + j]).abs() as f64;
-                }
-                want += x * q;
-                scale += ax * aq;
-            }
-        }
+        let (got, want, scale) = cross_and_reference(&case);
         // Both sides in f64 from the factors' exact values: only the order of the additions differs.
         prop_assert!((got - want).abs() <= 1e-12 * scale + 1e-300, "{got} vs {want}");
+    }
+}
+
+/// pair_cross of a case, and <S_B S_A, B A> from the two m x n products with the sum of the
+/// products' magnitudes (for the bound).
+fn cross_and_reference(case: &Case) -> (f64, f64, f64) {
+    let (r, n, m) = case.dims;
+    let (a, b, sa, sb) = (&case.a, &case.b, &case.sa, &case.sb);
+    let got = pair_cross(&case.pair()).unwrap();
+    let (mut want, mut scale) = (0f64, 0f64);
+    for i in 0..m {
+        for j in 0..n {
+            let (mut x, mut ax, mut q, mut aq) = (0f64, 0f64, 0f64, 0f64);
+            for t in 0..r {
+                x += b.exact[i * r + t] * a.exact[t * n + j];
+                ax += (b.exact[i * r + t] * a.exact[t * n + j]).abs();
+                q += (sb[i * r + t] * sa[t * n + j]) as f64;
+                aq += (sb[i * r + t] * sa[t * n + j]).abs() as f64;
+            }
+            want += x * q;
+            scale += ax * aq;
+        }
+    }
+    (got, want, scale)
+}
+
+#[test]
+fn pair_cross_of_a_half_factor_too_large_to_widen() {
+    // Half factors above 2^22 entries are read entry by entry instead of widened once (an
+    // embedding's lora_embedding_A): the same sums.
+    for dtype in [DType::F16, DType::BF16] {
+        let case = Case::new(1, (1 << 22) + 100, 3, dtype, 0.01, Encoding::Golomb, 11);
+        let (got, want, scale) = cross_and_reference(&case);
+        assert!(
+            (got - want).abs() <= 1e-12 * scale + 1e-300,
+            "{got} vs {want}"
+        );
     }
 }
 
