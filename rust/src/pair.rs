@@ -655,15 +655,142 @@ impl<'a> Values<'a> {
         }
     }
 
-    #[inline(always)]
-    fn get(&self, i: usize) -> f64 {
-        match self {
-            Values::F32(s) => s[i] as f64,
-            Values::F64(s) => s[i],
-            Values::Half(Tensor::F16(s)) => half::f16::from_bits(s[i]).to_f64(),
-            Values::Half(Tensor::BF16(s)) => f32::from_bits((s[i] as u32) << 16) as f64,
+    /// `f` with the values behind one [`Get`] type (so that its loops are compiled per type).
+    fn with<R>(&self, f: impl GetFn<R>) -> R {
+        match *self {
+            Values::F32(s) => f.call(s),
+            Values::F64(s) => f.call(s),
+            Values::Half(Tensor::F16(s)) => f.call(HalfBits::<false>(s)),
+            Values::Half(Tensor::BF16(s)) => f.call(HalfBits::<true>(s)),
             Values::Half(x) => unreachable!("{:?} is not a half type", x.dtype()),
         }
+    }
+}
+
+/// Entry `i` of a factor as f64.
+trait Get: Copy {
+    fn get(self, i: usize) -> f64;
+
+    /// out[t] += sign * entry (start + t), for t < out.len().
+    #[inline(always)]
+    fn add_line(self, start: usize, sign: f64, out: &mut [f64]) {
+        for (t, o) in out.iter_mut().enumerate() {
+            *o += sign * self.get(start + t);
+        }
+    }
+}
+
+impl Get for &[f32] {
+    #[inline(always)]
+    fn get(self, i: usize) -> f64 {
+        self[i] as f64
+    }
+
+    // One bounds check for the line, so that the loop vectorises.
+    #[inline(always)]
+    fn add_line(self, start: usize, sign: f64, out: &mut [f64]) {
+        let line = &self[start..start + out.len()];
+        for (o, &v) in out.iter_mut().zip(line) {
+            *o += sign * v as f64;
+        }
+    }
+}
+
+impl Get for &[f64] {
+    #[inline(always)]
+    fn get(self, i: usize) -> f64 {
+        self[i]
+    }
+
+    #[inline(always)]
+    fn add_line(self, start: usize, sign: f64, out: &mut [f64]) {
+        let line = &self[start..start + out.len()];
+        for (o, &v) in out.iter_mut().zip(line) {
+            *o += sign * v;
+        }
+    }
+}
+
+/// float16 (`BF == false`) or bfloat16 bits, converted one by one.
+#[derive(Clone, Copy)]
+struct HalfBits<'a, const BF: bool>(&'a [u16]);
+
+impl<const BF: bool> Get for HalfBits<'_, BF> {
+    #[inline(always)]
+    fn get(self, i: usize) -> f64 {
+        if BF {
+            f32::from_bits((self.0[i] as u32) << 16) as f64
+        } else {
+            half::f16::from_bits(self.0[i]).to_f64()
+        }
+    }
+}
+
+/// A function of any [`Get`] (a closure cannot be generic).
+trait GetFn<R> {
+    fn call<G: Get>(self, g: G) -> R;
+}
+
+/// B's side of [`pair_cross`]: a kept (i, p) of S_B adds its sign times row i of B (`r`
+/// contiguous values) to row p of `out` = S_B^T B.
+struct BSide<'a> {
+    signs: &'a Compressed,
+    m: usize,
+    r: usize,
+    out: &'a mut [f64],
+}
+
+impl GetFn<Result<()>> for BSide<'_> {
+    fn call<G: Get>(self, g: G) -> Result<()> {
+        let BSide { signs, m, r, out } = self;
+        for_each_kept_signed(signs, m, r, |i, p, sign| {
+            g.add_line(i * r, sign, &mut out[p * r..(p + 1) * r])
+        })
+    }
+}
+
+/// A's side of [`pair_cross`]: `out` = (A S_A^T)^T, entry (q, p) the sum over the kept (q, j)
+/// of S_A of their signs times A[p][j]. The kept entries are first sorted into rows q (their
+/// walk comes in no particular order); then each row p of A is read once, while it sits in
+/// L1, against every row q of kept entries (reading A by columns, or a transposed copy of
+/// it, took several times as long).
+struct ASide<'a> {
+    signs: &'a Compressed,
+    r: usize,
+    n: usize,
+    out: &'a mut [f64],
+}
+
+impl GetFn<Result<()>> for ASide<'_> {
+    fn call<G: Get>(self, g: G) -> Result<()> {
+        let ASide { signs, r, n, out } = self;
+        let mut kept: Vec<(u32, u32, f64)> = Vec::new();
+        let mut starts = vec![0usize; r + 1];
+        for_each_kept_signed(signs, r, n, |q, j, sign| {
+            // q < r <= MAX_RANK and j < n < 2^32 (a factor of this rank holds r * n entries).
+            kept.push((q as u32, j as u32, sign));
+            starts[q + 1] += 1;
+        })?;
+        for q in 0..r {
+            starts[q + 1] += starts[q];
+        }
+        let mut at = starts.clone();
+        let mut by_row = vec![(0u32, 0f64); kept.len()];
+        for &(q, j, sign) in &kept {
+            by_row[at[q as usize]] = (j, sign);
+            at[q as usize] += 1;
+        }
+        for p in 0..r {
+            let row = p * n;
+            for q in 0..r {
+                let s: f64 = by_row[starts[q]..starts[q + 1]]
+                    .iter()
+                    .map(|&(j, sign)| sign * g.get(row + j as usize))
+                    .sum();
+                out[q * r + p] += s;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -677,20 +804,17 @@ fn pair_cross_in(p: &Pair<'_>, scratch: &mut Vec<f32>) -> Result<f64> {
     let (m, n) = (p.b.rows, p.a.cols);
     let mut cb = vec![0f64; r * r]; // S_B^T B, row p = sum of the signed rows of B kept in column p
     let mut ca = vec![0f64; r * r]; // A S_A^T, column q = sum of the signed columns of A kept in row q
-                                    // A kept (i, p) of B adds its sign times row i of B to row p of cb.
-    let b = Values::of(p.b.data, scratch);
-    for_each_kept_signed(p.signs_b, m, r, |i, col, sign| {
-        for (t, o) in cb[col * r..(col + 1) * r].iter_mut().enumerate() {
-            *o += sign * b.get(i * r + t);
-        }
+    Values::of(p.b.data, scratch).with(BSide {
+        signs: p.signs_b,
+        m,
+        r,
+        out: &mut cb,
     })?;
-    // A kept (q, j) of A adds column j of A (stride n) to row q of ca = (A S_A^T)^T (reading
-    // A by columns cost less than a transposed copy of it).
-    let a = Values::of(p.a.data, scratch);
-    for_each_kept_signed(p.signs_a, r, n, |q, j, sign| {
-        for (t, o) in ca[q * r..(q + 1) * r].iter_mut().enumerate() {
-            *o += sign * a.get(t * n + j);
-        }
+    Values::of(p.a.data, scratch).with(ASide {
+        signs: p.signs_a,
+        r,
+        n,
+        out: &mut ca,
     })?;
     // tr(CB CA) with CA stored transposed: sum_pq CB[p][q] * CA[q][p] = sum_pq cb[p][q] * ca_t[p][q].
     Ok(cb.iter().zip(&ca).map(|(x, y)| x * y).sum())
