@@ -143,6 +143,8 @@ impl KeyVisitor for MaskPass<'_> {
 
 struct GolombPass<'a> {
     t: u64,
+    /// Sum the kept entries' magnitudes too (in `space`), in the same pass.
+    sum: Option<KeySpace>,
     b: u8,
     block_log2: u8,
     budgets: &'a [u64],
@@ -151,7 +153,8 @@ struct GolombPass<'a> {
 }
 
 impl KeyVisitor for &GolombPass<'_> {
-    type Out = Vec<EncodedChunk>;
+    /// Per chunk: its codes, and the sum of its kept magnitudes (0 unless asked for).
+    type Out = Vec<(EncodedChunk, f64)>;
     fn visit<T: Elem, U: Key, K: Fn(T) -> U + Copy + Send + Sync>(
         self,
         data: &[T],
@@ -167,14 +170,23 @@ impl KeyVisitor for &GolombPass<'_> {
                 let mut enc =
                     ChunkEncoder::new(self.b, self.block_log2, self.starts[ci], self.counts[ci]);
                 let base0 = (ci * PASS_CHUNK) as u64;
+                let mut kept_sum = 0.0;
                 for (gi, g) in c.chunks(64).enumerate() {
                     let (gt, eq, ng) = group_masks(g, key, t);
                     let keep = gt | take_ties(eq, &mut budget);
                     if keep != 0 {
                         enc.push_word(base0 + (gi * 64) as u64, keep & !ng, keep & ng);
+                        if let Some(space) = self.sum {
+                            let mut m = keep;
+                            while m != 0 {
+                                let x = g[m.trailing_zeros() as usize];
+                                kept_sum += space.magnitude(key(x).to_u64());
+                                m &= m - 1;
+                            }
+                        }
                     }
                 }
-                enc.finish()
+                (enc.finish(), kept_sum)
             })
             .collect()
     }
@@ -193,6 +205,21 @@ pub fn compress_with_threshold(
     scale: f64,
     encoding: Encoding,
 ) -> Result<Compressed> {
+    compress_summed(t, shape, thr, ties_left, scale, encoding, false).map(|(c, _)| c)
+}
+
+/// [`compress_with_threshold`], and with `sum` the sum of |x| over the kept entries (as
+/// [`kept_abs_sum`] gives it) where the encoding pass can add it for free (golomb; None
+/// otherwise).
+pub(crate) fn compress_summed(
+    t: Tensor<'_>,
+    shape: &[u64],
+    thr: &Threshold,
+    ties_left: &mut u64,
+    scale: f64,
+    encoding: Encoding,
+    sum: bool,
+) -> Result<(Compressed, Option<f64>)> {
     let numel = t.len() as u64;
     if numel > MAX_NUMEL {
         return Err(Error::InvalidArgument(format!(
@@ -230,11 +257,14 @@ pub fn compress_with_threshold(
         budgets.push(take);
         kept.push(if thr.key == u64::MAX { 0 } else { gt + take });
     }
-    encode_counted(t, shape, thr, &budgets, &kept, scale, encoding)
+    let sum = (sum && encoding == Encoding::Golomb).then_some(thr.space);
+    encode_counted(t, shape, thr, &budgets, &kept, scale, encoding, sum)
 }
 
 /// The second pass of [`compress_with_threshold`]: encodes what the count pass found (`budgets`
-/// of tied entries and `kept` entries per chunk), and errors if the data no longer agrees.
+/// of tied entries and `kept` entries per chunk), and errors if the data no longer agrees;
+/// with `sum` (golomb only) also the kept entries' magnitudes summed, in chunk order.
+#[allow(clippy::too_many_arguments)]
 fn encode_counted(
     t: Tensor<'_>,
     shape: &[u64],
@@ -243,9 +273,11 @@ fn encode_counted(
     kept: &[u64],
     scale: f64,
     encoding: Encoding,
-) -> Result<Compressed> {
+    sum: Option<KeySpace>,
+) -> Result<(Compressed, Option<f64>)> {
     let numel = t.len() as u64;
     let nnz: u64 = kept.iter().sum();
+    let mut kept_sum = None;
     let body = match encoding {
         Encoding::Bitmask => {
             let words = words_for(numel);
@@ -277,6 +309,7 @@ fn encode_counted(
             let starts = chunk_starts(kept);
             let pass = GolombPass {
                 t: thr.key,
+                sum,
                 b,
                 block_log2: DEFAULT_BLOCK_LOG2,
                 budgets,
@@ -289,16 +322,20 @@ fn encode_counted(
             let same = if chunks.is_empty() {
                 nnz == 0
             } else {
-                chunks.len() == kept.len() && chunks.iter().zip(kept).all(|(c, &k)| c.count() == k)
+                chunks.len() == kept.len()
+                    && chunks.iter().zip(kept).all(|((c, _), &k)| c.count() == k)
             };
             if !same {
                 return Err(changed_under_us());
             }
-            let s = stitch(chunks, b);
+            if sum.is_some() {
+                kept_sum = Some(chunks.iter().map(|c| c.1).sum());
+            }
+            let s = stitch(chunks.into_iter().map(|c| c.0).collect(), b);
             Body::Golomb(GolombBody::from_stitched(s, b))
         }
     };
-    Compressed {
+    let c = Compressed {
         dtype: t.dtype(),
         shape: shape.to_vec(),
         numel,
@@ -306,7 +343,8 @@ fn encode_counted(
         scale,
         body,
     }
-    .smaller_layout()
+    .smaller_layout()?;
+    Ok((c, kept_sum))
 }
 
 fn changed_under_us() -> Error {
@@ -343,9 +381,10 @@ mod tests {
         let mut y = x.clone();
         y.iter_mut().take(100).for_each(|v| *v = 1000.0);
         for enc in [Encoding::Golomb, Encoding::Bitmask] {
-            let ok = encode_counted(Tensor::F32(&x), &[20_000], &thr, &budgets, &kept, 1.0, enc);
+            let enc_x = |t| encode_counted(t, &[20_000], &thr, &budgets, &kept, 1.0, enc, None);
+            let ok = enc_x(Tensor::F32(&x));
             assert!(ok.is_ok());
-            let bad = encode_counted(Tensor::F32(&y), &[20_000], &thr, &budgets, &kept, 1.0, enc);
+            let bad = enc_x(Tensor::F32(&y));
             assert!(matches!(bad, Err(Error::InvalidArgument(m)) if m.contains("changed")));
         }
     }

@@ -118,9 +118,15 @@ pub fn compress_scaled(
         let s = alpha * spread.sigma;
         return encode::compress_with_threshold(t, shape, &thr, &mut ties, s, encoding);
     }
-    let mut c = encode::compress_with_threshold(t, shape, &thr, &mut ties, 0.0, encoding)?;
+    // The kept magnitudes' sum comes with the encoding pass where it can (golomb), else from
+    // one more pass.
+    let summed = matches!(scale, Scale::KeptMean | Scale::Proj);
+    let (mut c, sum) = encode::compress_summed(t, shape, &thr, &mut ties, 0.0, encoding, summed)?;
     if c.nnz > 0 {
-        let kept = || encode::kept_abs_sum(t, &thr, thr.ties - ties);
+        let kept = || match sum {
+            Some(s) => Ok(s),
+            None => encode::kept_abs_sum(t, &thr, thr.ties - ties),
+        };
         let per_entry = match scale {
             Scale::KeptMean => kept()? / c.nnz as f64,
             Scale::Norm => spread.norm / (c.nnz as f64).sqrt(),
