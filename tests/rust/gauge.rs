@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 mod common;
-use common::Values;
+use common::{dtype_strategy, Values};
 
 fn random(len: usize, scale: f64, seed: u64) -> Vec<f64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -169,15 +169,6 @@ impl Case {
         .unwrap();
         (oa.values(da), ob.values(db), ok)
     }
-}
-
-fn dtype_strategy() -> impl Strategy<Value = DType> {
-    prop_oneof![
-        Just(DType::F16),
-        Just(DType::BF16),
-        Just(DType::F32),
-        Just(DType::F64)
-    ]
 }
 
 proptest! {

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 mod common;
-use common::Values;
+use common::{dtype_strategy, Values};
 
 /// Random values `rows` x `cols`, of magnitude around 2^scale, some entries zero, the lines
 /// listed in `zero_lines` (rows for `Lines::Rows`, columns for `Lines::Cols`) all zero.
@@ -187,15 +187,6 @@ fn line_max(x: &[f64], rows: usize, cols: usize, lines: Lines) -> Vec<f64> {
                 .fold(0.0, f64::max)
         })
         .collect()
-}
-
-fn dtype_strategy() -> impl Strategy<Value = DType> {
-    prop_oneof![
-        Just(DType::F16),
-        Just(DType::BF16),
-        Just(DType::F32),
-        Just(DType::F64)
-    ]
 }
 
 /// Magnitudes: ordinary, and for bfloat16/float32 outside the range the f32 sums can take

@@ -107,3 +107,14 @@ impl Values {
         }
     }
 }
+
+/// Any of the four dtypes.
+pub fn dtype_strategy() -> impl proptest::strategy::Strategy<Value = DType> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(DType::F16),
+        Just(DType::BF16),
+        Just(DType::F32),
+        Just(DType::F64)
+    ]
+}
