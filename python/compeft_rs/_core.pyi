@@ -111,6 +111,14 @@ def pair_norms(
     float64 in f64); ``signs`` from the kept signs, exactly. ValueError names the pair for sizes that
     do not fit (A's rows must equal B's columns)."""
 
+def pair_dense_norms(
+    items: Sequence[_PairItem],
+    names: Sequence[str],
+) -> List[float]:
+    """||BA||^2 of LoRA pairs from the factors alone: :func:`pair_norms`'s dense values (the same
+    numbers) without the sign Grams, in one parallel call. Items and errors as for
+    :func:`pair_norms`."""
+
 def pair_cross(
     items: Sequence[_PairItem],
     names: Sequence[str],

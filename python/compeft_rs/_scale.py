@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _arrays
 from ._core import pair_cross as _pair_cross
+from ._core import pair_dense_norms as _pair_dense_norms
 from ._core import pair_norms as _pair_norms
 from ._tensor import CompressedTensor
 
@@ -92,7 +93,8 @@ def pair_rescale(streams: Dict[str, CompressedTensor], source: Callable[[str], A
     ||BA||^2 = tr((B^T B)(A A^T)), the same for the signs: r x r Gram matrices, computed in Rust
     (``_core.pair_norms``) for all pairs in one parallel call; <S_B S_A, BA> =
     tr((S_B^T B)(A S_A^T)) through r x r cross-Grams over the kept entries
-    (``_core.pair_cross``), likewise."""
+    (``_core.pair_cross``), likewise; ``pair_proj`` takes the signs' Grams only for pairs near
+    its cosine cut (``_core.pair_dense_norms`` for the rest)."""
     if flat is None:
         def flat(n: str) -> FlatFactor:
             return _arrays.flat_input(source(n))[:3]
@@ -114,13 +116,25 @@ def pair_rescale(streams: Dict[str, CompressedTensor], source: Callable[[str], A
     if not items:
         return out
     labels = [f"{a} / {b}" for a, b in todo]
-    norms = _pair_norms(items, labels)
-    # pair_proj: <S_B S_A, BA> in place of ||S_B S_A||^2.
-    crosses = _pair_cross(items, labels) if rule == "pair_proj" else [None] * len(todo)
+    if rule == "pair_proj":
+        # <S_B S_A, BA> in place of ||S_B S_A||^2. The signs' own norm qq only decides the
+        # cosine cut, and qq <= nnz_A * nnz_B (||XY|| <= ||X|| ||Y||): a pair whose cross term
+        # clears the cut with that bound clears it with qq, which then is not computed.
+        dense = _pair_dense_norms(items, labels)
+        crosses = _pair_cross(items, labels)
+        need = [i for i, ((a, b), pp, cross) in enumerate(zip(todo, dense, crosses))
+                if not cross > _MIN_COSINE * math.sqrt(max(pp, 0.0) * streams[a].nnz * streams[b].nnz)]
+        norms = [(pp, math.nan) for pp in dense]
+        if need:
+            for i, pq in zip(need, _pair_norms([items[i] for i in need], [labels[i] for i in need])):
+                norms[i] = pq
+    else:
+        norms = _pair_norms(items, labels)
+        crosses = [None] * len(todo)
     for (a, b), (pp, qq), cross in zip(todo, norms, crosses):
         sa, sb = streams[a], streams[b]
         pp = max(pp, 0.0)
-        if cross is not None and cross > _MIN_COSINE * math.sqrt(pp * qq):
+        if cross is not None and (math.isnan(qq) or cross > _MIN_COSINE * math.sqrt(pp * qq)):
             c = pp / cross
         else:
             # pair, or pair_proj where the signs' product is orthogonal to B A (up to rounding)

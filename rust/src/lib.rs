@@ -42,7 +42,10 @@ pub use dtype::{DType, Tensor, TensorMut};
 pub use encode::kept_abs_sum;
 pub use error::{Error, Result};
 pub use merge::{merge_into, merge_many, similarity, Convention, Election, MergeSpec, Method};
-pub use pair::{pair_cross, pair_cross_many, pair_norms, pair_norms_many, PairNorms};
+pub use pair::{
+    pair_cross, pair_cross_many, pair_dense_norm, pair_dense_norms_many, pair_norms,
+    pair_norms_many, PairNorms,
+};
 pub use popcount::{cosine, dot, hamming};
 pub use selection::{select, KeySpace, Selector, Threshold};
 

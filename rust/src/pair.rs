@@ -593,29 +593,39 @@ pub fn sign_gram(c: &Compressed, rows: usize, cols: usize, lines: Lines) -> Resu
 /// streams must have the same sizes, and A as many rows as B has columns (r).
 pub fn pair_norms(p: &Pair<'_>) -> Result<PairNorms> {
     check_pair(p)?;
-    let ((ga, sa), (gb, sb)) = rayon::join(
+    let (dense, (sa, sb)) = rayon::join(
+        || dense_norm(p),
         || {
-            (
-                gram(p.a, Lines::Rows),
-                sign_gram(p.signs_a, p.a.rows, p.a.cols, Lines::Rows),
-            )
-        },
-        || {
-            (
-                gram(p.b, Lines::Cols),
-                sign_gram(p.signs_b, p.b.rows, p.b.cols, Lines::Cols),
+            rayon::join(
+                || sign_gram(p.signs_a, p.a.rows, p.a.cols, Lines::Rows),
+                || sign_gram(p.signs_b, p.b.rows, p.b.cols, Lines::Cols),
             )
         },
     );
-    let (ga, gb, sa, sb) = (ga?, gb?, sa?, sb?);
-    let dense = ga.iter().zip(&gb).map(|(x, y)| x * y).sum();
+    let (sa, sb) = (sa?, sb?);
     // Each sign Gram entry is at most 2^48 in magnitude; their products need 128 bits.
     let signs = sa
         .iter()
         .zip(&sb)
         .map(|(&x, &y)| x as i128 * y as i128)
         .sum::<i128>() as f64;
-    Ok(PairNorms { dense, signs })
+    Ok(PairNorms {
+        dense: dense?,
+        signs,
+    })
+}
+
+/// ||BA||^2 of one pair from the factors alone: [`pair_norms`]'s `dense`, the same value,
+/// without the sign Grams (checks as [`pair_norms`]).
+pub fn pair_dense_norm(p: &Pair<'_>) -> Result<f64> {
+    check_pair(p)?;
+    dense_norm(p)
+}
+
+fn dense_norm(p: &Pair<'_>) -> Result<f64> {
+    let (ga, gb) = rayon::join(|| gram(p.a, Lines::Rows), || gram(p.b, Lines::Cols));
+    let (ga, gb) = (ga?, gb?);
+    Ok(ga.iter().zip(&gb).map(|(x, y)| x * y).sum())
 }
 
 /// <S_B S_A, B A>: the product of the kept signs (S_A, S_B as matrices of -1, 0, 1) against
@@ -877,6 +887,11 @@ pub fn pair_cross_many(pairs: &[Pair<'_>]) -> std::result::Result<Vec<f64>, (usi
 /// [`pair_norms`] of many pairs, in parallel. On an error the index of the pair comes with it.
 pub fn pair_norms_many(pairs: &[Pair<'_>]) -> std::result::Result<Vec<PairNorms>, (usize, Error)> {
     per_pair(pairs, pair_norms)
+}
+
+/// [`pair_dense_norm`] of many pairs, in parallel. On an error the index of the pair comes with it.
+pub fn pair_dense_norms_many(pairs: &[Pair<'_>]) -> std::result::Result<Vec<f64>, (usize, Error)> {
+    per_pair(pairs, pair_dense_norm)
 }
 
 /// `f` of every pair, in parallel; on an error the index of the pair comes with it.

@@ -634,6 +634,20 @@ fn pair_norms(
     Ok(out.into_iter().map(|p| (p.dense, p.signs)).collect())
 }
 
+/// ||BA||^2 of LoRA pairs from the factors alone (`pair_norms`'s dense values, the same
+/// numbers, without the sign Grams), in one parallel pass with the GIL released. Items and
+/// names as for [`pair_norms`].
+#[pyfunction]
+fn pair_dense_norms(
+    py: Python<'_>,
+    items: Vec<PairItem<'_>>,
+    names: Vec<String>,
+) -> PyResult<Vec<f64>> {
+    let pairs = pairs_of(py, &items, &names)?;
+    py.detach(|| crate::pair::pair_dense_norms_many(&pairs))
+        .map_err(|e| pair_error(&names, e))
+}
+
 /// <S_B S_A, B A> of LoRA pairs (the kept signs' product against the factors' product, for the
 /// pair_proj rule), through r x r cross-Grams over the kept entries, in one parallel pass with
 /// the GIL released. Items and names as for [`pair_norms`].
@@ -1011,6 +1025,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kept_abs_sum, m)?)?;
     m.add_function(wrap_pyfunction!(decode_streams, m)?)?;
     m.add_function(wrap_pyfunction!(pair_norms, m)?)?;
+    m.add_function(wrap_pyfunction!(pair_dense_norms, m)?)?;
     m.add_function(wrap_pyfunction!(pair_cross, m)?)?;
     m.add_function(wrap_pyfunction!(gauge_grams, m)?)?;
     m.add_function(wrap_pyfunction!(gauge_apply, m)?)?;

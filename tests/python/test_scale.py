@@ -238,3 +238,25 @@ def test_encode_one_tensor_with_a_data_free_scale(values, dtype, k, rule):
 def test_encode_refuses_the_pair_rule_for_one_tensor(rule):
     with pytest.raises(ValueError, match="for one tensor"):
         compeft_rs.encode(torch.ones(4), 0.5, scale=rule)
+
+
+def test_pair_proj_takes_the_signs_norm_only_for_pairs_near_its_cut(monkeypatch):
+    """pair_proj needs ||S_B S_A|| only to decide its cosine cut, and skips it for pairs whose
+    cross term clears the cut with the bound nnz_A * nnz_B: here the cross term of pair x is
+    made rounding noise (1e-20), so x, and only x, has its signs' norm computed and gets pair's
+    norm scale; pair y keeps the projection."""
+    from compeft_rs import _scale
+
+    (a, b), (c, d) = _pair(1, 4, 30, 20, 0.01), _pair(2, 4, 30, 20, 0.01)
+    sd = {"x.lora_A.weight": torch.from_numpy(a), "x.lora_B.weight": torch.from_numpy(b),
+          "y.lora_A.weight": torch.from_numpy(c), "y.lora_B.weight": torch.from_numpy(d)}
+    real_cross, real_norms, asked = _scale._pair_cross, _scale._pair_norms, []
+    monkeypatch.setattr(_scale, "_pair_cross", lambda items, labels: [
+        1e-20 if label.startswith("x.") else v for label, v in zip(labels, real_cross(items, labels))])
+    monkeypatch.setattr(_scale, "_pair_norms", lambda items, labels: asked.extend(labels) or real_norms(items, labels))
+    dec = compeft_rs.compress_expert(sd, 0.3, scale="pair_proj", gauge="as_trained").decode()
+    assert asked == ["x.lora_A.weight / x.lora_B.weight"]
+    px = dec["x.lora_B.weight"].numpy() @ dec["x.lora_A.weight"].numpy()
+    py = dec["y.lora_B.weight"].numpy() @ dec["y.lora_A.weight"].numpy()
+    assert np.linalg.norm(px) == pytest.approx(np.linalg.norm(b @ a), rel=1e-9)  # pair's norm rule
+    assert float((py * (d @ c)).sum()) == pytest.approx(float(((d @ c) ** 2).sum()), rel=1e-9)  # projection

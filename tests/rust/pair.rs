@@ -3,7 +3,9 @@
 //! every dtype, rank 1 to 6, lines not a multiple of 64 long and some longer than one 256-entry
 //! chunk, sign patterns of any density with whole lines left empty, both encodings.
 
-use compeft::pair::{gram, gram_portable, pair_cross, pair_norms, sign_gram, Factor, Lines, Pair};
+use compeft::pair::{
+    gram, gram_portable, pair_cross, pair_dense_norm, pair_norms, sign_gram, Factor, Lines, Pair,
+};
 use compeft::{compress, Compressed, DType, Encoding, Error, Tensor};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -254,6 +256,8 @@ proptest! {
         let case = Case::new(r, n, m, dtype, density, enc, seed);
         let (a, b, sa, sb, p) = (&case.a, &case.b, &case.sa, &case.sb, case.pair());
         let got = pair_norms(&p).unwrap();
+        // The dense norm alone is the same number.
+        prop_assert_eq!(pair_dense_norm(&p).unwrap().to_bits(), got.dense.to_bits());
         // ||BA||^2 from the m x n product, and its scale sum_ij (|B||A|)_ij^2 for the bound.
         let (mut want, mut scale, mut want_signs) = (0f64, 0f64, 0i64);
         for i in 0..m {
