@@ -157,13 +157,8 @@ def balance_pairs(pairs: Sequence[Tuple[Any, Any]]) -> List[Tuple[Any, Any]]:
                     transforms[j] = t
         done = sorted(transforms)
         if done:
-            outs = []
-            for j in done:
-                A, B = pairs[fast[j]]
-                (fa, fb), kind = flats[j], "torch" if is_torch_tensor(A) else "numpy"
-                oa = empty_output(kind, fa[1], fa[2])
-                ob = empty_output("torch" if is_torch_tensor(B) else "numpy", fb[1], fb[2])
-                outs.append((oa, ob))
+            # Outputs of each factor's kind ("torch" or "numpy", as flat_input read it), dtype and shape.
+            outs = [tuple(empty_output(f[3], f[1], f[2]) for f in flats[j]) for j in done]
             flat_t = np.concatenate([np.concatenate([transforms[j][0].ravel(), transforms[j][1].ravel()])
                                      for j in done])
             ok = _gauge_apply([items[j] for j in done], flat_t, [(oa[1], ob[1]) for oa, ob in outs],

@@ -124,7 +124,8 @@ def pair_rescale(streams: Dict[str, CompressedTensor], source: Callable[[str], A
         crosses = _pair_cross(items, labels)
         need = [i for i, ((a, b), pp, cross) in enumerate(zip(todo, dense, crosses))
                 if not cross > _MIN_COSINE * math.sqrt(max(pp, 0.0) * streams[a].nnz * streams[b].nnz)]
-        norms = [(pp, math.nan) for pp in dense]
+        # qq None: the cut is cleared already.
+        norms: List[Tuple[float, Optional[float]]] = [(pp, None) for pp in dense]
         if need:
             for i, pq in zip(need, _pair_norms([items[i] for i in need], [labels[i] for i in need])):
                 norms[i] = pq
@@ -134,7 +135,7 @@ def pair_rescale(streams: Dict[str, CompressedTensor], source: Callable[[str], A
     for (a, b), (pp, qq), cross in zip(todo, norms, crosses):
         sa, sb = streams[a], streams[b]
         pp = max(pp, 0.0)
-        if cross is not None and (math.isnan(qq) or cross > _MIN_COSINE * math.sqrt(pp * qq)):
+        if cross is not None and (qq is None or cross > _MIN_COSINE * math.sqrt(pp * qq)):
             c = pp / cross
         else:
             # pair, or pair_proj where the signs' product is orthogonal to B A (up to rounding)

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::pair::{check_factor, check_rank, gram, Elem, Factor, Lines};
+use crate::pair::{check_factor, check_rank, fast_cpu, gram, Elem, Factor, Lines};
 use crate::TensorMut;
 
 /// Entries of a factor converted per step: a block of B's rows or of A's columns and its
@@ -128,19 +128,6 @@ fn apply_on(job: Job<'_>, fast: bool) -> Result<bool> {
     } else {
         apply_with::<f64, false>(job, r)
     })
-}
-
-fn fast_cpu() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

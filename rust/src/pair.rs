@@ -43,6 +43,21 @@ pub(crate) fn check_rank(r: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether the CPU has AVX2, FMA and F16C, which the fast kernels of the Grams and of the
+/// gauge (rust/src/gauge.rs) are compiled for.
+pub(crate) fn fast_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Independent accumulators per dot product: lanes LLVM vectorises without reassociating.
 const LANES: usize = 16;
 
@@ -351,11 +366,7 @@ fn f32_safe(buf: &[f32], r: usize, wp: usize) -> bool {
 /// compiled for AVX2, FMA and F16C where the CPU has them.
 fn gram_chunks<T: Elem>(f: Factor<'_>, lines: Lines, g: &mut [f64], fast: bool) {
     #[cfg(target_arch = "x86_64")]
-    if fast
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c")
-    {
+    if fast && fast_cpu() {
         // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
         unsafe { gram_chunks_fast::<T>(f, lines, g) };
         return;
@@ -646,7 +657,8 @@ const WIDEN_MAX: usize = 1 << 22;
 enum Values<'a> {
     F32(&'a [f32]),
     F64(&'a [f64]),
-    Half(Tensor<'a>),
+    F16(&'a [u16]),
+    BF16(&'a [u16]),
 }
 
 impl<'a> Values<'a> {
@@ -656,7 +668,8 @@ impl<'a> Values<'a> {
         match x {
             Tensor::F32(s) => Values::F32(s),
             Tensor::F64(s) => Values::F64(s),
-            _ if x.len() > WIDEN_MAX => Values::Half(x),
+            Tensor::F16(s) if s.len() > WIDEN_MAX => Values::F16(s),
+            Tensor::BF16(s) if s.len() > WIDEN_MAX => Values::BF16(s),
             _ => {
                 scratch.resize(x.len(), 0.0);
                 widen(x, scratch);
@@ -670,9 +683,8 @@ impl<'a> Values<'a> {
         match *self {
             Values::F32(s) => f.call(s),
             Values::F64(s) => f.call(s),
-            Values::Half(Tensor::F16(s)) => f.call(HalfBits::<false>(s)),
-            Values::Half(Tensor::BF16(s)) => f.call(HalfBits::<true>(s)),
-            Values::Half(x) => unreachable!("{:?} is not a half type", x.dtype()),
+            Values::F16(s) => f.call(HalfBits::<false>(s)),
+            Values::BF16(s) => f.call(HalfBits::<true>(s)),
         }
     }
 }
@@ -864,9 +876,8 @@ fn for_each_kept_signed(
 
 /// A half-type factor as f32 (exact), with F16C where the CPU has it.
 fn widen(x: Tensor<'_>, dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("f16c") {
-        // FAST is sound here: the CPU has AVX and F16C (checked just above).
+    if fast_cpu() {
+        // FAST is sound here: the CPU has AVX2 and F16C (checked just above).
         <f32 as Elem>::fill::<true>(x, 0, dst);
         return;
     }

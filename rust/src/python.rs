@@ -557,38 +557,27 @@ fn one_name_each(pairs: usize, names: &[String]) -> PyResult<()> {
     Ok(())
 }
 
-/// The factors (A, B) of one pair as views of its arrays; `n` labels errors.
-#[allow(clippy::type_complexity)]
+/// One factor of pair `n` (`which`: "A" or "B") as a view of its array.
+fn factor_of<'a>(
+    py: Python<'_>,
+    (x, dtype, (rows, cols)): (&'a InArray<'_>, &str, (usize, usize)),
+    n: &str,
+    which: &str,
+) -> PyResult<crate::pair::Factor<'a>> {
+    let label = |e: PyErr| PyValueError::new_err(format!("pair '{n}', {which}: {}", e.value(py)));
+    let data = tensor_of(x, parse_dtype(dtype).map_err(label)?).map_err(label)?;
+    Ok(crate::pair::Factor { data, rows, cols })
+}
+
+/// The factors (A, B) of one item of [`FactorItem`]'s layout (the first six fields of a
+/// [`PairItem`] too); `n` labels errors.
 fn factors_of<'a>(
     py: Python<'_>,
-    (xa, da, sa, xb, db, sb): (
-        &'a InArray<'_>,
-        &str,
-        (usize, usize),
-        &'a InArray<'_>,
-        &str,
-        (usize, usize),
-    ),
+    a: (&'a InArray<'_>, &str, (usize, usize)),
+    b: (&'a InArray<'_>, &str, (usize, usize)),
     n: &str,
 ) -> PyResult<(crate::pair::Factor<'a>, crate::pair::Factor<'a>)> {
-    use crate::pair::Factor;
-    let label = |which: &'static str| {
-        move |e: PyErr| PyValueError::new_err(format!("pair '{n}', {which}: {}", e.value(py)))
-    };
-    let a = tensor_of(xa, parse_dtype(da).map_err(label("A"))?).map_err(label("A"))?;
-    let b = tensor_of(xb, parse_dtype(db).map_err(label("B"))?).map_err(label("B"))?;
-    Ok((
-        Factor {
-            data: a,
-            rows: sa.0,
-            cols: sa.1,
-        },
-        Factor {
-            data: b,
-            rows: sb.0,
-            cols: sb.1,
-        },
-    ))
+    Ok((factor_of(py, a, n, "A")?, factor_of(py, b, n, "B")?))
 }
 
 /// The pairs of `items` as [`crate::pair::Pair`]s, views of the arrays and streams they hold;
@@ -601,7 +590,7 @@ fn pairs_of<'a>(
     one_name_each(items.len(), names)?;
     let mut pairs = Vec::with_capacity(items.len());
     for (it, n) in items.iter().zip(names) {
-        let (a, b) = factors_of(py, (&it.0, &it.1, it.2, &it.3, &it.4, it.5), n)?;
+        let (a, b) = factors_of(py, (&it.0, &it.1, it.2), (&it.3, &it.4, it.5), n)?;
         pairs.push(crate::pair::Pair {
             a,
             b,
@@ -670,7 +659,12 @@ fn gauge_grams<'py>(
     one_name_each(items.len(), &names)?;
     let mut pairs = Vec::with_capacity(items.len());
     for (it, n) in items.iter().zip(&names) {
-        pairs.push(factors_of(py, (&it.0, &it.1, it.2, &it.3, &it.4, it.5), n)?);
+        pairs.push(factors_of(
+            py,
+            (&it.0, &it.1, it.2),
+            (&it.3, &it.4, it.5),
+            n,
+        )?);
     }
     let grams = py
         .detach(|| crate::gauge::grams_many(&pairs))
@@ -713,7 +707,7 @@ fn gauge_apply(
     let mut jobs = Vec::with_capacity(items.len());
     let mut at = 0usize;
     for ((it, (oa, ob)), n) in items.iter().zip(borrows.iter_mut()).zip(&names) {
-        let (a, b) = factors_of(py, (&it.0, &it.1, it.2, &it.3, &it.4, it.5), n)?;
+        let (a, b) = factors_of(py, (&it.0, &it.1, it.2), (&it.3, &it.4, it.5), n)?;
         let rr = a.rows.saturating_mul(a.rows);
         let end = at
             .checked_add(rr.saturating_mul(2))
