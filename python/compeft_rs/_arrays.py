@@ -151,10 +151,11 @@ def tensor_view(t: Any) -> np.ndarray:
     """A numpy array over a contiguous CPU tensor's own memory (uint16 for half types), for the
     Rust decoder to write into in place."""
     torch = _torch()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    if t.dtype == torch.float16:
+    dt = t.dtype
+    if dt is torch.float16:
         return t.numpy().view(np.uint16)
+    if dt is torch.bfloat16:  # numpy has none: its bits through int16
+        return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
 
 

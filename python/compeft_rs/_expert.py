@@ -503,48 +503,58 @@ class CompressedExpert:
         """
         torch = _torch()
         comp, names, other, spans = [], {}, [], []
+        direct, views = [], []
+        keys, exact, tensor = self._keys, self._exact, torch.Tensor
         for n, t in out.items():
-            if n not in self._keys:
+            if n not in keys:
                 raise KeyError(f"{n!r} is not in this expert")
+            # The common case first (a model's weights, reused buffers): a contiguous CPU tensor
+            # of a dtype we decode into, checked with a few attribute reads; it cannot repeat an
+            # element, and its bytes are [data_ptr, data_ptr + nbytes).
+            if (isinstance(t, tensor) and t.is_cpu and n not in exact and t.is_contiguous()
+                    and _dtype_str(t) in _OUT_DTYPES):
+                ptr = t.data_ptr()
+                spans.append(((ptr, ptr + t.nbytes), n))
+                names[n] = _dtype_str(t)
+                comp.append(n)
+                direct.append(n)
+                views.append(_arrays.tensor_view(t.detach() if t.requires_grad else t))
+                continue
             bad = _unwritable(t, n, torch)
             if bad:
                 raise ValueError(f"out[{n!r}] {bad}")
             spans.append((_byte_span(t), n))
-            if n in self._exact:
-                want = tuple(self._entries[self._keys[n]][1])
+            if n in exact:
+                want = tuple(self._entries[keys[n]][1])
                 if tuple(t.shape) != want:
                     raise ValueError(f"out[{n!r}] has shape {tuple(t.shape)}, the expert's tensor {want}")
                 other.append(n)
                 continue
             try:
-                names[n] = _dtype_str(t) if isinstance(t, torch.Tensor) else _arrays.dtype_name(t.dtype)
+                names[n] = _dtype_str(t) if isinstance(t, tensor) else _arrays.dtype_name(t.dtype)
             except TypeError:
                 names[n] = None
             if names[n] not in _OUT_DTYPES:
                 raise ValueError(f"out[{n!r}] is {t.dtype}; a compressed tensor decodes into float16, bfloat16, "
                                  "float32 or float64: give such a tensor, or leave the name out")
             comp.append(n)
+            if isinstance(t, np.ndarray):
+                if t.flags.c_contiguous:
+                    direct.append(n)
+                    views.append(t.view(np.uint16) if t.dtype.itemsize == 2 else t)
+                else:
+                    other.append(n)
+            else:  # strided, or on a device
+                other.append(n)
         spans.sort()
         for (s0, n0), (s1, n1) in zip(spans, spans[1:]):
             if s1[0] < s0[1]:
                 raise ValueError(f"out[{n0!r}] and out[{n1!r}] share memory; give each name its own tensor")
         streams = dict(zip(comp, self._parse(comp)))
-        direct, views = [], []
         for n in comp:
-            t, shape = out[n], tuple(streams[n].shape)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"out[{n!r}] has shape {tuple(t.shape)}, the expert's tensor {shape}")
-            if isinstance(t, np.ndarray):
-                if not t.flags.c_contiguous:
-                    other.append(n)
-                    continue
-                views.append(t.view(np.uint16) if t.dtype.itemsize == 2 else t)
-            elif t.device.type == "cpu" and t.is_contiguous():
-                views.append(_arrays.tensor_view(t.detach() if t.requires_grad else t))
-            else:
-                other.append(n)
-                continue
-            direct.append(n)
+            shape = tuple(streams[n].shape)
+            if tuple(out[n].shape) != shape:
+                raise ValueError(f"out[{n!r}] has shape {tuple(out[n].shape)}, the expert's tensor {shape}")
         # The rest decoded (or read) before anything is written: what is left can only copy.
         values = {n: self._value_for(n, out[n], torch) for n in other}
         if direct:

@@ -282,11 +282,11 @@ def load_into(model: Any, expert: Union[CompressedExpert, PathLike], adapter_nam
     direct: List[str] = []
     with torch.no_grad():
         for n in compressed:
-            t = targets[n]
-            if exp.init_of(n) == "zero" and t.device.type == "cpu" and t.is_contiguous():
+            t, init = targets[n], exp.init_of(n)
+            if init == "zero" and t.is_cpu and t.is_contiguous():
                 direct.append(n)
-            elif exp.init_of(n) == "zero":
-                if t.device.type == "cpu":  # not contiguous: decode beside, then copy
+            elif init == "zero":
+                if t.is_cpu:  # not contiguous: decode beside, then copy
                     tmp = torch.empty(t.shape, dtype=t.dtype)
                     _decode_streams([streams[n]], [n], [tensor_view(tmp)], [_dtype_str(t)])
                     t.copy_(tmp)
